@@ -1,0 +1,1009 @@
+"""A seeded, deterministic generator of a dataset in the raw Yambda layout.
+
+The files it writes look like a Yambda download to the rest of the project
+(same paths, same schemas, sparse raw ids), and every listen is drawn from a
+known next-listen distribution P(next | user, seed track, time). For the last
+`oracle_days` days it also writes the exact rank of each listened item under
+that distribution (the "oracle"), an upper bound for any next-track model.
+
+The generative model, per user and listen:
+  * Catalogue: genres -> artists (latent taste vectors) -> albums -> tracks,
+    with audio embeddings that are a noisy projection of the track latent.
+    Popularity is long-tailed and drifts: each album has a release day (some
+    within the timeline) and each track a freshness that decays after release.
+  * Next listen = a per-user mixture of seven components:
+      album      the next track of the seed's album,
+      artist     a track of the seed's artist (by current popularity),
+      neighbour  a track of an artist similar to the seed's artist,
+      fav_track  one of the user's favourite tracks,
+      fav_artist a track of one of the user's favourite artists,
+      repeat     a uniform pick from the user's last `repeat_window` listens,
+      trending   one of the `trend_k` most popular tracks of the period.
+    The first listen of a session ignores the seed (no album/artist/neighbour).
+
+Usage:
+  python -m data_prep.generate --size=demo --output_dir=/tmp/gen_demo [--seed=0]
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_prep import yambda
+
+DAY = 86400
+
+# Mixture components, in this order everywhere.
+COMPONENTS = ("album", "artist", "neighbour", "fav_track", "fav_artist",
+              "repeat", "trending")
+ALBUM, ARTIST, NEIGHBOUR, FAV_TRACK, FAV_ARTIST, REPEAT, TRENDING = range(7)
+_SEEDED = np.array([True, True, True, False, False, False, False])
+# Mean mixture weights; each user's weights are a Dirichlet draw around them.
+_BASE_MIX = np.array([0.15, 0.15, 0.18, 0.10, 0.15, 0.11, 0.16])
+_MIX_CONCENTRATION = 12.0
+# Recommendation surfaces (neighbour, trending) are mostly non-organic.
+_ORGANIC_PROB = np.array([0.92, 0.85, 0.15, 0.9, 0.8, 0.9, 0.1])
+
+_FRESH_FLOOR = 0.2       # freshness of an old track, relative to 1 at release
+_FAV_ARTIST_SLOTS = 8
+_FAV_TRACK_SLOTS = 16
+_UID_RANGE = 1_000_000
+_ITEM_RANGE = 9_390_000
+_MAX_REJECTION_ROUNDS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeParams:
+  """Parameters of one dataset size."""
+  n_users: int
+  n_items: int
+  days: int
+  events_per_user: float        # mean listens per user
+  n_genres: int = 24
+  tracks_per_album: float = 8.0
+  albums_per_artist: float = 2.0
+  latent_dim: int = 16
+  embed_dim: int = 128
+  period_days: int = 1          # popularity is constant within a period
+  trend_k: int = 300            # size of the trending component's support
+  n_neighbours: int = 10        # similar artists per artist
+  repeat_window: int = 20
+  session_mean: float = 12.0    # mean listens per session
+  max_events_factor: float = 4.0
+  oracle_days: int = 2
+  chunk_users: int = 4096       # users simulated (and written) together
+
+
+SIZES: Dict[str, SizeParams] = {
+    "tiny": SizeParams(n_users=400, n_items=3000, days=20,
+                       events_per_user=110, n_genres=8, trend_k=100,
+                       chunk_users=400),
+    "demo": SizeParams(n_users=4000, n_items=35000, days=60,
+                       events_per_user=420, n_genres=24, trend_k=300,
+                       chunk_users=4000),
+    "large": SizeParams(n_users=100_000, n_items=1_000_000, days=300,
+                        events_per_user=480, n_genres=40, period_days=3,
+                        trend_k=1000, chunk_users=8192),
+}
+
+
+def oracle_path(root: str, size: str) -> str:
+  return os.path.join(root, "generator", size, "oracle.parquet")
+
+
+def params_path(root: str, size: str) -> str:
+  return os.path.join(root, "generator", size, "params.json")
+
+
+ORACLE_SCHEMA = pa.schema([
+    ("uid", pa.uint32()),
+    ("timestamp", pa.uint32()),
+    ("item_id", pa.uint32()),
+    ("oracle_rank", pa.int32()),
+    ("oracle_prob", pa.float32()),
+])
+
+
+def oracle_recall(oracle_ranks: np.ndarray,
+                  ks: Sequence[int] = (10, 100, 500)) -> Dict[str, float]:
+  """Recall@k of the oracle: the share of targets ranked within the top k."""
+  ranks = np.asarray(oracle_ranks)
+  if ranks.size == 0:
+    return {f"recall@{k}": float("nan") for k in ks}
+  return {f"recall@{k}": float(np.mean(ranks <= k)) for k in ks}
+
+
+# ----------------------------------------------------------------------------
+# Catalogue
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Catalogue:
+  """Items in structure order: artists contiguous, then albums, then tracks."""
+  item_ids: np.ndarray        # raw id per item, uint32
+  artist: np.ndarray          # primary artist index per item
+  album: np.ndarray           # album index per item
+  next_in_album: np.ndarray   # item index of the next track, or -1
+  latent: np.ndarray          # (n_items, d) float32
+  length: np.ndarray          # seconds, int64
+  base: np.ndarray            # static popularity, float64
+  release: np.ndarray         # release day (album's), may be negative
+  release_period: np.ndarray  # period of release
+  lifetime: np.ndarray        # days of the freshness decay
+  cum_base: np.ndarray        # inclusive cumsum of base, structure order
+  art_start: np.ndarray
+  art_end: np.ndarray
+  art_cum0: np.ndarray        # cum_base before the artist's first item
+  art_sum: np.ndarray
+  artist_ids: np.ndarray      # raw artist ids
+  artist_latent: np.ndarray
+  artist_genre: np.ndarray
+  artist_pop: np.ndarray
+  album_ids: np.ndarray       # raw album ids
+  neighbours: np.ndarray      # (n_artists, K) similar artists
+  neighbour_w: np.ndarray     # (n_artists, K) their weights, rows sum to 1
+  genre_pop: np.ndarray
+
+  @property
+  def n_items(self) -> int:
+    return len(self.item_ids)
+
+  @property
+  def n_artists(self) -> int:
+    return len(self.artist_ids)
+
+
+def _album_sizes(rng: np.random.Generator, n_items: int,
+                 tracks_per_album: float) -> np.ndarray:
+  """Album sizes summing exactly to n_items; about a fifth are singles."""
+  est = int(n_items / tracks_per_album * 1.5) + 16
+  sizes = 1 + rng.poisson(tracks_per_album, est)
+  sizes[rng.random(est) < 0.2] = 1
+  cs = np.cumsum(sizes)
+  while cs[-1] < n_items:  # Never in practice; keeps the cut below valid.
+    sizes = np.concatenate([sizes, sizes])
+    cs = np.cumsum(sizes)
+  n_albums = int(np.searchsorted(cs, n_items)) + 1
+  sizes = sizes[:n_albums].copy()
+  sizes[-1] -= cs[n_albums - 1] - n_items
+  return sizes
+
+
+def _sparse_ids(rng: np.random.Generator, n: int, id_range: int) -> np.ndarray:
+  """n distinct random raw ids in [0, id_range), in random order."""
+  id_range = max(id_range, 4 * n)
+  return rng.choice(id_range, n, replace=False).astype(np.uint32)
+
+
+def _artist_neighbours(latent: np.ndarray, genre: np.ndarray,
+                       k: int) -> Tuple[np.ndarray, np.ndarray]:
+  """Top-k most similar artists (cosine), searched within the genre."""
+  n = len(latent)
+  unit = latent / np.linalg.norm(latent, axis=1, keepdims=True)
+  nb = np.zeros((n, k), np.int64)
+  sims = np.zeros((n, k))
+  for g in np.unique(genre):
+    rows = np.nonzero(genre == g)[0]
+    # Small genres (tiny size) search all artists so k neighbours exist.
+    cand = rows if len(rows) > 2 * k else np.arange(n)
+    s = unit[rows] @ unit[cand].T
+    s[cand[None, :] == rows[:, None]] = -np.inf
+    top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    top_s = np.take_along_axis(s, top, 1)
+    order = np.argsort(-top_s, axis=1, kind="stable")
+    nb[rows] = cand[np.take_along_axis(top, order, 1)]
+    sims[rows] = np.take_along_axis(top_s, order, 1)
+  w = np.exp(4.0 * (sims - sims[:, :1]))
+  return nb, w / w.sum(1, keepdims=True)
+
+
+def _make_catalogue(rng: np.random.Generator, p: SizeParams) -> _Catalogue:
+  """Genres, artists, albums and tracks with latents, lengths and popularity."""
+  n, d = p.n_items, p.latent_dim
+  sizes = _album_sizes(rng, n, p.tracks_per_album)
+  n_albums = len(sizes)
+  n_artists = max(2 * p.n_neighbours + 2,
+                  int(n_albums / p.albums_per_artist))
+  n_artists = min(n_artists, n_albums)
+
+  genre_pop = 1.0 / (1.0 + np.arange(p.n_genres)) ** 0.8
+  genre_pop /= genre_pop.sum()
+  genre_center = rng.normal(0, 1, (p.n_genres, d))
+  genre_len_shift = rng.normal(0, 0.2, p.n_genres)
+  artist_genre = rng.choice(p.n_genres, n_artists, p=genre_pop)
+  artist_latent = genre_center[artist_genre] + rng.normal(0, 0.7,
+                                                          (n_artists, d))
+  artist_pop = rng.lognormal(0, 1.2, n_artists)
+
+  # Every artist gets one album; popular artists get the extra ones.
+  extra = rng.choice(n_artists, n_albums - n_artists,
+                     p=artist_pop / artist_pop.sum())
+  album_artist = np.sort(np.concatenate([np.arange(n_artists), extra]))
+  sizes = sizes[rng.permutation(n_albums)]
+  album = np.repeat(np.arange(n_albums), sizes)
+  artist = album_artist[album]
+  album_start = np.cumsum(sizes) - sizes
+  track_no = np.arange(n) - album_start[album]
+  next_in_album = np.where(track_no + 1 < sizes[album], np.arange(n) + 1, -1)
+
+  latent = (artist_latent[artist] +
+            rng.normal(0, 0.35, (n, d))).astype(np.float32)
+  log_len = (np.log(200.0) + genre_len_shift[artist_genre[artist]] +
+             rng.normal(0, 0.3, n))
+  length = np.clip(np.round(np.exp(log_len)), 30, 900).astype(np.int64)
+
+  # Popularity within an artist: a lognormal per track and album, and album
+  # openers are played more than closers.
+  rel = (rng.lognormal(0, 1.0, n) * rng.lognormal(0, 0.6, n_albums)[album] /
+         (1.0 + 0.15 * track_no))
+  base = artist_pop[artist] * rel
+
+  # Release days per album: most before the timeline, the rest during it.
+  new = rng.random(n_albums) < 0.25
+  album_release = np.where(new, rng.uniform(0, p.days, n_albums),
+                           -rng.uniform(0, 2 * p.days, n_albums))
+  album_life = rng.lognormal(np.log(p.days / 6.0), 0.5, n_albums)
+  release = album_release[album]
+  lifetime = album_life[album] * rng.lognormal(0, 0.3, n)
+  release_period = np.floor(release / p.period_days).astype(np.int64)
+
+  cum_base = np.cumsum(base)
+  art_start = np.searchsorted(artist, np.arange(n_artists), "left")
+  art_end = np.searchsorted(artist, np.arange(n_artists), "right")
+  art_cum0 = np.where(art_start > 0, cum_base[art_start - 1], 0.0)
+  art_sum = cum_base[art_end - 1] - art_cum0
+  nb, nb_w = _artist_neighbours(artist_latent, artist_genre, p.n_neighbours)
+
+  return _Catalogue(
+      item_ids=_sparse_ids(rng, n, _ITEM_RANGE), artist=artist, album=album,
+      next_in_album=next_in_album, latent=latent, length=length, base=base,
+      release=release, release_period=release_period, lifetime=lifetime,
+      cum_base=cum_base, art_start=art_start, art_end=art_end,
+      art_cum0=art_cum0, art_sum=art_sum,
+      artist_ids=_sparse_ids(rng, n_artists, 2_000_000),
+      artist_latent=artist_latent, artist_genre=artist_genre,
+      artist_pop=artist_pop,
+      album_ids=_sparse_ids(rng, n_albums, 5_000_000),
+      neighbours=nb, neighbour_w=nb_w, genre_pop=genre_pop)
+
+
+def _freshness(cat: _Catalogue, items: np.ndarray, periods: np.ndarray,
+               period_days: int) -> np.ndarray:
+  """Popularity multiplier of items in periods: 0 before release, 1 -> floor.
+
+  Sampling and the oracle both call this, so their numbers are identical.
+  """
+  mid = (periods + 0.5) * period_days
+  age = np.maximum(mid - cat.release[items], 0.0)
+  g = _FRESH_FLOOR + (1.0 - _FRESH_FLOOR) * np.exp(-age / cat.lifetime[items])
+  return np.where(cat.release_period[items] <= periods, g, 0.0)
+
+
+@dataclasses.dataclass
+class _Timeline:
+  """Per-period popularity tables."""
+  z: np.ndarray            # (P, n_artists) sum of base * freshness
+  gmax: np.ndarray         # (P, n_artists) max freshness (rejection bound)
+  trend_items: np.ndarray  # (P, K) item indices
+  trend_prob: np.ndarray   # (P, K) their probabilities, rows sum to 1
+  trend_flat_cdf: np.ndarray  # row p's cdf plus p, flattened (increasing)
+
+
+def _make_timeline(cat: _Catalogue, p: SizeParams) -> _Timeline:
+  """Per-period artist normalisers and the trending top-k."""
+  n_periods = -(-p.days // p.period_days)
+  k = min(p.trend_k, cat.n_items)
+  items = np.arange(cat.n_items)
+  z = np.zeros((n_periods, cat.n_artists))
+  gmax = np.zeros((n_periods, cat.n_artists))
+  t_items = np.zeros((n_periods, k), np.int64)
+  t_prob = np.zeros((n_periods, k))
+  for per in range(n_periods):
+    g = _freshness(cat, items, np.full(cat.n_items, per), p.period_days)
+    w = cat.base * g
+    z[per] = np.add.reduceat(w, cat.art_start)
+    gmax[per] = np.maximum.reduceat(g, cat.art_start)
+    top = np.argpartition(-w, k - 1)[:k]
+    top = top[np.argsort(-w[top], kind="stable")]
+    t_items[per] = top
+    t_prob[per] = w[top] / w[top].sum()
+  cdf = np.cumsum(t_prob, axis=1)
+  cdf[:, -1] = 1.0
+  flat = (cdf + np.arange(n_periods)[:, None]).ravel()
+  return _Timeline(z=z, gmax=gmax, trend_items=t_items, trend_prob=t_prob,
+                   trend_flat_cdf=flat)
+
+
+# ----------------------------------------------------------------------------
+# Users
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Users:
+  uids: np.ndarray         # sorted raw ids
+  fav_artists: np.ndarray  # (n, FA) artist indices
+  fa_w: np.ndarray         # (n, FA) slot weights (0 for unused slots)
+  fav_tracks: np.ndarray   # (n, FT) item indices
+  ft_w: np.ndarray         # (n, FT)
+  vec: np.ndarray          # (n, d) taste vector, unit length
+  mix: np.ndarray          # (n, 7) mixture weights
+  start: np.ndarray        # first event time, seconds
+  session_gap: np.ndarray  # mean gap between sessions, seconds
+  max_events: np.ndarray
+
+
+def _sample_artist_static(rng: np.random.Generator, cat: _Catalogue,
+                          artists: np.ndarray) -> np.ndarray:
+  """A track of each artist, proportional to its static popularity."""
+  target = cat.art_cum0[artists] + rng.random(len(artists)) * cat.art_sum[
+      artists]
+  pos = np.searchsorted(cat.cum_base, target, "right")
+  return np.clip(pos, cat.art_start[artists], cat.art_end[artists] - 1)
+
+
+def _choose(rng: np.random.Generator, weights: np.ndarray) -> np.ndarray:
+  """One column per row, proportional to the row's non-negative weights."""
+  c = np.cumsum(weights, axis=1)
+  u = rng.random(len(weights)) * c[:, -1]
+  idx = (c <= u[:, None]).sum(1)
+  # Float rounding must never land on a zero-weight slot.
+  last = weights.shape[1] - 1 - np.argmax(weights[:, ::-1] > 0, axis=1)
+  return np.minimum(idx, last)
+
+
+def _make_users(rng: np.random.Generator, cat: _Catalogue,
+                p: SizeParams) -> _Users:
+  """Taste (favourite artists and tracks), mixture, activity and start."""
+  n = p.n_users
+  uids = np.sort(_sparse_ids(rng, n, _UID_RANGE)).astype(np.uint32)
+
+  # Favourite artists come from one to three genres, by artist popularity.
+  by_genre = np.argsort(cat.artist_genre, kind="stable")
+  g_cum = np.cumsum(cat.artist_pop[by_genre] ** 0.8)
+  g_start = np.searchsorted(cat.artist_genre[by_genre],
+                            np.arange(len(cat.genre_pop)), "left")
+  g_end = np.searchsorted(cat.artist_genre[by_genre],
+                          np.arange(len(cat.genre_pop)), "right")
+  user_genres = rng.choice(len(cat.genre_pop), (n, 3), p=cat.genre_pop)
+  n_genres = 1 + rng.binomial(2, 0.3, n)
+  slot_genre = user_genres[np.arange(n)[:, None],
+                           rng.integers(0, n_genres[:, None],
+                                        (n, _FAV_ARTIST_SLOTS))]
+  lo = np.where(g_start > 0, g_cum[np.maximum(g_start - 1, 0)], 0.0)
+  hi = g_cum[np.maximum(g_end - 1, 0)]
+  t = lo[slot_genre] + rng.random(slot_genre.shape) * (hi - lo)[slot_genre]
+  pos = np.clip(np.searchsorted(g_cum, t, "right"), g_start[slot_genre],
+                g_end[slot_genre] - 1)
+  fav_artists = by_genre[pos]
+  n_fa = rng.integers(3, _FAV_ARTIST_SLOTS + 1, n)
+  fa_w = rng.gamma(0.8, 1.0, (n, _FAV_ARTIST_SLOTS)) * (
+      np.arange(_FAV_ARTIST_SLOTS) < n_fa[:, None])
+  fa_w = np.maximum(fa_w, 1e-3 * (fa_w > 0))
+  fa_w /= fa_w.sum(1, keepdims=True)
+
+  slot = _choose(rng, np.repeat(fa_w, _FAV_TRACK_SLOTS, axis=0))
+  fav_tracks = _sample_artist_static(
+      rng, cat, fav_artists[np.repeat(np.arange(n), _FAV_TRACK_SLOTS),
+                            slot]).reshape(n, _FAV_TRACK_SLOTS)
+  n_ft = rng.integers(4, _FAV_TRACK_SLOTS + 1, n)
+  ft_w = rng.gamma(1.0, 1.0, (n, _FAV_TRACK_SLOTS)) * (
+      np.arange(_FAV_TRACK_SLOTS) < n_ft[:, None])
+  ft_w = np.maximum(ft_w, 1e-3 * (ft_w > 0))
+  ft_w /= ft_w.sum(1, keepdims=True)
+
+  vec = (np.einsum("na,nad->nd", fa_w, cat.artist_latent[fav_artists]) +
+         rng.normal(0, 0.3, (n, p.latent_dim)))
+  vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+  mix = rng.dirichlet(_MIX_CONCENTRATION * _BASE_MIX, n)
+
+  end = p.days * DAY
+  target = np.clip(p.events_per_user * rng.lognormal(-0.32, 0.8, n), 10,
+                   p.max_events_factor * p.events_per_user)
+  start = np.where(rng.random(n) < 0.6, 0.0,
+                   rng.uniform(0, 0.4 * end, n)).astype(np.int64)
+  n_sessions = np.maximum(target / p.session_mean, 1.0)
+  session_gap = (end - start) / n_sessions
+  max_events = np.ceil(2 * target).astype(np.int64)
+  return _Users(uids=uids, fav_artists=fav_artists, fa_w=fa_w,
+                fav_tracks=fav_tracks, ft_w=ft_w, vec=vec, mix=mix,
+                start=start, session_gap=session_gap, max_events=max_events)
+
+
+# ----------------------------------------------------------------------------
+# The next-listen distribution: slot weights shared by sampling and oracle
+# ----------------------------------------------------------------------------
+
+
+def _neighbour_weights(cat: _Catalogue, tl: _Timeline, seeds: np.ndarray,
+                       per: np.ndarray) -> np.ndarray:
+  """(m, K) weights of the seed artist's neighbours that have released music."""
+  nb = cat.neighbours[cat.artist[seeds]]
+  return cat.neighbour_w[cat.artist[seeds]] * (tl.z[per[:, None], nb] > 0)
+
+
+def _fav_artist_weights(users: _Users, tl: _Timeline, u: np.ndarray,
+                        per: np.ndarray) -> np.ndarray:
+  return users.fa_w[u] * (tl.z[per[:, None], users.fav_artists[u]] > 0)
+
+
+def _fav_track_weights(cat: _Catalogue, users: _Users, u: np.ndarray,
+                       per: np.ndarray) -> np.ndarray:
+  return users.ft_w[u] * (
+      cat.release_period[users.fav_tracks[u]] <= per[:, None])
+
+
+def _mixture(cat: _Catalogue, tl: _Timeline, users: _Users, u: np.ndarray,
+             seeds: np.ndarray, per: np.ndarray, first: np.ndarray,
+             hist_len: np.ndarray) -> np.ndarray:
+  """(m, 7) normalised component weights, zero where a component is empty."""
+  has_seed = (seeds >= 0) & ~first
+  s = np.maximum(seeds, 0)
+  avail = np.ones((len(u), 7), bool)
+  avail[:, ALBUM] = has_seed & (cat.next_in_album[s] >= 0)
+  avail[:, ARTIST] = has_seed
+  avail[:, NEIGHBOUR] = has_seed & (
+      _neighbour_weights(cat, tl, s, per).sum(1) > 0)
+  avail[:, FAV_TRACK] = _fav_track_weights(cat, users, u, per).sum(1) > 0
+  avail[:, FAV_ARTIST] = _fav_artist_weights(users, tl, u, per).sum(1) > 0
+  avail[:, REPEAT] = hist_len > 0
+  w = users.mix[u] * avail
+  return w / w.sum(1, keepdims=True)
+
+
+def _sample_artist_track(rng: np.random.Generator, cat: _Catalogue,
+                         tl: _Timeline, artists: np.ndarray, per: np.ndarray,
+                         period_days: int) -> np.ndarray:
+  """A track of each artist, proportional to base * freshness in the period.
+
+  Rejection sampling from the static popularity: propose by base, accept with
+  freshness / max freshness of the artist. The few that are still rejected
+  after many rounds are drawn exactly, which keeps the distribution exact.
+  """
+  out = np.full(len(artists), -1, np.int64)
+  pending = np.arange(len(artists))
+  for _ in range(_MAX_REJECTION_ROUNDS):
+    if not len(pending):
+      return out
+    a, pp = artists[pending], per[pending]
+    cand = _sample_artist_static(rng, cat, a)
+    g = _freshness(cat, cand, pp, period_days)
+    ok = rng.random(len(pending)) * tl.gmax[pp, a] < g
+    out[pending[ok]] = cand[ok]
+    pending = pending[~ok]
+  for i in pending:
+    items = np.arange(cat.art_start[artists[i]], cat.art_end[artists[i]])
+    w = cat.base[items] * _freshness(cat, items, np.full(len(items), per[i]),
+                                     period_days)
+    out[i] = items[min(np.searchsorted(np.cumsum(w), rng.random() * w.sum(),
+                                       "right"), len(items) - 1)]
+  return out
+
+
+def _sample_next(rng: np.random.Generator, cat: _Catalogue, tl: _Timeline,
+                 users: _Users, p: SizeParams, u: np.ndarray,
+                 seeds: np.ndarray, per: np.ndarray, mix: np.ndarray,
+                 hist: np.ndarray, hist_len: np.ndarray
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+  """Draws each user's next item; returns (items, component)."""
+  m = len(u)
+  comp = _choose(rng, mix)
+  item = np.full(m, -1, np.int64)
+  s = np.maximum(seeds, 0)
+
+  i = np.nonzero(comp == ALBUM)[0]
+  item[i] = cat.next_in_album[s[i]]
+
+  i = np.nonzero(comp == ARTIST)[0]
+  item[i] = _sample_artist_track(rng, cat, tl, cat.artist[s[i]], per[i],
+                                 p.period_days)
+
+  i = np.nonzero(comp == NEIGHBOUR)[0]
+  if len(i):
+    slot = _choose(rng, _neighbour_weights(cat, tl, s[i], per[i]))
+    art = cat.neighbours[cat.artist[s[i]], slot]
+    item[i] = _sample_artist_track(rng, cat, tl, art, per[i], p.period_days)
+
+  i = np.nonzero(comp == FAV_TRACK)[0]
+  if len(i):
+    slot = _choose(rng, _fav_track_weights(cat, users, u[i], per[i]))
+    item[i] = users.fav_tracks[u[i], slot]
+
+  i = np.nonzero(comp == FAV_ARTIST)[0]
+  if len(i):
+    slot = _choose(rng, _fav_artist_weights(users, tl, u[i], per[i]))
+    art = users.fav_artists[u[i], slot]
+    item[i] = _sample_artist_track(rng, cat, tl, art, per[i], p.period_days)
+
+  i = np.nonzero(comp == REPEAT)[0]
+  if len(i):
+    slot = np.minimum((rng.random(len(i)) * hist_len[i]).astype(np.int64),
+                      hist_len[i] - 1)
+    item[i] = hist[i, slot]
+
+  i = np.nonzero(comp == TRENDING)[0]
+  if len(i):
+    k = tl.trend_items.shape[1]
+    pos = np.searchsorted(tl.trend_flat_cdf, per[i] + rng.random(len(i)),
+                          "right")
+    pos = np.clip(pos, per[i] * k, per[i] * k + k - 1)
+    item[i] = tl.trend_items.ravel()[pos]
+  return item, comp
+
+
+# ----------------------------------------------------------------------------
+# Oracle: the exact rank of the listened item under the true distribution
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Snapshots:
+  """What the oracle needs about each listen in the oracle window."""
+  user: np.ndarray
+  ts: np.ndarray
+  target: np.ndarray
+  seed: np.ndarray
+  per: np.ndarray
+  mix: np.ndarray
+  hist: np.ndarray
+  hist_len: np.ndarray
+
+
+def _expand_artists(cat: _Catalogue, tl: _Timeline, ev: np.ndarray,
+                    art: np.ndarray, w: np.ndarray, per: np.ndarray,
+                    period_days: int):
+  """(event, item, prob) for every track of each (event, artist, weight)."""
+  start = cat.art_start[art]
+  ln = cat.art_end[art] - start
+  rep = np.repeat(np.arange(len(art)), ln)
+  offs = np.arange(ln.sum()) - np.repeat(np.cumsum(ln) - ln, ln)
+  items = start[rep] + offs
+  pr = per[rep]
+  prob = (w[rep] * cat.base[items] * _freshness(cat, items, pr, period_days) /
+          tl.z[pr, art[rep]])
+  return ev[rep], items, prob
+
+
+def _slot_entries(ev: np.ndarray, slots: np.ndarray, w: np.ndarray):
+  """Flattens (m, S) slot values and weights; drops zero weights."""
+  e = np.repeat(ev, slots.shape[1])
+  keep = w.ravel() > 0
+  return e[keep], slots.ravel()[keep], w.ravel()[keep]
+
+
+def _oracle_batch(cat: _Catalogue, tl: _Timeline, users: _Users,
+                  p: SizeParams, sn: _Snapshots, lo: int, hi: int
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+  """Ranks and probabilities of the targets of snapshots [lo, hi)."""
+  m = hi - lo
+  ev = np.arange(m)
+  u, s, per = sn.user[lo:hi], np.maximum(sn.seed[lo:hi], 0), sn.per[lo:hi]
+  mix = sn.mix[lo:hi]
+  parts = []
+
+  parts.append((ev, cat.next_in_album[s], mix[:, ALBUM]))
+  parts.append(_expand_artists(cat, tl, ev, cat.artist[s], mix[:, ARTIST],
+                               per, p.period_days))
+  nw = _neighbour_weights(cat, tl, s, per)
+  nw = nw / np.maximum(nw.sum(1, keepdims=True), 1e-300) * mix[:, [NEIGHBOUR]]
+  e, art, w = _slot_entries(ev, cat.neighbours[cat.artist[s]], nw)
+  parts.append(_expand_artists(cat, tl, e, art, w, per[e], p.period_days))
+  fw = _fav_track_weights(cat, users, u, per)
+  fw = fw / np.maximum(fw.sum(1, keepdims=True), 1e-300) * mix[:, [FAV_TRACK]]
+  parts.append(_slot_entries(ev, users.fav_tracks[u], fw))
+  aw = _fav_artist_weights(users, tl, u, per)
+  aw = aw / np.maximum(aw.sum(1, keepdims=True), 1e-300) * mix[:, [FAV_ARTIST]]
+  e, art, w = _slot_entries(ev, users.fav_artists[u], aw)
+  parts.append(_expand_artists(cat, tl, e, art, w, per[e], p.period_days))
+  hl = sn.hist_len[lo:hi]
+  rw = (np.arange(p.repeat_window)[None, :] < hl[:, None]) * (
+      mix[:, [REPEAT]] / np.maximum(hl, 1)[:, None])
+  parts.append(_slot_entries(ev, sn.hist[lo:hi], rw))
+  parts.append(_slot_entries(ev, tl.trend_items[per],
+                             tl.trend_prob[per] * mix[:, [TRENDING]]))
+
+  e = np.concatenate([x[0] for x in parts])
+  it = np.concatenate([x[1] for x in parts])
+  w = np.concatenate([x[2] for x in parts])
+  keep = w > 0
+  key = e[keep].astype(np.int64) * cat.n_items + it[keep]
+  uniq, inv = np.unique(key, return_inverse=True)
+  prob = np.bincount(inv, weights=w[keep])
+  tgt = sn.target[lo:hi]
+  pos = np.searchsorted(uniq, ev * cat.n_items + tgt)
+  if np.any(pos >= len(uniq)) or np.any(
+      uniq[np.minimum(pos, len(uniq) - 1)] != ev * cat.n_items + tgt):
+    raise AssertionError("oracle: a listened item has probability 0")
+  pt = prob[pos]
+  ue, ui = uniq // cat.n_items, uniq % cat.n_items
+  # Ties are broken pessimistically by raw item id (a fixed item order).
+  better = (prob > pt[ue]) | ((prob == pt[ue]) & (
+      cat.item_ids[ui] < cat.item_ids[tgt][ue]))
+  rank = 1 + np.bincount(ue, weights=better, minlength=m).astype(np.int64)
+  return rank, pt
+
+
+def _oracle(cat: _Catalogue, tl: _Timeline, users: _Users, p: SizeParams,
+            sn: _Snapshots) -> Tuple[np.ndarray, np.ndarray]:
+  """Oracle ranks and probabilities for all snapshots, in batches."""
+  n = len(sn.user)
+  ranks, probs = [np.zeros(0, np.int64)], [np.zeros(0)]
+  batch = 4096
+  for lo in range(0, n, batch):
+    r, q = _oracle_batch(cat, tl, users, p, sn, lo, min(n, lo + batch))
+    ranks.append(r)
+    probs.append(q)
+  return np.concatenate(ranks), np.concatenate(probs)
+
+
+# ----------------------------------------------------------------------------
+# Simulation
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _ChunkEvents:
+  """Events of a chunk of users, sorted by (uid, timestamp)."""
+  user: np.ndarray     # chunk-local user index
+  ts: np.ndarray
+  item: np.ndarray
+  organic: np.ndarray
+  ratio: np.ndarray    # -1 for non-listens
+  etype: np.ndarray    # index into yambda.EVENT_TYPES
+
+
+def _played_ratio(rng: np.random.Generator, affinity: np.ndarray
+                  ) -> np.ndarray:
+  """Percent played: skips for low affinity, otherwise ~100, some replays."""
+  m = len(affinity)
+  p_skip = 0.04 + 0.7 / (1.0 + np.exp(6.0 * (affinity - 0.25)))
+  skip = rng.random(m) < p_skip
+  r = rng.random(m)
+  ratio = np.where(r < 0.72, 100, np.where(r < 0.9, rng.integers(31, 100, m),
+                                           rng.integers(101, 301, m)))
+  return np.where(skip, rng.integers(1, 31, m), ratio)
+
+
+def _simulate_chunk(rng: np.random.Generator, cat: _Catalogue, tl: _Timeline,
+                    users: _Users, p: SizeParams, lo: int, hi: int
+                    ) -> Tuple[_ChunkEvents, _Snapshots]:
+  """Simulates users [lo, hi): one listen per active user per step."""
+  n = hi - lo
+  uidx = np.arange(lo, hi)
+  end = p.days * DAY
+  oracle_start = end - p.oracle_days * DAY
+  period_sec = p.period_days * DAY
+  H = p.repeat_window
+
+  t = users.start[lo:hi] + rng.integers(0, 3600, n)
+  seed = np.full(n, -1, np.int64)
+  first = np.ones(n, bool)
+  hist = np.zeros((n, H), np.int64)
+  hist_pos = np.zeros(n, np.int64)
+  hist_len = np.zeros(n, np.int64)
+  done = np.zeros(n, np.int64)
+  max_ev = users.max_events[lo:hi]
+
+  out = {k: [] for k in ("user", "ts", "item", "organic", "ratio", "like",
+                         "dislike", "gap")}
+  snaps = {k: [] for k in ("user", "ts", "target", "seed", "per", "mix",
+                           "hist", "hist_len")}
+  active = np.nonzero(t < end)[0]
+  while len(active):
+    a = active
+    u = uidx[a]
+    per = t[a] // period_sec
+    mix = _mixture(cat, tl, users, u, seed[a], per, first[a], hist_len[a])
+    item, comp = _sample_next(rng, cat, tl, users, p, u, seed[a], per, mix,
+                              hist[a], hist_len[a])
+
+    in_window = t[a] >= oracle_start
+    if in_window.any():
+      w = np.nonzero(in_window)[0]
+      for k, v in (("user", u[w]), ("ts", t[a][w]), ("target", item[w]),
+                   ("seed", seed[a][w]), ("per", per[w]), ("mix", mix[w]),
+                   ("hist", hist[a][w]), ("hist_len", hist_len[a][w])):
+        snaps[k].append(v)
+
+    m = len(a)
+    organic = rng.random(m) < _ORGANIC_PROB[comp]
+    affinity = np.einsum("md,md->m", users.vec[u],
+                         cat.latent[item]) / np.linalg.norm(cat.latent[item],
+                                                            axis=1)
+    affinity += 0.3 * (users.fav_tracks[u] == item[:, None]).any(1)
+    affinity += 0.15 * (users.fav_artists[u] == cat.artist[item][:, None]
+                        ).any(1)
+    ratio = _played_ratio(rng, affinity)
+    skip = ratio <= 30
+    like = ~skip & (rng.random(m) < 0.15 * np.clip(affinity - 0.3, 0, 1))
+    dislike = skip & (rng.random(m) < 0.1 * np.clip(0.6 - affinity, 0, 1))
+
+    # Within a session the next listen starts when this one stops playing.
+    played = np.maximum(1, (cat.length[item] * ratio) // 100)
+    ends_session = rng.random(m) < 1.0 / p.session_mean
+    pause = np.maximum(600, rng.exponential(users.session_gap[u])).astype(
+        np.int64)
+    gap = played + np.where(ends_session, pause, rng.integers(2, 12, m))
+
+    for k, v in (("user", a), ("ts", t[a]), ("item", item),
+                 ("organic", organic), ("ratio", ratio), ("like", like),
+                 ("dislike", dislike), ("gap", gap)):
+      out[k].append(v)
+
+    hist[a, hist_pos[a]] = item
+    hist_pos[a] = (hist_pos[a] + 1) % H
+    hist_len[a] = np.minimum(hist_len[a] + 1, H)
+    seed[a] = item
+    first[a] = ends_session
+    t[a] += gap
+    done[a] += 1
+    active = a[(t[a] < end) & (done[a] < max_ev[a])]
+
+  cat_ = {k: np.concatenate(v) if v else np.zeros(0, np.int64)
+          for k, v in out.items()}
+  events = _assemble_events(rng, cat_, end)
+  if snaps["user"]:
+    sn = _Snapshots(**{k: np.concatenate(v) for k, v in snaps.items()})
+  else:
+    sn = _Snapshots(
+        **{k: np.zeros((0, 7) if k == "mix" else (0, H) if k == "hist" else 0,
+                       np.int64) for k in snaps})
+  return events, sn
+
+
+def _assemble_events(rng: np.random.Generator, out: Dict[str, np.ndarray],
+                     end: int) -> _ChunkEvents:
+  """Listens plus like/dislike/unlike/undislike rows, sorted by (user, ts)."""
+  listen, like_t, dislike_t, unlike_t, undislike_t = range(5)
+  assert yambda.EVENT_TYPES == ("listen", "like", "dislike", "unlike",
+                                "undislike")
+  user, ts, item = out["user"], out["ts"], out["item"]
+  parts = [(user, ts, item, out["organic"], out["ratio"],
+            np.full(len(user), listen))]
+  for flag, code, undo_code, undo_p in (("like", like_t, unlike_t, 0.08),
+                                        ("dislike", dislike_t, undislike_t,
+                                         0.12)):
+    i = np.nonzero(out[flag])[0]
+    # Strictly between this listen and the next one of the user.
+    r_ts = ts[i] + 1 + (rng.random(len(i)) * (out["gap"][i] - 1)).astype(
+        np.int64)
+    parts.append((user[i], r_ts, item[i], out["organic"][i],
+                  np.full(len(i), -1), np.full(len(i), code)))
+    j = rng.random(len(i)) < undo_p
+    u_ts = r_ts[j] + 1 + rng.exponential(2 * DAY, j.sum()).astype(np.int64)
+    parts.append((user[i][j], u_ts, item[i][j], out["organic"][i][j],
+                  np.full(j.sum(), -1), np.full(j.sum(), undo_code)))
+  cols = [np.concatenate([pt[c] for pt in parts]) for c in range(6)]
+  keep = cols[1] < end
+  cols = [c[keep] for c in cols]
+  order = np.lexsort((cols[5], cols[1], cols[0]))
+  cols = [c[order] for c in cols]
+  return _ChunkEvents(user=cols[0], ts=cols[1], item=cols[2],
+                      organic=cols[3], ratio=cols[4], etype=cols[5])
+
+
+# ----------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------
+
+
+def _event_table(cat: _Catalogue, users: _Users, ev: _ChunkEvents,
+                 lo: int) -> pa.Table:
+  """A chunk of multi_event rows with the exact Yambda schema."""
+  is_listen = ev.etype == 0
+  codes = pa.array(ev.etype.astype(np.int8), pa.int8())
+  etype = pa.DictionaryArray.from_arrays(codes, pa.array(yambda.EVENT_TYPES))
+  return pa.Table.from_arrays([
+      pa.array(users.uids[lo + ev.user], pa.uint32()),
+      pa.array(ev.ts.astype(np.uint32), pa.uint32()),
+      pa.array(cat.item_ids[ev.item], pa.uint32()),
+      pa.array(ev.organic.astype(np.uint8), pa.uint8()),
+      pa.array(np.where(is_listen, ev.ratio, 0).astype(np.uint16),
+               pa.uint16(), mask=~is_listen),
+      pa.array(np.where(is_listen, cat.length[ev.item], 0).astype(np.uint32),
+               pa.uint32(), mask=~is_listen),
+      etype,
+  ], schema=yambda.MULTI_EVENT_SCHEMA)
+
+
+class _AtomicWriter:
+  """A ParquetWriter on a temporary name, renamed into place on close."""
+
+  def __init__(self, path: str, schema: pa.Schema):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    self.path, self.tmp = path, path + ".tmp"
+    self.writer = pq.ParquetWriter(self.tmp, schema)
+
+  def write(self, table: pa.Table) -> None:
+    self.writer.write_table(table, row_group_size=1 << 20)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    self.writer.close()
+    if exc_type is None:
+      os.replace(self.tmp, self.path)
+    else:
+      os.remove(self.tmp)
+    return False
+
+
+def _write_embeddings(rng: np.random.Generator, cat: _Catalogue,
+                      p: SizeParams, root: str) -> None:
+  """Audio embeddings for ~85% of items: a noisy projection of the latent."""
+  proj = rng.normal(0, 1.0 / np.sqrt(p.latent_dim),
+                    (p.latent_dim, p.embed_dim)).astype(np.float32)
+  has = rng.random(cat.n_items) < 0.85
+  order = np.argsort(cat.item_ids, kind="stable")
+  order = order[has[order]]
+  chunk = 65536
+  with _AtomicWriter(yambda.embeddings_path(root),
+                     yambda.EMBEDDINGS_SCHEMA) as w:
+    for lo in range(0, len(order), chunk):
+      idx = order[lo:lo + chunk]
+      emb = cat.latent[idx] @ proj + rng.normal(
+          0, 0.25, (len(idx), p.embed_dim)).astype(np.float32)
+      norm = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+      offsets = pa.array(np.arange(len(idx) + 1, dtype=np.int32) *
+                         p.embed_dim)
+
+      def lists(x):
+        return pa.ListArray.from_arrays(offsets, pa.array(
+            x.astype(np.float32).ravel(), pa.float32()))
+
+      w.write(pa.Table.from_arrays(
+          [pa.array(cat.item_ids[idx], pa.uint32()), lists(emb), lists(norm)],
+          schema=yambda.EMBEDDINGS_SCHEMA))
+
+
+def _write_mappings(rng: np.random.Generator, cat: _Catalogue,
+                    root: str) -> None:
+  """Artist and album mappings: ~3% unmapped, ~5% with a second artist."""
+  n = cat.n_items
+  mapped = np.nonzero(rng.random(n) >= 0.03)[0]
+  second = mapped[rng.random(len(mapped)) < 0.05]
+  # A featured artist: another artist of the same genre when there is one.
+  genre = cat.artist_genre[cat.artist[second]]
+  other = rng.integers(0, cat.n_artists, len(second))
+  for _ in range(8):
+    bad = (cat.artist_genre[other] != genre) | (other == cat.artist[second])
+    other[bad] = rng.integers(0, cat.n_artists, bad.sum())
+  other = np.where(other == cat.artist[second],
+                   (other + 1) % cat.n_artists, other)
+
+  items = np.concatenate([mapped, second])
+  artists = np.concatenate([cat.artist[mapped], other])
+  order = np.lexsort((cat.artist_ids[artists], cat.item_ids[items]))
+  yambda.write_atomic(pa.Table.from_arrays(
+      [pa.array(cat.item_ids[items[order]], pa.uint32()),
+       pa.array(cat.artist_ids[artists[order]], pa.uint32())],
+      schema=yambda.ARTIST_MAPPING_SCHEMA), yambda.artist_mapping_path(root))
+  order = mapped[np.argsort(cat.item_ids[mapped], kind="stable")]
+  yambda.write_atomic(pa.Table.from_arrays(
+      [pa.array(cat.item_ids[order], pa.uint32()),
+       pa.array(cat.album_ids[cat.album[order]], pa.uint32())],
+      schema=yambda.ALBUM_MAPPING_SCHEMA), yambda.album_mapping_path(root))
+
+
+def _log(msg: str) -> None:
+  print(f"[generate] {msg}", file=sys.stderr, flush=True)
+
+
+def generate(output_dir: str, size: str = "demo", seed: int = 0) -> str:
+  """Writes the dataset of the given size into output_dir and returns it."""
+  if size not in SIZES:
+    raise ValueError(f"unknown size {size!r}; expected one of {list(SIZES)}")
+  p = SIZES[size]
+  t0 = time.time()
+  cat_rng, user_rng, sim_rng, emb_rng, map_rng = np.random.default_rng(
+      seed).spawn(5)
+  cat = _make_catalogue(cat_rng, p)
+  tl = _make_timeline(cat, p)
+  users = _make_users(user_rng, cat, p)
+  _log(f"{size}: catalogue of {cat.n_items} items, {cat.n_artists} artists, "
+       f"{p.n_users} users ({time.time() - t0:.1f}s)")
+  _write_embeddings(emb_rng, cat, p, output_dir)
+  _write_mappings(map_rng, cat, output_dir)
+
+  end = p.days * DAY
+  test_start = end - DAY
+  pop_all = np.zeros(cat.n_items, np.int64)
+  pop_week = np.zeros(cat.n_items, np.int64)
+  oracle_tables = []
+  n_rows = n_listens = 0
+  with _AtomicWriter(yambda.multi_event_path(output_dir, size),
+                     yambda.MULTI_EVENT_SCHEMA) as writer:
+    for lo in range(0, p.n_users, p.chunk_users):
+      hi = min(p.n_users, lo + p.chunk_users)
+      ev, sn = _simulate_chunk(sim_rng, cat, tl, users, p, lo, hi)
+      writer.write(_event_table(cat, users, ev, lo))
+      listens = ev.etype == 0
+      n_rows += len(ev.ts)
+      n_listens += int(listens.sum())
+      train = listens & (ev.ts < test_start)
+      pop_all += np.bincount(ev.item[train], minlength=cat.n_items)
+      recent = train & (ev.ts >= test_start - 7 * DAY)
+      pop_week += np.bincount(ev.item[recent], minlength=cat.n_items)
+      oracle_tables.append(_oracle_table(cat, tl, users, p, sn))
+      _log(f"users {hi}/{p.n_users}: {n_rows} rows "
+           f"({n_rows / (time.time() - t0):.0f} rows/s)")
+
+  oracle = pa.concat_tables(oracle_tables)
+  oracle = oracle.sort_by([("uid", "ascending"), ("timestamp", "ascending")])
+  yambda.write_atomic(oracle, oracle_path(output_dir, size))
+  summary = _summary(cat, oracle, pop_all, pop_week, test_start)
+  summary.update(n_rows=n_rows, n_listens=n_listens, n_users=p.n_users,
+                 n_items=cat.n_items, n_artists=cat.n_artists,
+                 n_albums=len(cat.album_ids), timeline_seconds=end)
+  _write_params(output_dir, size, seed, p, summary)
+  _log(f"done in {time.time() - t0:.1f}s: " + json.dumps(summary))
+  return output_dir
+
+
+def _oracle_table(cat: _Catalogue, tl: _Timeline, users: _Users,
+                  p: SizeParams, sn: _Snapshots) -> pa.Table:
+  """The oracle rows of one chunk."""
+  rank, prob = _oracle(cat, tl, users, p, sn)
+  return pa.Table.from_arrays([
+      pa.array(users.uids[sn.user], pa.uint32()),
+      pa.array(sn.ts.astype(np.uint32), pa.uint32()),
+      pa.array(cat.item_ids[sn.target], pa.uint32()),
+      pa.array(rank.astype(np.int32), pa.int32()),
+      pa.array(prob.astype(np.float32), pa.float32()),
+  ], schema=ORACLE_SCHEMA)
+
+
+def _summary(cat: _Catalogue, oracle: pa.Table, pop_all: np.ndarray,
+             pop_week: np.ndarray, test_start: int) -> Dict[str, float]:
+  """Oracle and most-popular recall over the listens of the last day."""
+  last = np.asarray(oracle["timestamp"]) >= test_start
+  ranks = np.asarray(oracle["oracle_rank"])[last]
+  out = {f"oracle_{k}": round(v, 4) for k, v in oracle_recall(ranks).items()}
+  raw_to_idx = dict(zip(cat.item_ids.tolist(), range(cat.n_items)))
+  test_items = np.array([raw_to_idx[i] for i in
+                         np.asarray(oracle["item_id"])[last].tolist()],
+                        np.int64)
+  for name, counts in (("mostpop_all", pop_all), ("mostpop_7d", pop_week)):
+    top = np.argsort(-counts, kind="stable")[:100]
+    out[f"{name}_recall@100"] = round(float(np.isin(test_items, top).mean())
+                                      if len(test_items) else float("nan"), 4)
+  out["n_test_listens"] = int(last.sum())
+  out["test_items_unseen_in_train"] = round(
+      float((pop_all[test_items] == 0).mean()) if len(test_items) else 0.0, 4)
+  return out
+
+
+def _write_params(root: str, size: str, seed: int, p: SizeParams,
+                  summary: Dict[str, float]) -> None:
+  path = params_path(root, size)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"size": size, "seed": seed, "params": dataclasses.asdict(p),
+               "components": list(COMPONENTS), "summary": summary}, f,
+              indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def main(argv: List[str]) -> None:
+  del argv
+  generate(FLAGS.output_dir, FLAGS.size, FLAGS.seed)
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_enum("size", "demo", list(SIZES), "Dataset size.")
+  flags.DEFINE_string("output_dir", None, "Where to write the dataset.")
+  flags.DEFINE_integer("seed", 0, "Random seed.")
+  flags.mark_flag_as_required("output_dir")
+  FLAGS = flags.FLAGS
+  app.run(main)

@@ -1,0 +1,152 @@
+"""Trained query tower + a top-k index -> SavedModels in TF Serving's layout.
+
+  <export_dir>/<model_name>/<version>/saved_model.pb, variables/, assets/
+
+Two servables are written from the same trained model:
+  * `<name>_bruteforce`: `tfrs.layers.factorized_top_k.BruteForce`, exact, made
+    of stock TensorFlow ops, so stock TF Serving can serve it;
+  * `<name>_scann`: `tfrs.layers.factorized_top_k.ScaNN`, approximate and much
+    faster on large catalogues; it needs ScaNN's custom ops in the server.
+
+Signature `serving_default` (raw Yambda ids in and out):
+  inputs   user_id int64 [batch], seed_item_id int64 [batch],
+           history_item_ids int64 [batch, any] (oldest first, -1 pads)
+  outputs  item_ids int64 [batch, k], scores float32 [batch, k]
+Unknown ids map to the model's "unknown" embeddings; a history longer than the
+model's is cut to its most recent items; an empty history is allowed.
+"""
+
+import json
+import os
+import shutil
+from typing import Dict, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from tfrs_yambda import catalogue as catalogue_lib
+from tfrs_yambda import evaluate
+from tfrs_yambda import schema
+
+
+class ServingQueryModel(tf.keras.Model):
+  """Raw-id serving inputs -> query embedding, via the trained query tower."""
+
+  def __init__(self, query_tower: tf.keras.Model,
+               catalogue: catalogue_lib.Catalogue, history_length: int,
+               **kwargs):
+    super().__init__(**kwargs)
+    self.query_tower = query_tower
+    self.history_length = history_length
+    # Vocabulary order is catalogue index order: id at index i maps to i.
+    self.item_lookup = tf.keras.layers.IntegerLookup(
+        vocabulary=catalogue.item_ids[1:].astype(np.int64), num_oov_indices=1,
+        name="item_lookup")
+
+  def call(self, inputs: Dict[str, tf.Tensor]) -> tf.Tensor:
+    history = tf.cast(inputs[schema.SERVING_HISTORY_ITEM_IDS], tf.int64)
+    # Drop padding (negative ids), keep the most recent N, re-pad with index 0.
+    history = tf.ragged.boolean_mask(history, history >= 0)
+    history = history[:, -self.history_length:]
+    history = tf.ragged.map_flat_values(self.item_lookup, history).to_tensor(
+        default_value=0, shape=[None, self.history_length])
+    user = tf.cast(inputs[schema.SERVING_USER_ID], tf.int64)
+    return self.query_tower({
+        schema.USER_ID: user,
+        schema.SEED_ITEM: self.item_lookup(
+            tf.cast(inputs[schema.SERVING_SEED_ITEM_ID], tf.int64)),
+        schema.HISTORY_ITEMS: history,
+        # Serving asks what is relevant now: example age 0.
+        schema.EXAMPLE_AGE: tf.zeros(tf.shape(user), tf.float32),
+    })
+
+
+class Servable(tf.Module):
+  """A top-k index with a raw-id serving signature."""
+
+  def __init__(self, index: tfrs.layers.factorized_top_k.TopK, k: int):
+    super().__init__()
+    self.index = index
+    self.k = k
+
+  @tf.function(input_signature=[schema.serving_input_signature()])
+  def serve(self, inputs):
+    scores, item_ids = self.index(inputs, k=self.k)
+    return {"item_ids": item_ids, "scores": scores}
+
+
+def build_index(kind: str, query_model: tf.keras.Model,
+                candidates: np.ndarray, identifiers: np.ndarray, k: int,
+                scann_options: Optional[Dict] = None):
+  """Builds a BruteForce or ScaNN top-k layer over the candidate embeddings."""
+  if kind == "bruteforce":
+    index = tfrs.layers.factorized_top_k.BruteForce(query_model, k=k)
+  elif kind == "scann":
+    index = tfrs.layers.factorized_top_k.ScaNN(query_model, k=k,
+                                               **(scann_options or {}))
+  else:
+    raise ValueError(f"Unknown index kind {kind!r}.")
+  index.index(tf.constant(candidates), tf.constant(identifiers, tf.int64))
+  return index
+
+
+def default_scann_options(num_candidates: int, k: int) -> Dict:
+  """Tree + asymmetric-hashing settings scaled to the catalogue size."""
+  leaves = int(max(1, min(2000, np.sqrt(num_candidates))))
+  return {
+      "num_leaves": leaves,
+      "num_leaves_to_search": max(1, leaves // 10),
+      "num_reordering_candidates": min(num_candidates, 4 * k),
+  }
+
+
+def next_version(model_dir: str) -> int:
+  """A new version number; a served version is never overwritten."""
+  versions = [int(d) for d in os.listdir(model_dir) if d.isdigit()
+             ] if os.path.isdir(model_dir) else []
+  return max(versions, default=0) + 1
+
+
+def save(servable: Servable, export_dir: str, model_name: str,
+         metadata: Dict) -> str:
+  """Saves under <export_dir>/<model_name>/<version>/ via a temporary name."""
+  model_dir = os.path.join(export_dir, model_name)
+  os.makedirs(model_dir, exist_ok=True)
+  version = next_version(model_dir)
+  final = os.path.join(model_dir, str(version))
+  tmp = os.path.join(model_dir, f".tmp-{version}")  # TF Serving skips non-digits
+  shutil.rmtree(tmp, ignore_errors=True)
+  tf.saved_model.save(
+      servable, tmp, signatures={"serving_default": servable.serve},
+      # ScaNN's index is a resource of custom ops in the "Scann" namespace.
+      options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]))
+  os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
+  with open(os.path.join(tmp, "assets.extra", "export_metadata.json"), "w") as f:
+    json.dump(metadata, f, indent=2, sort_keys=True)
+  os.replace(tmp, final)
+  return final
+
+
+def export_all(model, catalogue: catalogue_lib.Catalogue, history_length: int,
+               export_dir: str, model_name: str = "yambda", k: int = 100,
+               scann_options: Optional[Dict] = None) -> Dict[str, str]:
+  """Writes the BruteForce and the ScaNN SavedModels; returns their paths."""
+  num_indices = catalogue.num_items + 1
+  # Index 0 ("unknown") is never served: candidates are indices 1..n.
+  candidates = evaluate.candidate_embeddings(model, num_indices).numpy()[1:]
+  identifiers = catalogue.item_ids[1:]
+  query_model = ServingQueryModel(model.query_tower, catalogue, history_length)
+  k = min(k, catalogue.num_items)
+  scann_options = scann_options or default_scann_options(len(candidates), k)
+  paths = {}
+  for kind in ("bruteforce", "scann"):
+    index = build_index(kind, query_model, candidates, identifiers, k,
+                        scann_options)
+    metadata = {"index": kind, "k": k, "history_length": history_length,
+                "num_candidates": int(len(candidates)),
+                "catalogue": catalogue.metadata.get("source"),
+                "scann_options": scann_options if kind == "scann" else None}
+    paths[kind] = save(Servable(index, k), export_dir, f"{model_name}_{kind}",
+                       metadata)
+  return paths

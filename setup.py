@@ -1,0 +1,29 @@
+"""tfrs_yambda: two-tower candidate retrieval for Yandex Yambda with TFRS."""
+
+import setuptools
+
+setuptools.setup(
+    name="tfrs_yambda",
+    version="0.1.0",
+    description=("Two-tower next-track retrieval on the Yambda dataset with "
+                 "TensorFlow Recommenders, exported for TF Serving."),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10,<3.13",
+    packages=setuptools.find_packages(include=["tfrs_yambda*", "data_prep*",
+                                               "export*"]),
+    install_requires=[
+        # scann 1.4.2's TF ops are built against TF 2.20: pin the minor.
+        "tensorflow>=2.20,<2.21",
+        "tf-keras>=2.20,<2.21",
+        "tensorflow-recommenders==0.7.7",
+        "scann==1.4.2",
+        "tensorboard>=2.20,<2.21",
+        "pandas>=2.0",
+        "pyarrow>=14",
+        "numpy>=1.26",
+        "absl-py>=2.0",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+)

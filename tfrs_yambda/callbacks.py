@@ -1,0 +1,88 @@
+"""Keras callbacks for training: console progress, TensorBoard scalars, eval."""
+
+import time
+from typing import Callable, Dict
+
+from absl import logging
+import tensorflow as tf
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return (f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600
+          else f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+class ProgressLogger(tf.keras.callbacks.Callback):
+  """Logs step, loss, examples/s and ETA every `every_seconds`."""
+
+  def __init__(self, total_steps: int, batch_size: int,
+               every_seconds: float = 15.0):
+    super().__init__()
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self.every_seconds = every_seconds
+    self._step = 0
+
+  def on_train_begin(self, logs=None):
+    self._start = self._last = time.time()
+    self._last_step = self._step = 0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epoch = epoch
+
+  def on_train_batch_end(self, batch, logs=None):
+    self._step += 1
+    now = time.time()
+    if now - self._last < self.every_seconds and self._step < self.total_steps:
+      return
+    rate = (self._step - self._last_step) * self.batch_size / (now - self._last)
+    overall = self._step / (now - self._start)
+    eta = (self.total_steps - self._step) / max(overall, 1e-9)
+    logging.info("epoch %d step %d/%d (%.0f%%) loss %.4f | %.0f examples/s | "
+                 "ETA %s", self._epoch + 1, self._step, self.total_steps,
+                 100.0 * self._step / self.total_steps,
+                 (logs or {}).get("loss", float("nan")), rate, _duration(eta))
+    self._last, self._last_step = now, self._step
+
+
+class ScalarLogger(tf.keras.callbacks.Callback):
+  """Writes the learning rate and end-of-epoch evaluation to TensorBoard.
+
+  `evaluate_fn` returns {metric name: value}; it runs at the end of each epoch
+  and its values are logged at the current optimizer step.
+  """
+
+  def __init__(self, log_dir: str,
+               evaluate_fn: Callable[[], Dict[str, float]] = None,
+               every_steps: int = 100):
+    super().__init__()
+    self.writer = tf.summary.create_file_writer(log_dir)
+    self.evaluate_fn = evaluate_fn
+    self.every_steps = every_steps
+
+  def _step(self) -> int:
+    return int(self.model.optimizer.iterations.numpy())
+
+  def _learning_rate(self, step: int) -> float:
+    lr = self.model.optimizer.learning_rate
+    if isinstance(lr, tf.keras.optimizers.schedules.LearningRateSchedule):
+      return float(lr(step))
+    return float(tf.keras.backend.get_value(lr))
+
+  def on_train_batch_end(self, batch, logs=None):
+    step = self._step()
+    if step % self.every_steps == 0:
+      with self.writer.as_default(step=step):
+        tf.summary.scalar("learning_rate", self._learning_rate(step))
+
+  def on_epoch_end(self, epoch, logs=None):
+    if self.evaluate_fn is None:
+      return
+    values = self.evaluate_fn()
+    with self.writer.as_default(step=self._step()):
+      for name, value in values.items():
+        tf.summary.scalar(f"eval/{name}", value)
+    self.writer.flush()
+    logging.info("epoch %d evaluation: %s", epoch + 1,
+                 ", ".join(f"{k} {v:.4f}" for k, v in values.items()))

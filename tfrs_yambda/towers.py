@@ -1,0 +1,138 @@
+"""The query and candidate towers, and the item encoder they share.
+
+Both towers take catalogue item indices only: everything known about an item
+(artist, album, track length, audio embedding) is looked up inside the model
+from tables built from the catalogue, so serving needs nothing but ids.
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow as tf
+
+from tfrs_yambda import catalogue as catalogue_lib
+from tfrs_yambda import schema
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerConfig:
+  """Sizes of the towers and the vocabulary policy."""
+  item_id_dim: int = 64
+  artist_dim: int = 32
+  album_dim: int = 32
+  user_dim: int = 32
+  hidden_dim: int = 256
+  output_dim: int = 64
+  # Ids with fewer training positives share the "unknown" row; their content
+  # features still tell them apart.
+  min_item_count: int = 1
+  min_user_count: int = 1
+  example_age_scale_days: float = 30.0
+
+
+def _table(values: np.ndarray, name: str) -> tf.Variable:
+  # Non-trainable variables rather than constants: they are saved in the
+  # SavedModel's variables, so large tables do not hit the 2 GB graph limit.
+  return tf.Variable(values, trainable=False, name=name)
+
+
+class ItemEncoder(tf.keras.layers.Layer):
+  """Item index (any shape) -> the item's feature vector (shape + [width]).
+
+  Concatenates the item id, artist and album embeddings, the audio embedding
+  and length features. Index 0 (unknown) has no artist, album or audio.
+  """
+
+  def __init__(self, catalogue: catalogue_lib.Catalogue, config: TowerConfig,
+               **kwargs):
+    super().__init__(**kwargs)
+    self.id_vocabulary_size = catalogue_lib.id_vocabulary_size(
+        catalogue.item_train_count, config.min_item_count)
+    self.item_embedding = tf.keras.layers.Embedding(
+        self.id_vocabulary_size, config.item_id_dim, name="item_id_embedding")
+    self.artist_embedding = tf.keras.layers.Embedding(
+        len(catalogue.artist_ids), config.artist_dim, name="artist_embedding")
+    self.album_embedding = tf.keras.layers.Embedding(
+        len(catalogue.album_ids), config.album_dim, name="album_embedding")
+    self.artist = _table(catalogue.item_artist, "item_artist")
+    self.album = _table(catalogue.item_album, "item_album")
+    self.audio = _table(catalogue.audio.astype(np.float32), "item_audio")
+    self.dense_features = _table(_dense_item_features(catalogue),
+                                 "item_dense_features")
+
+  def call(self, items: tf.Tensor) -> tf.Tensor:
+    ids = tf.where(items < self.id_vocabulary_size, items,
+                   tf.zeros_like(items))
+    return tf.concat([
+        self.item_embedding(ids),
+        self.artist_embedding(tf.gather(self.artist, items)),
+        self.album_embedding(tf.gather(self.album, items)),
+        tf.gather(self.audio, items),
+        tf.gather(self.dense_features, items),
+    ], axis=-1)
+
+
+def _dense_item_features(catalogue: catalogue_lib.Catalogue) -> np.ndarray:
+  """[standardised log length, has length, has audio] per item."""
+  length = catalogue.item_length.astype(np.float64)
+  known = length > 0
+  log_length = np.log1p(length)
+  mean = log_length[known].mean() if known.any() else 0.0
+  std = log_length[known].std() + 1e-6 if known.any() else 1.0
+  return np.stack([np.where(known, (log_length - mean) / std, 0.0), known,
+                   catalogue.has_audio], axis=-1).astype(np.float32)
+
+
+def _mlp(config: TowerConfig, name: str) -> tf.keras.Sequential:
+  return tf.keras.Sequential([
+      tf.keras.layers.Dense(config.hidden_dim, activation="relu"),
+      tf.keras.layers.Dense(config.output_dim),
+      tf.keras.layers.UnitNormalization(),
+  ], name=name)
+
+
+class QueryTower(tf.keras.Model):
+  """(user, seed track, history, example age) -> query embedding."""
+
+  def __init__(self, catalogue: catalogue_lib.Catalogue,
+               item_encoder: ItemEncoder, config: TowerConfig, **kwargs):
+    super().__init__(**kwargs)
+    self.item_encoder = item_encoder
+    users = catalogue.user_ids[1:catalogue_lib.id_vocabulary_size(
+        catalogue.user_train_count, config.min_user_count)]
+    self.user_lookup = tf.keras.layers.IntegerLookup(
+        vocabulary=users.astype(np.int64), num_oov_indices=1,
+        name="user_lookup")
+    self.user_embedding = tf.keras.layers.Embedding(
+        len(users) + 1, config.user_dim, name="user_embedding")
+    self.age_scale = config.example_age_scale_days
+    self.mlp = _mlp(config, "query_mlp")
+
+  def call(self, features) -> tf.Tensor:
+    history = features[schema.HISTORY_ITEMS]
+    mask = tf.cast(history > 0, tf.float32)[..., tf.newaxis]
+    count = tf.reduce_sum(mask, axis=1)
+    # Masked mean: padding and unknown items do not dilute the history.
+    history_mean = (tf.reduce_sum(self.item_encoder(history) * mask, axis=1) /
+                    tf.maximum(count, 1.0))
+    age = tf.cast(features[schema.EXAMPLE_AGE], tf.float32)[:, tf.newaxis]
+    return self.mlp(tf.concat([
+        self.user_embedding(self.user_lookup(features[schema.USER_ID])),
+        self.item_encoder(features[schema.SEED_ITEM]),
+        history_mean,
+        tf.math.log1p(count),
+        age / self.age_scale,
+        tf.math.log1p(age),
+    ], axis=-1))
+
+
+class CandidateTower(tf.keras.Model):
+  """Item index -> candidate embedding."""
+
+  def __init__(self, item_encoder: ItemEncoder, config: TowerConfig, **kwargs):
+    super().__init__(**kwargs)
+    self.item_encoder = item_encoder
+    self.mlp = _mlp(config, "candidate_mlp")
+
+  def call(self, items: tf.Tensor) -> tf.Tensor:
+    return self.mlp(self.item_encoder(items))

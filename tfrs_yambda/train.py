@@ -1,0 +1,253 @@
+r"""The main job: (generate) -> prep -> train -> evaluate -> export.
+
+  python -m tfrs_yambda.train --flagfile=configs/demo.cfg
+
+Everything is written under --workdir (or the explicit paths):
+  <workdir>/yambda/      the generated dataset (only with --generate)
+  <workdir>/prepared/    catalogue + TFRecords (reused when up to date)
+  <workdir>/logs/        TensorBoard: loss, learning rate, eval Recall@k
+  <workdir>/checkpoints/ the trained weights
+  <workdir>/eval/results.json  Recall@k / NDCG@k / MRR of model and baselines
+  <workdir>/export/      SavedModels (BruteForce and ScaNN) for TF Serving
+"""
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from data_prep import generate
+from data_prep import prep
+from data_prep import yambda
+from export import export
+from tfrs_yambda import callbacks
+from tfrs_yambda import catalogue as catalogue_lib
+from tfrs_yambda import evaluate
+from tfrs_yambda import input_pipeline
+from tfrs_yambda import metrics
+from tfrs_yambda import model as model_lib
+from tfrs_yambda import towers
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "Where everything this run produces goes.")
+flags.DEFINE_string("yambda_dir", None,
+                    "Yambda folder (default: <workdir>/yambda).")
+flags.DEFINE_string("size", "demo", "Which flat/<size>/ to use.")
+flags.DEFINE_bool("generate", False,
+                  "Generate a Yambda-layout dataset of --size into --yambda_dir "
+                  "if it is not there (sizes: tiny, demo, large).")
+flags.DEFINE_integer("generator_seed", 0, "Seed of the generated dataset.")
+flags.DEFINE_string("prepared_dir", None,
+                    "Prepared data (default: <workdir>/prepared).")
+prep.define_config_flags()
+
+flags.DEFINE_integer("batch_size", 1024, "Training batch (= in-batch negatives).")
+flags.DEFINE_integer("epochs", 3, "Passes over the training examples.")
+flags.DEFINE_enum("optimizer", "adam", ["adam", "adagrad"], "Optimizer.")
+flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate.")
+flags.DEFINE_float("warmup_fraction", 0.05,
+                   "Share of steps with a linear learning-rate warm-up; the "
+                   "rest decays by cosine.")
+flags.DEFINE_float("temperature", 0.05, "Softmax temperature (unit vectors).")
+flags.DEFINE_bool("logq_correction", True,
+                  "Correct in-batch scores by log sampling probability.")
+flags.DEFINE_integer("shuffle_buffer", 100_000, "Examples in the shuffle buffer.")
+flags.DEFINE_integer("item_id_dim", 64, "Item id embedding width.")
+flags.DEFINE_integer("artist_dim", 32, "Artist embedding width.")
+flags.DEFINE_integer("album_dim", 32, "Album embedding width.")
+flags.DEFINE_integer("user_dim", 32, "User embedding width.")
+flags.DEFINE_integer("hidden_dim", 256, "Hidden layer width of each tower.")
+flags.DEFINE_integer("output_dim", 64, "Query / candidate embedding width.")
+flags.DEFINE_integer("min_item_count", 1,
+                     "Items with fewer training positives share one id row.")
+flags.DEFINE_integer("min_user_count", 1,
+                     "Users with fewer training positives share one id row.")
+flags.DEFINE_integer("max_played_ratio", 200,
+                     "Played-ratio cap (percent) in the example weight.")
+flags.DEFINE_float("like_weight", 2.0, "Weight multiplier of liked listens.")
+flags.DEFINE_bool("use_example_weights", True,
+                  "Weight examples by played ratio and likes (else all 1).")
+flags.DEFINE_list("eval_ks", ["10", "100", "500"], "Recall@k cut-offs.")
+flags.DEFINE_float("recent_half_life_days", 7.0,
+                   "Half-life of the recent-popularity baseline.")
+flags.DEFINE_bool("eval_every_epoch", True,
+                  "Evaluate the model after every epoch (TensorBoard).")
+flags.DEFINE_integer("export_k", 100, "Items returned by the SavedModels.")
+flags.DEFINE_string("model_name", "yambda", "Served model name prefix.")
+flags.DEFINE_integer("seed", 42, "Seed of initialisation and shuffling.")
+
+
+def _paths():
+  workdir = FLAGS.workdir
+  return {
+      "yambda": FLAGS.yambda_dir or os.path.join(workdir, "yambda"),
+      "prepared": FLAGS.prepared_dir or os.path.join(workdir, "prepared"),
+      "logs": os.path.join(workdir, "logs"),
+      "checkpoints": os.path.join(workdir, "checkpoints"),
+      "backup": os.path.join(workdir, "backup"),
+      "eval": os.path.join(workdir, "eval"),
+      "export": os.path.join(workdir, "export"),
+  }
+
+
+def prepare_data(paths) -> catalogue_lib.Catalogue:
+  """Generates and prepares the data unless up-to-date outputs exist."""
+  events = yambda.multi_event_path(paths["yambda"], FLAGS.size)
+  if not os.path.exists(events):
+    if not FLAGS.generate:
+      raise FileNotFoundError(
+          f"{events} does not exist: point --yambda_dir at a Yambda download "
+          "or pass --generate to create a generated dataset.")
+    logging.info("Generating the %s dataset into %s", FLAGS.size,
+                 paths["yambda"])
+    generate.generate(paths["yambda"], FLAGS.size, FLAGS.generator_seed)
+  config = prep.config_from_flags()
+  meta_path = os.path.join(paths["prepared"], "catalogue", "metadata.json")
+  if os.path.exists(meta_path):
+    with open(meta_path) as f:
+      meta = json.load(f)
+    if (meta.get("prep_config") == config.as_dict() and
+        meta.get("source") == os.path.abspath(events)):
+      logging.info("Reusing prepared data in %s", paths["prepared"])
+      return catalogue_lib.load(os.path.join(paths["prepared"], "catalogue"))
+  prep.prepare(paths["yambda"], FLAGS.size, paths["prepared"], config)
+  return catalogue_lib.load(os.path.join(paths["prepared"], "catalogue"))
+
+
+def example_rule(catalogue) -> input_pipeline.ExampleRule:
+  return input_pipeline.ExampleRule(
+      min_played_ratio=catalogue.metadata["min_played_ratio"],
+      max_played_ratio=FLAGS.max_played_ratio,
+      like_weight=FLAGS.like_weight,
+      use_weights=FLAGS.use_example_weights)
+
+
+def tower_config() -> towers.TowerConfig:
+  return towers.TowerConfig(
+      item_id_dim=FLAGS.item_id_dim, artist_dim=FLAGS.artist_dim,
+      album_dim=FLAGS.album_dim, user_dim=FLAGS.user_dim,
+      hidden_dim=FLAGS.hidden_dim, output_dim=FLAGS.output_dim,
+      min_item_count=FLAGS.min_item_count,
+      min_user_count=FLAGS.min_user_count)
+
+
+class WarmupCosine(tf.keras.optimizers.schedules.LearningRateSchedule):
+  """Linear warm-up to `peak`, then cosine decay to zero at `total_steps`."""
+
+  def __init__(self, peak: float, total_steps: int, warmup_steps: int):
+    self.peak = peak
+    self.total_steps = max(total_steps, 1)
+    self.warmup_steps = max(warmup_steps, 1)
+    self._cosine = tf.keras.optimizers.schedules.CosineDecay(
+        peak, max(self.total_steps - self.warmup_steps, 1))
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    warm = self.peak * (step + 1.0) / self.warmup_steps
+    return tf.where(step < self.warmup_steps, warm,
+                    self._cosine(step - self.warmup_steps))
+
+  def get_config(self):
+    return {"peak": self.peak, "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps}
+
+
+def train_and_evaluate():
+  """Runs the whole job; returns (results, export paths)."""
+  tf.keras.utils.set_random_seed(FLAGS.seed)
+  paths = _paths()
+  catalogue = prepare_data(paths)
+  history_length = FLAGS.history_length
+  rule = example_rule(catalogue)
+  ks = [int(k) for k in FLAGS.eval_ks]
+  num_train = catalogue.metadata["num_train_examples"]
+  steps_per_epoch = num_train // FLAGS.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"{num_train} training examples are fewer than one batch "
+                     f"of {FLAGS.batch_size}.")
+  total_steps = steps_per_epoch * FLAGS.epochs
+  logging.info("%d training examples, %d test examples, %d items, %d users; "
+               "%d steps of %d", num_train,
+               catalogue.metadata["num_test_examples"], catalogue.num_items,
+               len(catalogue.user_ids) - 1, total_steps, FLAGS.batch_size)
+
+  model = model_lib.TwoTowerModel(catalogue, tower_config(),
+                                  temperature=FLAGS.temperature,
+                                  logq_correction=FLAGS.logq_correction)
+  schedule = WarmupCosine(FLAGS.learning_rate, total_steps,
+                          int(FLAGS.warmup_fraction * total_steps))
+  optimizer = (tf.keras.optimizers.Adam(schedule) if FLAGS.optimizer == "adam"
+               else tf.keras.optimizers.Adagrad(schedule))
+  model.compile(optimizer=optimizer)
+
+  train_data = input_pipeline.batches(
+      os.path.join(paths["prepared"], "records", "train-*.tfrecord"),
+      FLAGS.batch_size, history_length, rule,
+      age_reference=catalogue.metadata["train_end"], training=True,
+      shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed)
+  test = evaluate.load_examples(paths["prepared"], "test", history_length, rule)
+
+  def evaluate_model():
+    ranks = evaluate.model_ranks(
+        model, test,
+        evaluate.candidate_embeddings(model, catalogue.num_items + 1))
+    result = metrics.rank_metrics(ranks, ks)
+    return {k: v for k, v in result.items() if k != "examples"}
+
+  started = time.time()
+  model.fit(
+      train_data, epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
+      verbose=0,
+      callbacks=[
+          tf.keras.callbacks.BackupAndRestore(paths["backup"]),
+          tf.keras.callbacks.TensorBoard(os.path.join(paths["logs"], "train"),
+                                         update_freq=100),
+          callbacks.ScalarLogger(
+              os.path.join(paths["logs"], "metrics"),
+              evaluate_model if FLAGS.eval_every_epoch else None),
+          callbacks.ProgressLogger(total_steps, FLAGS.batch_size),
+      ])
+  train_seconds = time.time() - started
+  logging.info("Trained %d steps in %.0fs (%.0f examples/s)", total_steps,
+               train_seconds, total_steps * FLAGS.batch_size / train_seconds)
+  manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
+                                       paths["checkpoints"], max_to_keep=3)
+  manager.save(checkpoint_number=total_steps)
+
+  results = evaluate.evaluate(model, catalogue, paths["prepared"],
+                              history_length, rule, ks,
+                              recent_half_life_days=FLAGS.recent_half_life_days)
+  results["model"]["train_seconds"] = round(train_seconds, 1)
+  results["model"]["train_examples_per_second"] = round(
+      total_steps * FLAGS.batch_size / train_seconds, 1)
+  evaluate.write_json(results, os.path.join(paths["eval"], "results.json"))
+  print("\nNext-track retrieval over the whole catalogue "
+        f"({catalogue.num_items} items, "
+        f"{results['model']['examples']} test examples):")
+  print(evaluate.format_table(results, ks))
+
+  exported = export.export_all(model, catalogue, history_length,
+                               paths["export"], FLAGS.model_name,
+                               k=FLAGS.export_k)
+  for kind, path in exported.items():
+    print(f"SavedModel ({kind}): {path}")
+  print(f"TensorBoard: tensorboard --logdir {paths['logs']}")
+  return results, exported
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  np.set_printoptions(precision=4)
+  train_and_evaluate()
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
