@@ -194,13 +194,15 @@ def _artist_neighbours(latent: np.ndarray, genre: np.ndarray,
     rows = np.nonzero(genre == g)[0]
     # Small genres (tiny size) search all artists so k neighbours exist.
     cand = rows if len(rows) > 2 * k else np.arange(n)
-    s = unit[rows] @ unit[cand].T
-    s[cand[None, :] == rows[:, None]] = -np.inf
-    top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    top_s = np.take_along_axis(s, top, 1)
-    order = np.argsort(-top_s, axis=1, kind="stable")
-    nb[rows] = cand[np.take_along_axis(top, order, 1)]
-    sims[rows] = np.take_along_axis(top_s, order, 1)
+    for lo in range(0, len(rows), 1024):  # Blocks bound the memory.
+      r = rows[lo:lo + 1024]
+      s = unit[r] @ unit[cand].T
+      s[cand[None, :] == r[:, None]] = -np.inf
+      top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+      top_s = np.take_along_axis(s, top, 1)
+      order = np.argsort(-top_s, axis=1, kind="stable")
+      nb[r] = cand[np.take_along_axis(top, order, 1)]
+      sims[r] = np.take_along_axis(top_s, order, 1)
   w = np.exp(4.0 * (sims - sims[:, :1]))
   return nb, w / w.sum(1, keepdims=True)
 
@@ -672,6 +674,37 @@ def _played_ratio(rng: np.random.Generator, affinity: np.ndarray
   return np.where(skip, rng.integers(1, 31, m), ratio)
 
 
+def _listen_outcome(rng: np.random.Generator, cat: _Catalogue,
+                    users: _Users, p: SizeParams, u: np.ndarray,
+                    item: np.ndarray, comp: np.ndarray):
+  """Organic flag, played ratio, like/dislike flags and the gap to the next
+  listen, and whether the session ends after it.
+
+  None of these feed back into the next-listen distribution, so the oracle
+  does not need them.
+  """
+  m = len(u)
+  organic = rng.random(m) < _ORGANIC_PROB[comp]
+  lat = cat.latent[item]
+  affinity = np.einsum("md,md->m", users.vec[u], lat) / np.linalg.norm(
+      lat, axis=1)
+  affinity += 0.3 * (users.fav_tracks[u] == item[:, None]).any(1)
+  affinity += 0.15 * (users.fav_artists[u] == cat.artist[item][:, None]
+                      ).any(1)
+  ratio = _played_ratio(rng, affinity)
+  skip = ratio <= 30
+  like = ~skip & (rng.random(m) < 0.15 * np.clip(affinity - 0.3, 0, 1))
+  dislike = skip & (rng.random(m) < 0.1 * np.clip(0.6 - affinity, 0, 1))
+
+  # Within a session the next listen starts when this one stops playing.
+  played = np.maximum(1, (cat.length[item] * ratio) // 100)
+  ends_session = rng.random(m) < 1.0 / p.session_mean
+  pause = np.maximum(600, rng.exponential(users.session_gap[u])).astype(
+      np.int64)
+  gap = played + np.where(ends_session, pause, rng.integers(2, 12, m))
+  return organic, ratio, like, dislike, gap, ends_session
+
+
 def _simulate_chunk(rng: np.random.Generator, cat: _Catalogue, tl: _Timeline,
                     users: _Users, p: SizeParams, lo: int, hi: int
                     ) -> Tuple[_ChunkEvents, _Snapshots]:
@@ -713,26 +746,8 @@ def _simulate_chunk(rng: np.random.Generator, cat: _Catalogue, tl: _Timeline,
                    ("hist", hist[a][w]), ("hist_len", hist_len[a][w])):
         snaps[k].append(v)
 
-    m = len(a)
-    organic = rng.random(m) < _ORGANIC_PROB[comp]
-    affinity = np.einsum("md,md->m", users.vec[u],
-                         cat.latent[item]) / np.linalg.norm(cat.latent[item],
-                                                            axis=1)
-    affinity += 0.3 * (users.fav_tracks[u] == item[:, None]).any(1)
-    affinity += 0.15 * (users.fav_artists[u] == cat.artist[item][:, None]
-                        ).any(1)
-    ratio = _played_ratio(rng, affinity)
-    skip = ratio <= 30
-    like = ~skip & (rng.random(m) < 0.15 * np.clip(affinity - 0.3, 0, 1))
-    dislike = skip & (rng.random(m) < 0.1 * np.clip(0.6 - affinity, 0, 1))
-
-    # Within a session the next listen starts when this one stops playing.
-    played = np.maximum(1, (cat.length[item] * ratio) // 100)
-    ends_session = rng.random(m) < 1.0 / p.session_mean
-    pause = np.maximum(600, rng.exponential(users.session_gap[u])).astype(
-        np.int64)
-    gap = played + np.where(ends_session, pause, rng.integers(2, 12, m))
-
+    organic, ratio, like, dislike, gap, ends_session = _listen_outcome(
+        rng, cat, users, p, u, item, comp)
     for k, v in (("user", a), ("ts", t[a]), ("item", item),
                  ("organic", organic), ("ratio", ratio), ("like", like),
                  ("dislike", dislike), ("gap", gap)):
@@ -747,9 +762,9 @@ def _simulate_chunk(rng: np.random.Generator, cat: _Catalogue, tl: _Timeline,
     done[a] += 1
     active = a[(t[a] < end) & (done[a] < max_ev[a])]
 
-  cat_ = {k: np.concatenate(v) if v else np.zeros(0, np.int64)
+  cols = {k: np.concatenate(v) if v else np.zeros(0, np.int64)
           for k, v in out.items()}
-  events = _assemble_events(rng, cat_, end)
+  events = _assemble_events(rng, cols, end)
   if snaps["user"]:
     sn = _Snapshots(**{k: np.concatenate(v) for k, v in snaps.items()})
   else:
@@ -945,7 +960,8 @@ def generate(output_dir: str, size: str = "demo", seed: int = 0) -> str:
                  n_items=cat.n_items, n_artists=cat.n_artists,
                  n_albums=len(cat.album_ids), timeline_seconds=end)
   _write_params(output_dir, size, seed, p, summary)
-  _log(f"done in {time.time() - t0:.1f}s: " + json.dumps(summary))
+  _log(f"done in {time.time() - t0:.1f}s")
+  print(json.dumps(summary), flush=True)
   return output_dir
 
 
@@ -968,10 +984,9 @@ def _summary(cat: _Catalogue, oracle: pa.Table, pop_all: np.ndarray,
   last = np.asarray(oracle["timestamp"]) >= test_start
   ranks = np.asarray(oracle["oracle_rank"])[last]
   out = {f"oracle_{k}": round(v, 4) for k, v in oracle_recall(ranks).items()}
-  raw_to_idx = dict(zip(cat.item_ids.tolist(), range(cat.n_items)))
-  test_items = np.array([raw_to_idx[i] for i in
-                         np.asarray(oracle["item_id"])[last].tolist()],
-                        np.int64)
+  by_id = np.argsort(cat.item_ids)
+  test_items = by_id[np.searchsorted(cat.item_ids[by_id],
+                                     np.asarray(oracle["item_id"])[last])]
   for name, counts in (("mostpop_all", pop_all), ("mostpop_7d", pop_week)):
     top = np.argsort(-counts, kind="stable")[:100]
     out[f"{name}_recall@100"] = round(float(np.isin(test_items, top).mean())

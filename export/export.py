@@ -96,8 +96,10 @@ def default_scann_options(num_candidates: int, k: int) -> Dict:
   leaves = int(max(1, min(2000, np.sqrt(num_candidates))))
   return {
       "num_leaves": leaves,
-      "num_leaves_to_search": max(1, leaves // 10),
-      "num_reordering_candidates": min(num_candidates, 4 * k),
+      # Search a quarter of the leaves and rescore 10k candidates exactly:
+      # recall close to exact search at a fraction of its cost.
+      "num_leaves_to_search": max(1, leaves // 4),
+      "num_reordering_candidates": min(num_candidates, 10 * k),
   }
 
 

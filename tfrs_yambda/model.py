@@ -32,8 +32,11 @@ class TwoTowerModel(tfrs.Model):
     self.sampling_probability = tf.Variable(
         catalogue.sampling_probability(), trainable=False,
         name="sampling_probability")
-    self.task = tfrs.tasks.Retrieval(temperature=temperature,
-                                     remove_accidental_hits=True)
+    # Mean over the batch (TFRS defaults to the sum), so the loss and the
+    # learning rate do not scale with the batch size.
+    self.task = tfrs.tasks.Retrieval(
+        loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True),
+        temperature=temperature, remove_accidental_hits=True)
 
   def compute_loss(self, features, training=False) -> tf.Tensor:
     targets = features[schema.TARGET_ITEM]

@@ -37,10 +37,11 @@ def _table(values: np.ndarray, name: str) -> tf.Variable:
 
 
 class ItemEncoder(tf.keras.layers.Layer):
-  """Item index (any shape) -> the item's feature vector (shape + [width]).
+  """Item indices -> item feature vectors, one per item or pooled per row.
 
-  Concatenates the item id, artist and album embeddings, the audio embedding
-  and length features. Index 0 (unknown) has no artist, album or audio.
+  An item's features are its id, artist and album embeddings, its audio
+  embedding and length features. Index 0 (unknown / padding) has no artist,
+  album or audio.
   """
 
   def __init__(self, catalogue: catalogue_lib.Catalogue, config: TowerConfig,
@@ -48,28 +49,56 @@ class ItemEncoder(tf.keras.layers.Layer):
     super().__init__(**kwargs)
     self.id_vocabulary_size = catalogue_lib.id_vocabulary_size(
         catalogue.item_train_count, config.min_item_count)
-    self.item_embedding = tf.keras.layers.Embedding(
-        self.id_vocabulary_size, config.item_id_dim, name="item_id_embedding")
-    self.artist_embedding = tf.keras.layers.Embedding(
-        len(catalogue.artist_ids), config.artist_dim, name="artist_embedding")
-    self.album_embedding = tf.keras.layers.Embedding(
-        len(catalogue.album_ids), config.album_dim, name="album_embedding")
+    # Created here, not in build(): `pooled` may be the first call.
+    self.tables = [
+        self.add_weight(name=name, shape=shape, initializer="uniform")
+        for name, shape in (
+            ("item_id_embedding", (self.id_vocabulary_size,
+                                   config.item_id_dim)),
+            ("artist_embedding", (len(catalogue.artist_ids),
+                                  config.artist_dim)),
+            ("album_embedding", (len(catalogue.album_ids), config.album_dim)))]
     self.artist = _table(catalogue.item_artist, "item_artist")
     self.album = _table(catalogue.item_album, "item_album")
-    self.audio = _table(catalogue.audio.astype(np.float32), "item_audio")
-    self.dense_features = _table(_dense_item_features(catalogue),
-                                 "item_dense_features")
+    # Audio and length features in one table: one gather serves both.
+    self.content = _table(
+        np.concatenate([catalogue.audio.astype(np.float32),
+                        _dense_item_features(catalogue)], axis=1),
+        "item_content")
 
-  def call(self, items: tf.Tensor) -> tf.Tensor:
+  def _indices(self, items: tf.Tensor):
+    """Per embedding table, the row of each item; then the content row."""
     ids = tf.where(items < self.id_vocabulary_size, items,
                    tf.zeros_like(items))
-    return tf.concat([
-        self.item_embedding(ids),
-        self.artist_embedding(tf.gather(self.artist, items)),
-        self.album_embedding(tf.gather(self.album, items)),
-        tf.gather(self.audio, items),
-        tf.gather(self.dense_features, items),
-    ], axis=-1)
+    return [ids, tf.gather(self.artist, items), tf.gather(self.album, items)]
+
+  def call(self, items: tf.Tensor) -> tf.Tensor:
+    """[batch] item indices -> [batch, width] features."""
+    return tf.concat(
+        [tf.gather(table, rows) for table, rows in zip(
+            self.tables, self._indices(items))] +
+        [tf.gather(self.content, items)], axis=-1)
+
+  def pooled(self, items: tf.Tensor) -> tf.Tensor:
+    """[batch, n] item indices -> [batch, width], the mean over indices > 0.
+
+    A fused sparse segment mean: the [batch, n, width] tensor of per-item
+    features is never built, and gradients reach only the rows looked up.
+    Rows with no items pool to zeros.
+    """
+    valid = tf.where(items > 0)
+    rows = valid[:, 0]
+    flat = tf.gather_nd(items, valid)
+    batch = tf.shape(items, out_type=tf.int64)[0]
+
+    def mean(table, indices):
+      return tf.sparse.segment_mean(table, indices, rows, num_segments=batch,
+                                    sparse_gradient=True)
+
+    return tf.concat(
+        [mean(table, idx) for table, idx in zip(self.tables,
+                                                self._indices(flat))] +
+        [mean(self.content, flat)], axis=-1)
 
 
 def _dense_item_features(catalogue: catalogue_lib.Catalogue) -> np.ndarray:
@@ -110,16 +139,14 @@ class QueryTower(tf.keras.Model):
 
   def call(self, features) -> tf.Tensor:
     history = features[schema.HISTORY_ITEMS]
-    mask = tf.cast(history > 0, tf.float32)[..., tf.newaxis]
-    count = tf.reduce_sum(mask, axis=1)
-    # Masked mean: padding and unknown items do not dilute the history.
-    history_mean = (tf.reduce_sum(self.item_encoder(history) * mask, axis=1) /
-                    tf.maximum(count, 1.0))
+    # Padding and unknown items (index 0) neither count nor dilute the mean.
+    count = tf.reduce_sum(tf.cast(history > 0, tf.float32), axis=1,
+                          keepdims=True)
     age = tf.cast(features[schema.EXAMPLE_AGE], tf.float32)[:, tf.newaxis]
     return self.mlp(tf.concat([
         self.user_embedding(self.user_lookup(features[schema.USER_ID])),
         self.item_encoder(features[schema.SEED_ITEM]),
-        history_mean,
+        self.item_encoder.pooled(history),
         tf.math.log1p(count),
         age / self.age_scale,
         tf.math.log1p(age),

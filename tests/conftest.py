@@ -1,0 +1,65 @@
+"""Shared fixtures: one tiny generated dataset, prepared once per test session."""
+
+import os
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+from data_prep import generate  # pylint: disable=g-import-not-at-top
+from data_prep import prep  # pylint: disable=g-import-not-at-top
+from tfrs_yambda import catalogue as catalogue_lib  # pylint: disable=g-import-not-at-top
+
+HISTORY_LENGTH = 20
+
+
+@pytest.fixture(scope="session")
+def tiny_yambda(tmp_path_factory):
+  """A generated Yambda folder of size 'tiny'."""
+  root = str(tmp_path_factory.mktemp("yambda"))
+  generate.generate(root, "tiny", seed=0)
+  return root
+
+
+@pytest.fixture(scope="session")
+def prep_config():
+  return prep.PrepConfig(history_length=HISTORY_LENGTH, chunk_length=64,
+                         num_shards=2)
+
+
+@pytest.fixture(scope="session")
+def prepared(tiny_yambda, prep_config, tmp_path_factory):
+  """The tiny dataset prepared into catalogue + records; returns the folder."""
+  out = os.path.join(str(tmp_path_factory.mktemp("prepared")), "tiny")
+  prep.prepare(tiny_yambda, "tiny", out, prep_config)
+  return out
+
+
+@pytest.fixture(scope="session")
+def catalogue(prepared):
+  return catalogue_lib.load(os.path.join(prepared, "catalogue"))
+
+
+SMALL_TOWERS = dict(item_id_dim=16, artist_dim=8, album_dim=8, user_dim=8,
+                    hidden_dim=32, output_dim=16)
+
+
+@pytest.fixture(scope="session")
+def trained_model(prepared, catalogue):
+  """A small two-tower model trained briefly on the tiny dataset."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tfrs_yambda import input_pipeline  # pylint: disable=g-import-not-at-top
+  from tfrs_yambda import model as model_lib  # pylint: disable=g-import-not-at-top
+  from tfrs_yambda import towers  # pylint: disable=g-import-not-at-top
+
+  tf.keras.utils.set_random_seed(0)
+  model = model_lib.TwoTowerModel(catalogue,
+                                  towers.TowerConfig(**SMALL_TOWERS))
+  model.compile(optimizer=tf.keras.optimizers.Adam(3e-3))
+  data = input_pipeline.batches(
+      os.path.join(prepared, "records", "train-*.tfrecord"), 256,
+      HISTORY_LENGTH, input_pipeline.ExampleRule(),
+      catalogue.metadata["train_end"], training=True, shuffle_buffer=20_000,
+      seed=0)
+  model.fit(data, steps_per_epoch=60, epochs=1, verbose=0)
+  return model

@@ -1,0 +1,157 @@
+"""SavedModels: layout, reload equivalence, robust inputs, saved_model_cli."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from export import export
+from tfrs_yambda import evaluate
+from tfrs_yambda import input_pipeline
+from tfrs_yambda import schema
+from tests.conftest import HISTORY_LENGTH
+
+K = 20
+
+
+@pytest.fixture(scope="module")
+def exported(trained_model, catalogue, tmp_path_factory):
+  export_dir = str(tmp_path_factory.mktemp("export"))
+  paths = export.export_all(trained_model, catalogue, HISTORY_LENGTH,
+                            export_dir, k=K)
+  return export_dir, paths
+
+
+@pytest.fixture(scope="module")
+def requests_and_features(prepared, catalogue):
+  """Serving requests (raw ids) for test examples, and the model features."""
+  test = evaluate.load_examples(prepared, "test", HISTORY_LENGTH,
+                                input_pipeline.ExampleRule())
+  pick = np.linspace(0, len(test[schema.TARGET_ITEM]) - 1, 16).astype(int)
+  features = {k: v[pick] for k, v in test.items()}
+  ids = catalogue.item_ids  # index 0 -> -1, the serving padding id
+  request = {
+      schema.SERVING_USER_ID: features[schema.USER_ID],
+      schema.SERVING_SEED_ITEM_ID: ids[features[schema.SEED_ITEM]],
+      schema.SERVING_HISTORY_ITEM_IDS: ids[features[schema.HISTORY_ITEMS]],
+  }
+  return {k: tf.constant(v, tf.int64) for k, v in request.items()}, features
+
+
+def _load(path):
+  return tf.saved_model.load(path).signatures["serving_default"]
+
+
+def test_layout_is_tf_serving_layout(exported):
+  export_dir, paths = exported
+  for kind in ("bruteforce", "scann"):
+    path = os.path.join(export_dir, f"yambda_{kind}", "1")
+    assert paths[kind] == path
+    assert os.path.exists(os.path.join(path, "saved_model.pb"))
+    assert os.path.isdir(os.path.join(path, "variables"))
+    with open(os.path.join(path, "assets.extra",
+                           "export_metadata.json")) as f:
+      assert json.load(f)["index"] == kind
+  assert not [d for d in os.listdir(os.path.join(export_dir, "yambda_scann"))
+              if d.startswith(".tmp")]
+
+
+def test_a_new_export_gets_a_new_version(trained_model, catalogue, tmp_path):
+  first = export.export_all(trained_model, catalogue, HISTORY_LENGTH,
+                            str(tmp_path), k=5)
+  second = export.export_all(trained_model, catalogue, HISTORY_LENGTH,
+                             str(tmp_path), k=5)
+  assert first["bruteforce"].endswith("/1")
+  assert second["bruteforce"].endswith("/2")
+  assert os.path.exists(os.path.join(first["bruteforce"], "saved_model.pb"))
+
+
+def test_bruteforce_savedmodel_gives_the_in_memory_top_k(
+    exported, trained_model, catalogue, requests_and_features):
+  request, features = requests_and_features
+  outputs = _load(exported[1]["bruteforce"])(**request)
+  assert outputs["item_ids"].shape == (16, K)
+
+  queries = trained_model.query_tower(
+      {k: tf.constant(features[k]) for k in schema.QUERY_FEATURES}).numpy()
+  candidates = evaluate.candidate_embeddings(
+      trained_model, catalogue.num_items + 1).numpy()[1:]
+  scores = queries @ candidates.T
+  top = np.argsort(-scores, axis=1, kind="stable")[:, :K]
+  np.testing.assert_array_equal(outputs["item_ids"].numpy(),
+                                catalogue.item_ids[1:][top])
+  np.testing.assert_allclose(outputs["scores"].numpy(),
+                             np.take_along_axis(scores, top, 1), atol=1e-5)
+
+
+def test_scann_savedmodel_gives_the_in_memory_index_top_k(
+    exported, trained_model, catalogue, requests_and_features, tmp_path):
+  request, _ = requests_and_features
+  with open(os.path.join(exported[1]["scann"], "assets.extra",
+                         "export_metadata.json")) as f:
+    options = json.load(f)["scann_options"]
+  candidates = evaluate.candidate_embeddings(
+      trained_model, catalogue.num_items + 1).numpy()[1:]
+  query_model = export.ServingQueryModel(trained_model.query_tower, catalogue,
+                                         HISTORY_LENGTH)
+  # ScaNN's tree training samples at random: compare a saved index with itself.
+  index = export.build_index("scann", query_model, candidates,
+                             catalogue.item_ids[1:], K, options)
+  path = export.save(export.Servable(index, K), str(tmp_path), "scann", {})
+  scores, ids = index(request, k=K)
+  outputs = _load(path)(**request)
+  np.testing.assert_array_equal(outputs["item_ids"].numpy(), ids.numpy())
+  np.testing.assert_allclose(outputs["scores"].numpy(), scores.numpy(),
+                             atol=1e-5)
+  # And it is a good approximation of exact search.
+  exact = _load(exported[1]["bruteforce"])(**request)["item_ids"].numpy()
+  overlap = np.mean([len(np.intersect1d(a, b)) / K
+                     for a, b in zip(exact, ids.numpy())])
+  assert overlap > 0.8
+
+
+def test_serving_inputs_are_robust(exported, catalogue):
+  serve = _load(exported[1]["bruteforce"])
+  known = catalogue.item_ids[1:1 + 3 * HISTORY_LENGTH]
+  unknown_id = int(catalogue.item_ids.max()) + 12345
+  # Unknown user and seed, empty history: still a full top-k.
+  out = serve(user_id=tf.constant([-5, 10**12], tf.int64),
+              seed_item_id=tf.constant([unknown_id, known[0]], tf.int64),
+              history_item_ids=tf.zeros([2, 0], tf.int64))
+  assert out["item_ids"].shape == (2, K)
+  assert np.all(np.isin(out["item_ids"].numpy(), catalogue.item_ids[1:]))
+
+  # A long history is cut to its most recent N; padding anywhere is ignored.
+  user = tf.constant([int(catalogue.user_ids[1])], tf.int64)
+  seed = tf.constant([int(known[1])], tf.int64)
+  long_history = np.r_[known, -1, -1][None, :]
+  recent = np.r_[-1, known[-HISTORY_LENGTH:]][None, :]
+  a = serve(user_id=user, seed_item_id=seed,
+            history_item_ids=tf.constant(long_history, tf.int64))
+  b = serve(user_id=user, seed_item_id=seed,
+            history_item_ids=tf.constant(recent, tf.int64))
+  np.testing.assert_array_equal(a["item_ids"].numpy(), b["item_ids"].numpy())
+
+
+def test_saved_model_cli_shows_and_runs_the_signature(exported):
+  cli = shutil.which("saved_model_cli") or os.path.join(
+      os.path.dirname(sys.executable), "saved_model_cli")
+  for kind in ("bruteforce", "scann"):
+    shown = subprocess.run([cli, "show", "--dir", exported[1][kind], "--all"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "signature_def['serving_default']" in shown
+    for name in ("user_id", "seed_item_id", "history_item_ids", "item_ids",
+                 "scores"):
+      assert name in shown
+  ran = subprocess.run(
+      [cli, "run", "--dir", exported[1]["bruteforce"], "--tag_set", "serve",
+       "--signature_def", "serving_default", "--input_exprs",
+       "user_id=[1];seed_item_id=[2];"
+       "history_item_ids=[[3,-1]]"],
+      capture_output=True, text=True, check=True).stdout
+  assert "item_ids" in ran and "scores" in ran

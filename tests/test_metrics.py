@@ -1,0 +1,71 @@
+"""Ranking metrics and baselines on hand-built cases with known answers."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfrs_yambda import baselines
+from tfrs_yambda import evaluate
+from tfrs_yambda import metrics
+
+
+def test_rank_metrics_on_known_ranks():
+  result = metrics.rank_metrics(np.array([1, 3, 10, 11, 600]), ks=(1, 10, 500))
+  assert result["recall@1"] == pytest.approx(1 / 5)
+  assert result["recall@10"] == pytest.approx(3 / 5)
+  assert result["recall@500"] == pytest.approx(4 / 5)
+  assert result["ndcg@1"] == pytest.approx(1 / 5)
+  assert result["ndcg@10"] == pytest.approx(
+      (1 + 1 / np.log2(4) + 1 / np.log2(11)) / 5)
+  assert result["mrr"] == pytest.approx(
+      (1 + 1 / 3 + 1 / 10 + 1 / 11 + 1 / 600) / 5)
+  assert result["examples"] == 5
+
+
+def test_rank_metrics_rejects_zero_based_ranks():
+  with pytest.raises(ValueError, match="1-based"):
+    metrics.rank_metrics(np.array([0, 1]))
+
+
+def test_ranks_from_scores_breaks_ties_by_index_and_skips_index_zero():
+  scores = np.array([[9.0, 0.5, 0.9, 0.5, 0.1],
+                     [9.0, 0.2, 0.2, 0.2, 0.2]])
+  np.testing.assert_array_equal(
+      metrics.ranks_from_scores(scores, np.array([3, 4])), [3, 4])
+
+
+def test_model_ranks_match_numpy_ranks():
+  rng = np.random.default_rng(0)
+  queries = rng.normal(size=(7, 4)).astype(np.float32)
+  candidates = rng.normal(size=(20, 4)).astype(np.float32)
+  candidates[5] = candidates[6]  # a tie
+  targets = np.array([1, 5, 6, 19, 2, 3, 4])
+  expected = metrics.ranks_from_scores(queries @ candidates.T, targets)
+  actual = evaluate._ranks(tf.constant(queries), tf.constant(candidates),
+                           tf.constant(targets, tf.int64)).numpy()
+  np.testing.assert_array_equal(actual, expected)
+
+
+def test_most_popular_and_recent_popular():
+  # 5 indices (0 is unknown). Item 1 popular long ago, item 3 popular now.
+  targets = np.array([1, 1, 1, 1, 3, 3, 3, 2])
+  ages = np.array([60, 60, 60, 60, 1, 1, 1, 2], np.float64)
+  popular = baselines.MostPopular(5, targets)
+  np.testing.assert_array_equal(popular.ranks(None, np.array([1, 3, 2, 4])),
+                                [1, 2, 3, 4])
+  recent = baselines.RecentPopular(5, targets, ages, half_life_days=7)
+  np.testing.assert_array_equal(recent.ranks(None, np.array([3, 2, 1, 4])),
+                                [1, 2, 3, 4])
+
+
+def test_seed_cooccurrence_ranks_transitions_then_popularity():
+  seeds = np.array([1, 1, 1, 2, 2, 2])
+  targets = np.array([4, 4, 3, 3, 5, 5])
+  co = baselines.SeedCooccurrence(7, seeds, targets)
+  # After seed 1: 4 (twice), 3 (once), then by index: 1, 2, 5, 6.
+  np.testing.assert_array_equal(
+      co.ranks(np.array([1, 1, 1, 1, 1]), np.array([4, 3, 1, 5, 6])),
+      [1, 2, 3, 5, 6])
+  # Seed 2: 5 (twice), 3 (once). Unseen seed 6: popularity (index) order.
+  np.testing.assert_array_equal(
+      co.ranks(np.array([2, 2, 6]), np.array([5, 1, 2])), [1, 3, 2])

@@ -1,0 +1,106 @@
+"""The two-tower model: the loss goes down, logQ and accidental hits are used."""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from tfrs_yambda import evaluate
+from tfrs_yambda import input_pipeline
+from tfrs_yambda import metrics
+from tfrs_yambda import model as model_lib
+from tfrs_yambda import schema
+from tfrs_yambda import towers
+from tests.conftest import HISTORY_LENGTH
+from tests.conftest import SMALL_TOWERS
+
+
+def _batch(prepared, catalogue, size=256):
+  dataset = input_pipeline.batches(
+      os.path.join(prepared, "records", "train-*.tfrecord"), size,
+      HISTORY_LENGTH, input_pipeline.ExampleRule(),
+      catalogue.metadata["train_end"], training=True, shuffle_buffer=5000,
+      seed=0)
+  return next(iter(dataset))
+
+
+def _model(catalogue, **kwargs):
+  tf.keras.utils.set_random_seed(1)
+  return model_lib.TwoTowerModel(
+      catalogue, towers.TowerConfig(**SMALL_TOWERS), **kwargs)
+
+
+def test_training_steps_lower_the_loss_on_a_batch(prepared, catalogue):
+  batch = _batch(prepared, catalogue)
+  model = _model(catalogue)
+  model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+  before = float(model.compute_loss(batch))
+  for _ in range(10):
+    model.train_step(batch)
+  after = float(model.compute_loss(batch))
+  assert np.isfinite(before) and after < 0.8 * before
+
+
+def test_logq_correction_uses_the_catalogue_probabilities(prepared, catalogue):
+  batch = _batch(prepared, catalogue)
+  with_logq = _model(catalogue, logq_correction=True)
+  without = _model(catalogue, logq_correction=False)
+  # Same initial weights (same seed), so only the correction differs.
+  assert float(with_logq.compute_loss(batch)) != float(
+      without.compute_loss(batch))
+  np.testing.assert_allclose(with_logq.sampling_probability.numpy(),
+                             catalogue.sampling_probability())
+
+
+def test_accidental_hits_are_not_negatives(catalogue):
+  # Every query's target is the same track: with accidental-hit removal the
+  # only candidate left per row is the positive, so the loss is ~0.
+  model = _model(catalogue)
+  n = 8
+  batch = {
+      schema.USER_ID: tf.constant(catalogue.user_ids[1:n + 1]),
+      schema.SEED_ITEM: tf.range(1, n + 1, dtype=tf.int64),
+      schema.HISTORY_ITEMS: tf.zeros([n, HISTORY_LENGTH], tf.int64),
+      schema.EXAMPLE_AGE: tf.zeros([n]),
+      schema.TARGET_ITEM: tf.fill([n], tf.constant(3, tf.int64)),
+      schema.WEIGHT: tf.ones([n]),
+  }
+  assert float(model.compute_loss(batch)) < 1e-4
+
+
+def test_unknown_and_uncommon_ids_share_the_unknown_row(catalogue):
+  config = towers.TowerConfig(**{**SMALL_TOWERS, "min_item_count": 5})
+  encoder = towers.ItemEncoder(catalogue, config)
+  vocab = encoder.id_vocabulary_size
+  assert vocab == 1 + int(np.sum(catalogue.item_train_count[1:] >= 5))
+  rare = np.flatnonzero(catalogue.item_train_count < 5)
+  rare = rare[rare > 0][:3]
+  features = encoder(tf.constant(np.r_[0, rare], tf.int64)).numpy()
+  width = config.item_id_dim
+  # Same id embedding (row 0) ...
+  np.testing.assert_allclose(features[1:, :width],
+                             np.repeat(features[:1, :width], len(rare), 0))
+  # ... but their own content features.
+  assert not np.allclose(features[1, width:], features[0, width:])
+
+
+def test_pooled_history_is_the_mean_of_item_features(catalogue):
+  encoder = towers.ItemEncoder(catalogue, towers.TowerConfig(**SMALL_TOWERS))
+  history = tf.constant([[0, 0, 4, 9], [0, 0, 0, 0], [2, 2, 2, 7]], tf.int64)
+  pooled = encoder.pooled(history).numpy()
+  features = encoder(tf.constant([4, 9, 2, 7], tf.int64)).numpy()
+  np.testing.assert_allclose(pooled[0], features[:2].mean(0), atol=1e-6)
+  np.testing.assert_allclose(pooled[1], 0.0)
+  np.testing.assert_allclose(pooled[2], (3 * features[2] + features[3]) / 4,
+                             atol=1e-6)
+
+
+def test_trained_model_beats_most_popular(trained_model, prepared, catalogue):
+  results = evaluate.evaluate(trained_model, catalogue, prepared,
+                              HISTORY_LENGTH, input_pipeline.ExampleRule(),
+                              ks=metrics.DEFAULT_KS)
+  assert set(results) >= {"model", "most_popular", "recent_popular",
+                          "seed_cooccurrence", "oracle"}
+  assert results["model"]["recall@100"] > results["most_popular"]["recall@100"]
+  assert results["oracle"]["recall@100"] >= results["model"]["recall@100"]
+  assert results["oracle"]["coverage_of_test_examples"] == 1.0
