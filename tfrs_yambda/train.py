@@ -90,7 +90,6 @@ def _paths():
       "prepared": FLAGS.prepared_dir or os.path.join(workdir, "prepared"),
       "logs": os.path.join(workdir, "logs"),
       "checkpoints": os.path.join(workdir, "checkpoints"),
-      "backup": os.path.join(workdir, "backup"),
       "eval": os.path.join(workdir, "eval"),
       "export": os.path.join(workdir, "export"),
   }
@@ -205,7 +204,6 @@ def train_and_evaluate():
       train_data, epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
       verbose=0,
       callbacks=[
-          tf.keras.callbacks.BackupAndRestore(paths["backup"]),
           tf.keras.callbacks.TensorBoard(os.path.join(paths["logs"], "train"),
                                          update_freq=100),
           callbacks.ScalarLogger(
