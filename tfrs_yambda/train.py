@@ -204,7 +204,7 @@ def train_and_evaluate():
       train_data, epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
       verbose=0,
       callbacks=[
-          tf.keras.callbacks.TensorBoard(os.path.join(paths["logs"], "train"),
+          tf.keras.callbacks.TensorBoard(paths["logs"],
                                          update_freq=100),
           callbacks.ScalarLogger(
               os.path.join(paths["logs"], "metrics"),
