@@ -22,28 +22,33 @@ class ProgressLogger(tf.keras.callbacks.Callback):
     self.total_steps = total_steps
     self.batch_size = batch_size
     self.every_seconds = every_seconds
-    self._step = 0
+    self.first_step = 0  # the step training (re)started from
+
+  def _global_step(self) -> int:
+    return int(self.model.optimizer.iterations.numpy())
 
   def on_train_begin(self, logs=None):
+    # A resumed run starts from its restored step, not from 0.
     self._start = self._last = time.time()
-    self._last_step = self._step = 0
+    self.first_step = self._last_step = self._global_step()
 
   def on_epoch_begin(self, epoch, logs=None):
     self._epoch = epoch
 
   def on_train_batch_end(self, batch, logs=None):
-    self._step += 1
     now = time.time()
-    if now - self._last < self.every_seconds and self._step < self.total_steps:
+    step = self._global_step()
+    if now - self._last < self.every_seconds and step < self.total_steps:
       return
-    rate = (self._step - self._last_step) * self.batch_size / (now - self._last)
-    overall = self._step / (now - self._start)
-    eta = (self.total_steps - self._step) / max(overall, 1e-9)
+    rate = (step - self._last_step) * self.batch_size / max(now - self._last,
+                                                             1e-9)
+    overall = (step - self.first_step) / max(now - self._start, 1e-9)
+    eta = (self.total_steps - step) / max(overall, 1e-9)
     logging.info("epoch %d step %d/%d (%.0f%%) loss %.4f | %.0f examples/s | "
-                 "ETA %s", self._epoch + 1, self._step, self.total_steps,
-                 100.0 * self._step / self.total_steps,
+                 "ETA %s", self._epoch + 1, step, self.total_steps,
+                 100.0 * step / self.total_steps,
                  (logs or {}).get("loss", float("nan")), rate, _duration(eta))
-    self._last, self._last_step = now, self._step
+    self._last, self._last_step = now, step
 
 
 class ScalarLogger(tf.keras.callbacks.Callback):

@@ -32,20 +32,56 @@ class TwoTowerModel(tfrs.Model):
     self.sampling_probability = tf.Variable(
         catalogue.sampling_probability(), trainable=False,
         name="sampling_probability")
-    # Mean over the batch (TFRS defaults to the sum), so the loss and the
-    # learning rate do not scale with the batch size.
+    # Per-example losses, averaged over the global batch in compute_loss: the
+    # loss and learning rate then do not scale with the batch size, and the
+    # gradients summed across replicas are those of the global mean.
     self.task = tfrs.tasks.Retrieval(
-        loss=tf.keras.losses.CategoricalCrossentropy(from_logits=True),
+        loss=tf.keras.losses.CategoricalCrossentropy(
+            from_logits=True, reduction=tf.keras.losses.Reduction.NONE),
         temperature=temperature, remove_accidental_hits=True)
+
+  def call(self, features, training=False):
+    """(query embeddings, target candidate embeddings) of a batch.
+
+    Calling the model on a batch creates all its variables, which a backup
+    needs before it can restore them.
+    """
+    return (self.query_tower(features, training=training),
+            self.candidate_tower(features[schema.TARGET_ITEM],
+                                 training=training))
 
   def compute_loss(self, features, training=False) -> tf.Tensor:
     targets = features[schema.TARGET_ITEM]
     probability = (tf.gather(self.sampling_probability, targets)
                    if self.logq_correction else None)
-    return self.task(
-        self.query_tower(features, training=training),
-        self.candidate_tower(targets, training=training),
+    queries, candidates = self(features, training=training)
+    return tf.nn.compute_average_loss(self.task(
+        queries, candidates,
         sample_weight=features[schema.WEIGHT],
         candidate_sampling_probability=probability,
         candidate_ids=targets,
-        compute_metrics=False)
+        compute_metrics=False))
+
+
+def memory_estimate(catalogue: catalogue_lib.Catalogue,
+                    config: towers.TowerConfig,
+                    optimizer_slots: int) -> dict:
+  """Bytes of the model's tables, for the start-up log (float32 / int64).
+
+  Trainable embedding tables carry `optimizer_slots` copies of themselves in
+  the optimizer (Adam 2, Adagrad 1); the catalogue tables are constant.
+  """
+  item_vocab = catalogue_lib.id_vocabulary_size(catalogue.item_train_count,
+                                                config.min_item_count)
+  user_vocab = catalogue_lib.id_vocabulary_size(catalogue.user_train_count,
+                                                config.min_user_count)
+  embeddings = 4 * (item_vocab * config.item_id_dim +
+                    len(catalogue.artist_ids) * config.artist_dim +
+                    len(catalogue.album_ids) * config.album_dim +
+                    user_vocab * config.user_dim)
+  n = catalogue.num_items + 1
+  content = n * (4 * (catalogue.audio_dim + 3) + 8 * 2 + 4)
+  return {"embeddings": embeddings,
+          "optimizer_slots": embeddings * optimizer_slots,
+          "catalogue_tables": content,
+          "total": embeddings * (1 + optimizer_slots) + content}

@@ -78,6 +78,8 @@ flags.DEFINE_float("recent_half_life_days", 7.0,
                    "Half-life of the recent-popularity baseline.")
 flags.DEFINE_bool("eval_every_epoch", True,
                   "Evaluate the model after every epoch (TensorBoard).")
+flags.DEFINE_integer("checkpoint_every_steps", 500,
+                     "Steps between backups an interrupted run resumes from.")
 flags.DEFINE_integer("export_k", 100, "Items returned by the SavedModels.")
 flags.DEFINE_string("model_name", "yambda", "Served model name prefix.")
 flags.DEFINE_integer("seed", 42, "Seed of initialisation and shuffling.")
@@ -90,6 +92,7 @@ def _paths():
       "prepared": FLAGS.prepared_dir or os.path.join(workdir, "prepared"),
       "logs": os.path.join(workdir, "logs"),
       "checkpoints": os.path.join(workdir, "checkpoints"),
+      "backup": os.path.join(workdir, "backup"),
       "eval": os.path.join(workdir, "eval"),
       "export": os.path.join(workdir, "export"),
   }
@@ -157,10 +160,34 @@ class WarmupCosine(tf.keras.optimizers.schedules.LearningRateSchedule):
             "warmup_steps": self.warmup_steps}
 
 
+def distribution_strategy() -> tf.distribute.Strategy:
+  """MultiWorkerMirroredStrategy when TF_CONFIG names a cluster, else default."""
+  cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
+  if sum(len(tasks) for tasks in cluster.values()) > 1:
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  return tf.distribute.get_strategy()
+
+
+def _is_chief(strategy: tf.distribute.Strategy) -> bool:
+  resolver = getattr(strategy, "cluster_resolver", None)
+  if resolver is None or not resolver.task_type:
+    return True
+  return resolver.task_type == "chief" or (
+      resolver.task_type == "worker" and resolver.task_id == 0 and
+      "chief" not in resolver.cluster_spec().as_dict())
+
+
 def train_and_evaluate():
-  """Runs the whole job; returns (results, export paths)."""
+  """Runs the whole job; returns (results, export paths) on the chief."""
   tf.keras.utils.set_random_seed(FLAGS.seed)
+  strategy = distribution_strategy()
+  chief = _is_chief(strategy)
   paths = _paths()
+  if strategy.num_replicas_in_sync > 1 and not os.path.exists(
+      os.path.join(paths["prepared"], "catalogue", "metadata.json")):
+    raise FileNotFoundError(
+        f"Multi-worker training reads prepared data; run data_prep.prep into "
+        f"{paths['prepared']} first so that workers do not race to write it.")
   catalogue = prepare_data(paths)
   history_length = FLAGS.history_length
   rule = example_rule(catalogue)
@@ -172,58 +199,78 @@ def train_and_evaluate():
                      f"of {FLAGS.batch_size}.")
   total_steps = steps_per_epoch * FLAGS.epochs
   logging.info("%d training examples, %d test examples, %d items, %d users; "
-               "%d steps of %d", num_train,
+               "%d steps of %d on %d replica(s)", num_train,
                catalogue.metadata["num_test_examples"], catalogue.num_items,
-               len(catalogue.user_ids) - 1, total_steps, FLAGS.batch_size)
-
-  model = model_lib.TwoTowerModel(catalogue, tower_config(),
-                                  temperature=FLAGS.temperature,
-                                  logq_correction=FLAGS.logq_correction)
-  schedule = WarmupCosine(FLAGS.learning_rate, total_steps,
-                          int(FLAGS.warmup_fraction * total_steps))
-  optimizer = (tf.keras.optimizers.Adam(schedule) if FLAGS.optimizer == "adam"
-               else tf.keras.optimizers.Adagrad(schedule))
-  model.compile(optimizer=optimizer)
+               len(catalogue.user_ids) - 1, total_steps, FLAGS.batch_size,
+               strategy.num_replicas_in_sync)
+  memory = model_lib.memory_estimate(
+      catalogue, tower_config(), 2 if FLAGS.optimizer == "adam" else 1)
+  logging.info("Model memory estimate: %s", ", ".join(
+      f"{k} {v / 2**20:.0f} MiB" for k, v in memory.items()))
 
   train_data = input_pipeline.batches(
       os.path.join(paths["prepared"], "records", "train-*.tfrecord"),
       FLAGS.batch_size, history_length, rule,
       age_reference=catalogue.metadata["train_end"], training=True,
       shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed)
-  test = evaluate.load_examples(paths["prepared"], "test", history_length, rule)
+  with strategy.scope():
+    model = model_lib.TwoTowerModel(catalogue, tower_config(),
+                                    temperature=FLAGS.temperature,
+                                    logq_correction=FLAGS.logq_correction)
+    schedule = WarmupCosine(FLAGS.learning_rate, total_steps,
+                            int(FLAGS.warmup_fraction * total_steps))
+    optimizer = (tf.keras.optimizers.Adam(schedule)
+                 if FLAGS.optimizer == "adam" else
+                 tf.keras.optimizers.Adagrad(schedule))
+    model.compile(optimizer=optimizer)
+    # Create every variable now, so that a backup can be restored into them.
+    model(next(iter(train_data)))
 
-  def evaluate_model():
-    ranks = evaluate.model_ranks(
-        model, test,
-        evaluate.candidate_embeddings(model, catalogue.num_items + 1))
-    result = metrics.rank_metrics(ranks, ks)
-    return {k: v for k, v in result.items() if k != "examples"}
+  progress = callbacks.ProgressLogger(total_steps, FLAGS.batch_size)
+  fit_callbacks = [
+      # Restores the last backup of an interrupted run (weights, optimizer,
+      # epoch and step), and removes it when training completes.
+      tf.keras.callbacks.BackupAndRestore(
+          paths["backup"], save_freq=FLAGS.checkpoint_every_steps),
+      progress,
+  ]
+  if chief:
+    test = evaluate.load_examples(paths["prepared"], "test", history_length,
+                                  rule)
+
+    def evaluate_model():
+      ranks = evaluate.model_ranks(
+          model, test,
+          evaluate.candidate_embeddings(model, catalogue.num_items + 1))
+      result = metrics.rank_metrics(ranks, ks)
+      return {k: v for k, v in result.items() if k != "examples"}
+
+    fit_callbacks += [
+        tf.keras.callbacks.TensorBoard(paths["logs"], update_freq=100),
+        callbacks.ScalarLogger(
+            os.path.join(paths["logs"], "metrics"),
+            evaluate_model if FLAGS.eval_every_epoch else None),
+    ]
 
   started = time.time()
-  model.fit(
-      train_data, epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
-      verbose=0,
-      callbacks=[
-          tf.keras.callbacks.TensorBoard(paths["logs"],
-                                         update_freq=100),
-          callbacks.ScalarLogger(
-              os.path.join(paths["logs"], "metrics"),
-              evaluate_model if FLAGS.eval_every_epoch else None),
-          callbacks.ProgressLogger(total_steps, FLAGS.batch_size),
-      ])
+  model.fit(train_data, epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
+            verbose=0, callbacks=fit_callbacks)
   train_seconds = time.time() - started
-  logging.info("Trained %d steps in %.0fs (%.0f examples/s)", total_steps,
-               train_seconds, total_steps * FLAGS.batch_size / train_seconds)
+  steps = int(model.optimizer.iterations.numpy())
+  logging.info("Trained to step %d of %d in %.0fs this run", steps,
+               total_steps, train_seconds)
+  if not chief:
+    return None, None
+
   manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
                                        paths["checkpoints"], max_to_keep=3)
-  manager.save(checkpoint_number=total_steps)
-
+  manager.save(checkpoint_number=steps)
   results = evaluate.evaluate(model, catalogue, paths["prepared"],
                               history_length, rule, ks,
                               recent_half_life_days=FLAGS.recent_half_life_days)
-  results["model"]["train_seconds"] = round(train_seconds, 1)
-  results["model"]["train_examples_per_second"] = round(
-      total_steps * FLAGS.batch_size / train_seconds, 1)
+  results["model"]["train_steps"] = steps
+  results["model"]["resumed_from_step"] = progress.first_step
+  results["model"]["train_seconds_this_run"] = round(train_seconds, 1)
   evaluate.write_json(results, os.path.join(paths["eval"], "results.json"))
   print("\nNext-track retrieval over the whole catalogue "
         f"({catalogue.num_items} items, "
