@@ -1,7 +1,7 @@
-r"""Raw Yambda folder -> item catalogue + TFRecord shards for training and test.
+r"""Raw Yambda folder -> item catalogue + TFRecord shards, out of core.
 
-  python -m data_prep.prep --yambda_dir=/data/yambda --size=50m \
-      --output_dir=/data/prepared/50m
+  python -m data_prep.prep --yambda_dir=/data/yambda --size=500m \
+      --output_dir=/data/prepared/500m [--num_workers=16] [--runner=spark]
 
 What it decides (and records in the catalogue's metadata.json):
   * Time split: one global cut. The test window is [test_start, last_timestamp);
@@ -15,18 +15,51 @@ What it decides (and records in the catalogue's metadata.json):
   * Explicit feedback: each like / dislike / unlike / undislike attaches to the
     user's latest listen of that track at or before it; the last one wins (an
     unlike cancels a like). Events with no such listen are dropped and counted.
+  Rows of one user with equal timestamps keep their order in the input file.
+  The rules are those of `data_prep.prep_in_memory` (the in-memory reference,
+  whose array functions this module reuses); only the data flow differs.
 
-Output folder (written under a temporary name and renamed when complete):
+Passes. Memory is bounded by --bucket_events and --read_batch_rows, never by the
+input: every pass streams, and only one bucket's rows per worker are in memory.
+  1. scan: row-group ranges of multi_event.parquet are streamed in batches,
+     validated (one clear error naming file, column and row) and partitioned by
+     a hash of uid into buckets (temporary parquet files). The input need not
+     be sorted; whether it was is reported.
+  2. stats: per bucket (all events of its users), sort by (uid, time), attach
+     feedback and count: per-item training positives, per-(item, length)
+     counts (for the median track length), per-user positives, report counts.
+  3. catalogue: one global merge of the bucket stats -> item order by training
+     frequency, vocabularies, metadata; audio embeddings are streamed into
+     audio.npy in catalogue order.
+  4. records: per bucket again, the same sort, then item indices and
+     tf.train.Example chunks; a shard's file is its buckets' files joined.
+  5. finalize: prep_report.json, work files removed, folder renamed.
+
+Buckets are the unit of work (a process pool, or Spark with --runner=spark);
+users are hashed to shards with the multiplicative hash of the in-memory prep
+and bucket b belongs to shard b % num_shards, so `--stage=... --shard_index=i`
+runs one shard's part of a pass on its own (e.g. one machine per shard over a
+shared folder).
+
+Output folder (built under <output_dir>.tmp and renamed when complete):
   catalogue/                 see tfrs_yambda.catalogue
   records/train-SSSSS-of-NNNNN.tfrecord, records/test-...  see tfrs_yambda.schema
   prep_report.json           counts of everything kept and dropped, with reasons
+Every file is written under a temporary name and renamed when complete, and each
+finished unit of work leaves a marker, so rerunning after an interruption
+resumes where it stopped. The work folder is restarted when the input file or
+the configuration changed.
 """
 
+import hashlib
 import json
+import math
+import multiprocessing
 import os
 import shutil
+import sys
 import time
-from typing import Dict, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
@@ -35,18 +68,31 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from data_prep import prep_in_memory
 from data_prep import yambda
 from tfrs_yambda import catalogue as catalogue_lib
 from tfrs_yambda import schema
 
 FLAGS = flags.FLAGS
 
-_EXPLICIT_FEEDBACK = {"like": schema.FEEDBACK_LIKED,
-                      "dislike": schema.FEEDBACK_DISLIKED,
-                      "unlike": schema.FEEDBACK_NONE,
-                      "undislike": schema.FEEDBACK_NONE}
+# The rules shared with the in-memory reference.
+attach_feedback = prep_in_memory.attach_feedback
+plan_records = prep_in_memory.plan_records
+read_events = prep_in_memory.read_events  # the whole-table reader, for small files
+_shard_of = prep_in_memory._shard_of  # pylint: disable=protected-access
+
 _LISTEN = yambda.EVENT_TYPES.index("listen")
+_STAGES = ("all", "scan", "stats", "catalogue", "records", "finalize")
+# Below this many events a process pool costs more than it saves.
+_POOL_MIN_EVENTS = 2_000_000
+# Fields of PrepConfig that change how the work runs, not what it produces.
+_EXECUTION_FIELDS = ("num_workers", "runner", "read_batch_rows")
+# Raw ids below this use direct lookup tables (int32: at most 1 GiB).
+_DENSE_ID_LIMIT = 1 << 28
+# Rows per batch of audio embeddings (128 floats each).
+_AUDIO_BATCH_ROWS = 65536
 
 
 class PrepConfig:
@@ -54,7 +100,8 @@ class PrepConfig:
 
   def __init__(self, history_length=50, chunk_length=256, num_shards=4,
                test_window_seconds=86_400, gap_seconds=1_800, last_timestamp=0,
-               min_played_ratio=50):
+               min_played_ratio=50, bucket_events=8_000_000, num_workers=0,
+               read_batch_rows=1_000_000, runner="local"):
     self.history_length = history_length
     self.chunk_length = chunk_length
     self.num_shards = num_shards
@@ -62,204 +109,663 @@ class PrepConfig:
     self.gap_seconds = gap_seconds
     self.last_timestamp = last_timestamp
     self.min_played_ratio = min_played_ratio
+    # At most about this many events per bucket: the memory bound of a worker.
+    self.bucket_events = bucket_events
+    self.num_workers = num_workers  # 0: all cores (1 for small inputs)
+    self.read_batch_rows = read_batch_rows
+    self.runner = runner  # "local" (process pool) or "spark"
 
   def as_dict(self):
     return dict(vars(self))
 
 
-# --- Reading and validation ------------------------------------------------
+# --- Work folder ---------------------------------------------------------------
 
 
-def _first_bad_row(table: pa.Table, mask: np.ndarray) -> Dict:
+class _Work:
+  """Paths of the work folder <output_dir>.tmp, which becomes the output."""
+
+  def __init__(self, output_dir: str):
+    self.output_dir = output_dir.rstrip("/")
+    self.root = self.output_dir + ".tmp"
+
+  def path(self, *parts) -> str:
+    return os.path.join(self.root, *parts)
+
+  @property
+  def job(self) -> str:
+    return self.path("job.json")
+
+  def scan_report(self, unit: int) -> str:
+    return self.path("scan", f"part-{unit:05d}.json")
+
+  def bucket_dir(self, bucket: int) -> str:
+    return self.path("buckets", f"{bucket:05d}")
+
+  def bucket_stats(self, bucket: int) -> str:
+    return self.path("stats", f"bucket-{bucket:05d}.npz")
+
+  def bucket_records(self, split: str, bucket: int) -> str:
+    return self.path("parts", f"{split}-{bucket:05d}.tfrecord")
+
+  def shard_records(self, split: str, shard: int, num_shards: int) -> str:
+    return self.path("records",
+                     f"{split}-{shard:05d}-of-{num_shards:05d}.tfrecord")
+
+  def done(self, kind: str, index: int) -> str:
+    return self.path("done", f"{kind}-{index:05d}.json")
+
+  @property
+  def catalogue(self) -> str:
+    return self.path("catalogue")
+
+
+def _write_json_atomic(value: Any, path: str) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+class _Plan:
+  """The fixed facts of a job: input, row-group ranges, buckets, config."""
+
+  def __init__(self, events_path: str, config: PrepConfig, num_workers: int):
+    meta = pq.ParquetFile(events_path).metadata
+    self.events_path = os.path.abspath(events_path)
+    self.num_rows = meta.num_rows
+    self.num_row_groups = meta.num_row_groups
+    n = config.num_shards
+    per_shard = math.ceil(self.num_rows / n / max(config.bucket_events, 1))
+    # At least one bucket per worker, so that every core has work.
+    self.num_buckets = n * max(per_shard, math.ceil(num_workers / n), 1)
+    self.num_scan_units = max(1, min(self.num_row_groups, 4 * num_workers))
+    stat = os.stat(events_path)
+    semantic = {k: v for k, v in config.as_dict().items()
+                if k not in _EXECUTION_FIELDS}
+    self.fingerprint = {
+        "source": self.events_path, "source_bytes": stat.st_size,
+        "source_mtime_ns": stat.st_mtime_ns, "config": semantic,
+        "num_buckets": self.num_buckets, "num_scan_units": self.num_scan_units,
+    }
+
+  def row_groups(self, unit: int) -> List[int]:
+    lo = unit * self.num_row_groups // self.num_scan_units
+    hi = (unit + 1) * self.num_row_groups // self.num_scan_units
+    return list(range(lo, hi))
+
+  def shard_buckets(self, shard: int, num_shards: int) -> List[int]:
+    return list(range(shard, self.num_buckets, num_shards))
+
+
+def _open_work(work: _Work, plan: _Plan) -> None:
+  """Resumes a matching work folder, or starts a fresh one."""
+  if os.path.exists(work.job):
+    if _read_json(work.job) == plan.fingerprint:
+      logging.info("Resuming the work folder %s", work.root)
+      return
+    logging.info("Input or configuration changed: restarting %s", work.root)
+  shutil.rmtree(work.root, ignore_errors=True)
+  os.makedirs(work.root)
+  _write_json_atomic(plan.fingerprint, work.job)
+
+
+# --- Progress --------------------------------------------------------------------
+
+
+class _Progress:
+  """Logs events done, events/s and ETA of one pass."""
+
+  def __init__(self, name: str, total_events: int):
+    self.name = name
+    self.total = max(total_events, 1)
+    self.done = 0
+    self.started = time.time()
+    self.last_log = 0.0
+
+  def add(self, events: int, force: bool = False) -> None:
+    self.done += events
+    now = time.time()
+    if not force and now - self.last_log < 5 and self.done < self.total:
+      return
+    self.last_log = now
+    rate = self.done / max(now - self.started, 1e-9)
+    eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+    logging.info("%s: %d / %d events (%.0f%%), %.2fM events/s, ETA %.0fs",
+                 self.name, self.done, self.total, 100 * self.done / self.total,
+                 rate / 1e6, eta)
+
+
+# --- Pass 1: scan, validate, partition --------------------------------------------
+
+# Compact bucket columns: 22 bytes per event.
+_BUCKET_SCHEMA = pa.schema([
+    ("uid", pa.uint32()), ("timestamp", pa.uint32()), ("item_id", pa.uint32()),
+    ("is_organic", pa.uint8()), ("played_ratio_pct", pa.float32()),
+    ("track_length_seconds", pa.float32()), ("event_type", pa.int8()),
+])
+
+
+def _bad_row(path: str, batch: pa.RecordBatch, first_row: int, column: str,
+             mask: np.ndarray, problem: str) -> yambda.YambdaFormatError:
+  """The one error of a validation failure: file, column, count, example row."""
   row = int(np.flatnonzero(mask)[0])
-  return {k: v[0] for k, v in table.slice(row, 1).to_pydict().items()}
+  example = {k: v[0] for k, v in batch.slice(row, 1).to_pydict().items()}
+  return yambda.YambdaFormatError(
+      f"{path}: column '{column}' {problem.format(n=int(mask.sum()))}; first "
+      f"bad row (row {first_row + row} of the file): {example}")
 
 
-def read_events(path: str) -> Tuple[pd.DataFrame, Dict[str, int]]:
-  """Reads and validates multi_event.parquet into compact numpy-backed columns."""
-  table = yambda.read_table(path, "multi_event")
-  n = table.num_rows
-  event_type = table.column("event_type")
-  if pa.types.is_dictionary(event_type.type):
-    event_type = event_type.cast(event_type.type.value_type)
-  codes = pc.index_in(event_type, value_set=pa.array(yambda.EVENT_TYPES))
-  codes = codes.to_numpy(zero_copy_only=False)
-  unknown = np.isnan(codes) if codes.dtype.kind == "f" else np.zeros(n, bool)
+def _event_codes(path: str, batch: pa.RecordBatch, first_row: int
+                 ) -> np.ndarray:
+  """Event type -> index in yambda.EVENT_TYPES, or an error naming the row."""
+  column = batch.column("event_type")
+  known = pa.array(yambda.EVENT_TYPES)
+  if pa.types.is_dictionary(column.type):
+    # Look the (few) dictionary values up once, then map the indices.
+    lookup = pc.index_in(column.dictionary.cast(pa.string()), value_set=known)
+    lookup = lookup.fill_null(-1).to_numpy(zero_copy_only=False)
+    indices = column.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    codes = np.where(indices >= 0, lookup[np.maximum(indices, 0)], -1)
+  else:
+    codes = pc.index_in(column.cast(pa.string()), value_set=known)
+    codes = codes.fill_null(-1).to_numpy(zero_copy_only=False)
+  unknown = codes < 0
   if unknown.any():
-    raise yambda.YambdaFormatError(
-        f"{path}: column 'event_type' has {int(unknown.sum())} values outside "
-        f"{list(yambda.EVENT_TYPES)}; first bad row: "
-        f"{_first_bad_row(table, unknown)}")
-  codes = np.nan_to_num(codes).astype(np.int8)
+    raise _bad_row(path, batch, first_row, "event_type", unknown,
+                   f"has {{n}} values outside {list(yambda.EVENT_TYPES)}")
+  return codes.astype(np.int8)
 
-  def column(name, dtype):
-    col = table.column(name)
-    nulls = col.is_null().to_numpy(zero_copy_only=False)
-    values = col.fill_null(0).to_numpy().astype(dtype, copy=False)
-    return values, nulls
 
-  frame = {}
-  for name in ("uid", "timestamp", "item_id", "is_organic"):
-    values, nulls = column(name, np.int64)
-    if nulls.any():
-      raise yambda.YambdaFormatError(
-          f"{path}: column '{name}' has {int(nulls.sum())} nulls; first: "
-          f"{_first_bad_row(table, nulls)}")
-    if (values < 0).any():
-      raise yambda.YambdaFormatError(
-          f"{path}: column '{name}' has negative values; first: "
-          f"{_first_bad_row(table, values < 0)}")
-    frame[name] = values
+def _numbers(path: str, batch: pa.RecordBatch, first_row: int, name: str,
+             dtype) -> Tuple[np.ndarray, np.ndarray]:
+  """A numeric column as `dtype` (nulls as 0) and its null mask."""
+  column = batch.column(name)
+  nulls = (column.is_null().to_numpy(zero_copy_only=False)
+           if column.null_count else np.zeros(len(column), bool))
+  values = column.fill_null(0).to_numpy(zero_copy_only=False)
+  if values.dtype.kind in "if" and (values < 0).any():
+    raise _bad_row(path, batch, first_row, name, values < 0,
+                   "has {n} negative values")
+  if np.dtype(dtype).kind == "u" and len(values) and (
+      values.max() > np.iinfo(dtype).max):
+    raise _bad_row(path, batch, first_row, name,
+                   values > np.iinfo(dtype).max,
+                   f"has {{n}} values above {np.iinfo(dtype).max} (the prep "
+                   f"stores it as {np.dtype(dtype).name})")
+  return values.astype(dtype, copy=False), nulls
+
+
+def validate_batch(path: str, batch: pa.RecordBatch, first_row: int
+                   ) -> Tuple[pa.Table, Dict[str, int]]:
+  """Checks one batch of multi_event rows; returns compact columns and counts.
+
+  Structural problems (unknown event type, nulls in ids or time, negative
+  values, a listen without played ratio) are errors; oddities the prep can live
+  with are counted for the report.
+  """
+  codes = _event_codes(path, batch, first_row)
   is_listen = codes == _LISTEN
-  ratio, ratio_null = column("played_ratio_pct", np.float32)
+  columns = {}
+  for name, dtype in (("uid", np.uint32), ("timestamp", np.uint32),
+                      ("item_id", np.uint32), ("is_organic", np.uint8)):
+    values, nulls = _numbers(path, batch, first_row, name, dtype)
+    if nulls.any():
+      raise _bad_row(path, batch, first_row, name, nulls, "has {n} nulls")
+    columns[name] = values
+  ratio, ratio_null = _numbers(path, batch, first_row, "played_ratio_pct",
+                              np.float32)
   if (ratio_null & is_listen).any():
-    raise yambda.YambdaFormatError(
-        f"{path}: column 'played_ratio_pct' is null for "
-        f"{int((ratio_null & is_listen).sum())} listen events; first: "
-        f"{_first_bad_row(table, ratio_null & is_listen)}")
-  if (ratio < 0).any():
-    raise yambda.YambdaFormatError(
-        f"{path}: column 'played_ratio_pct' has negative values; first: "
-        f"{_first_bad_row(table, ratio < 0)}")
-  length, length_null = column("track_length_seconds", np.float32)
-  frame["played_ratio_pct"] = ratio
-  frame["track_length_seconds"] = np.where(length_null, np.nan, length)
-  frame["event_type"] = codes
+    raise _bad_row(path, batch, first_row, "played_ratio_pct",
+                   ratio_null & is_listen, "is null for {n} listen events")
+  length, length_null = _numbers(path, batch, first_row,
+                                 "track_length_seconds", np.float32)
+  columns["played_ratio_pct"] = ratio
+  columns["track_length_seconds"] = np.where(length_null, np.float32(np.nan),
+                                             length)
+  columns["event_type"] = codes
   counts = {f"events_{t}": int(np.sum(codes == i))
             for i, t in enumerate(yambda.EVENT_TYPES)}
-  counts["events"] = n
-  return pd.DataFrame(frame), counts
+  counts["events"] = len(codes)
+  counts["listens_without_track_length"] = int(np.sum(length_null & is_listen))
+  counts["explicit_events_with_played_ratio_ignored"] = int(
+      np.sum(~ratio_null & ~is_listen))
+  counts["events_is_organic_not_0_or_1"] = int(
+      np.sum(columns["is_organic"] > 1))
+  table = pa.Table.from_arrays([pa.array(columns[f.name], f.type)
+                                for f in _BUCKET_SCHEMA], schema=_BUCKET_SCHEMA)
+  return table, counts
 
 
-def attach_feedback(events: pd.DataFrame) -> Tuple[pd.DataFrame, int]:
-  """Returns the listens with a `feedback` column, and the orphan explicit count.
+def _bucket_of(uid: np.ndarray, num_buckets: int) -> np.ndarray:
+  # The shard hash, so that bucket % num_shards is the user's shard.
+  return _shard_of(uid, num_buckets)
 
-  Sorting by (uid, item, time, listen-first) puts each explicit event right
-  after the listens of the same track it can belong to, so the attachment is a
-  running maximum rather than a join.
+
+class _OrderCheck:
+  """Whether rows arrive sorted by (uid, timestamp), across batches."""
+
+  def __init__(self):
+    self.sorted = True
+    self.first = None
+    self.last = None
+
+  def update(self, uid: np.ndarray, ts: np.ndarray) -> None:
+    if not len(uid) or not self.sorted:
+      return
+    key = (uid.astype(np.uint64) << np.uint64(32)) | ts.astype(np.uint64)
+    if self.first is None:
+      self.first = int(key[0])
+    if self.last is not None and key[0] < self.last:
+      self.sorted = False
+    self.sorted &= bool(np.all(key[1:] >= key[:-1]))
+    self.last = int(key[-1])
+
+
+def scan_unit(work_root: str, plan: _Plan, config: PrepConfig, unit: int
+              ) -> Dict[str, int]:
+  """Pass 1 for one row-group range: validate, count, partition into buckets."""
+  work = _Work(work_root[:-len(".tmp")])
+  if os.path.exists(work.scan_report(unit)):
+    return _read_json(work.scan_report(unit))
+  path = plan.events_path
+  parquet = pq.ParquetFile(path)
+  row_groups = plan.row_groups(unit)
+  first_row = sum(parquet.metadata.row_group(i).num_rows
+                  for i in range(row_groups[0])) if row_groups else 0
+  counts: Dict[str, int] = {}
+  order = _OrderCheck()
+  listen_min, listen_max = None, None
+  writers: Dict[int, pq.ParquetWriter] = {}
+  bucket_rows = np.zeros(plan.num_buckets, np.int64)
+  try:
+    batches = parquet.iter_batches(
+        batch_size=config.read_batch_rows, row_groups=row_groups,
+        columns=yambda.required_columns("multi_event"),
+        use_threads=False) if row_groups else []
+    for batch in batches:
+      table, batch_counts = validate_batch(path, batch, first_row)
+      first_row += batch.num_rows
+      for k, v in batch_counts.items():
+        counts[k] = counts.get(k, 0) + v
+      uid = table.column("uid").to_numpy()
+      ts = table.column("timestamp").to_numpy()
+      order.update(uid, ts)
+      listen_ts = ts[table.column("event_type").to_numpy() == _LISTEN]
+      if len(listen_ts):
+        lo, hi = int(listen_ts.min()), int(listen_ts.max())
+        listen_min = lo if listen_min is None else min(listen_min, lo)
+        listen_max = hi if listen_max is None else max(listen_max, hi)
+      bucket = _bucket_of(uid, plan.num_buckets).astype(np.uint32)
+      # A stable sort keeps file order within each bucket.
+      by_bucket = np.argsort(bucket, kind="stable")
+      table = table.take(pa.array(by_bucket))
+      bounds = np.searchsorted(bucket[by_bucket],
+                               np.arange(plan.num_buckets + 1))
+      for b in np.flatnonzero(np.diff(bounds)):
+        if b not in writers:
+          os.makedirs(work.bucket_dir(b), exist_ok=True)
+          writers[b] = pq.ParquetWriter(
+              os.path.join(work.bucket_dir(b), f"part-{unit:05d}.parquet.tmp"),
+              _BUCKET_SCHEMA, compression="lz4")
+        writers[b].write_table(table.slice(bounds[b], bounds[b + 1] - bounds[b]))
+        bucket_rows[b] += bounds[b + 1] - bounds[b]
+  finally:
+    for writer in writers.values():
+      writer.close()
+  for b in writers:
+    name = os.path.join(work.bucket_dir(b), f"part-{unit:05d}.parquet")
+    os.replace(name + ".tmp", name)
+  counts["listen_timestamp_min"] = listen_min
+  counts["listen_timestamp_max"] = listen_max
+  counts["sorted_by_uid_timestamp"] = order.sorted
+  counts["first_key"] = order.first
+  counts["last_key"] = order.last
+  _write_json_atomic(counts, work.scan_report(unit))
+  return counts
+
+
+def _merge_scan_reports(reports: Sequence[Dict]) -> Dict:
+  """Sums the per-range counts; the input is sorted when every range is and
+  the ranges follow each other."""
+  total: Dict[str, Any] = {}
+  mins = [r["listen_timestamp_min"] for r in reports
+          if r["listen_timestamp_min"] is not None]
+  maxs = [r["listen_timestamp_max"] for r in reports
+          if r["listen_timestamp_max"] is not None]
+  for report in reports:
+    for k, v in report.items():
+      if isinstance(v, int) and not isinstance(v, bool) and k.startswith(
+          ("events", "listens_", "explicit_")):
+        total[k] = total.get(k, 0) + v
+  # Sorted inside every range, and each range starts where the last ended.
+  keys = [(r["first_key"], r["last_key"]) for r in reports
+          if r["first_key"] is not None]
+  total["input_sorted_by_uid_timestamp"] = all(
+      r["sorted_by_uid_timestamp"] for r in reports) and all(
+          a[1] <= b[0] for a, b in zip(keys, keys[1:]))
+  total["listen_timestamp_min"] = min(mins) if mins else None
+  total["listen_timestamp_max"] = max(maxs) if maxs else None
+  return total
+
+
+# --- Per bucket: sorted listens with feedback -------------------------------------
+
+
+def _read_bucket(work: _Work, bucket: int) -> pa.Table:
+  folder = work.bucket_dir(bucket)
+  if not os.path.isdir(folder):
+    return _BUCKET_SCHEMA.empty_table()
+  # Parts in scan-unit order, i.e. in file order.
+  parts = sorted(f for f in os.listdir(folder) if f.endswith(".parquet"))
+  return pa.concat_tables(
+      [pq.read_table(os.path.join(folder, f)) for f in parts] or
+      [_BUCKET_SCHEMA.empty_table()])
+
+
+def _attach_feedback_arrays(uid, item, ts, code) -> Tuple[np.ndarray, int]:
+  """Feedback per row (listens only) and the orphan count, by the reference rule.
+
+  Explicit events are a small share of all events, so the reference
+  `attach_feedback` (a 4-key sort) runs only on the rows of (user, track)
+  pairs that have explicit events; every other listen has no feedback.
   """
-  uid = events["uid"].to_numpy()
-  item = events["item_id"].to_numpy()
-  ts = events["timestamp"].to_numpy()
-  code = events["event_type"].to_numpy()
-  order = np.lexsort((code, ts, item, uid))
-  is_listen = code[order] == _LISTEN
-  pos = np.arange(len(order))
-  last_listen = np.maximum.accumulate(np.where(is_listen, pos, -1))
-  same_track = np.zeros(len(order), bool)
-  ok = last_listen >= 0
-  lo = order[last_listen[ok]]
-  same_track[ok] = (uid[lo] == uid[order[ok]]) & (item[lo] == item[order[ok]])
-  explicit = ~is_listen
-  attached = explicit & same_track
-  orphans = int(np.sum(explicit & ~same_track))
-
-  feedback = np.zeros(len(events), np.int8)
-  rows = np.flatnonzero(attached)
-  if len(rows):
-    # Explicit events of one listen are contiguous: keep the last of each run.
-    target = last_listen[rows]
-    last_of_run = np.append(target[1:] != target[:-1], True)
-    mapping = np.array([_EXPLICIT_FEEDBACK[t] for t in yambda.EVENT_TYPES[1:]],
-                       np.int8)
-    feedback[order[target[last_of_run]]] = mapping[
-        code[order[rows[last_of_run]]] - 1]
-  listens = events.loc[code == _LISTEN].copy()
-  listens["feedback"] = feedback[code == _LISTEN]
-  return listens, orphans
+  feedback = np.zeros(len(uid), np.int8)
+  explicit = code != _LISTEN
+  if not explicit.any():
+    return feedback, 0
+  # Only rows whose track has explicit events in the bucket can be involved.
+  if item.max() < _DENSE_ID_LIMIT:
+    flagged = np.zeros(int(item.max()) + 1, bool)
+    flagged[item[explicit]] = True
+    candidates = np.flatnonzero(flagged[item])
+  else:
+    candidates = np.arange(len(item))
+  pair = ((uid[candidates].astype(np.uint64) << np.uint64(32)) |
+          item[candidates].astype(np.uint64))
+  explicit_pairs = np.unique(pair[explicit[candidates]])
+  pos = np.minimum(np.searchsorted(explicit_pairs, pair),
+                   len(explicit_pairs) - 1)
+  rows = candidates[explicit_pairs[pos] == pair]
+  events = pd.DataFrame({"uid": uid[rows], "item_id": item[rows],
+                         "timestamp": ts[rows], "event_type": code[rows]})
+  listens, orphans = attach_feedback(events)
+  feedback[rows[code[rows] == _LISTEN]] = listens["feedback"].to_numpy()
+  return feedback, orphans
 
 
-# --- Catalogue ---------------------------------------------------------------
+class _Listens:
+  """One bucket's listens sorted by (uid, timestamp), with derived flags."""
+
+  def __init__(self, table: pa.Table, split: Dict[str, int],
+               min_played_ratio: int):
+    uid = table.column("uid").to_numpy()
+    ts = table.column("timestamp").to_numpy()
+    item = table.column("item_id").to_numpy()
+    code = table.column("event_type").to_numpy()
+    feedback, self.orphans = _attach_feedback_arrays(uid, item, ts, code)
+    listen_rows = np.flatnonzero(code == _LISTEN)
+    key = ((uid[listen_rows].astype(np.uint64) << np.uint64(32)) |
+           ts[listen_rows].astype(np.uint64))
+    # Stable: listens with equal (uid, time) keep file order, as in memory.
+    rows = listen_rows[np.argsort(key, kind="stable")]
+    self.uid = uid[rows].astype(np.int64)
+    self.ts = ts[rows].astype(np.int64)
+    self.item = item[rows].astype(np.int64)
+    self.organic = table.column("is_organic").to_numpy()[rows].astype(np.int64)
+    self.length = table.column("track_length_seconds").to_numpy()[rows]
+    # Rounded as the records store it, so the pipeline sees the same positives.
+    self.ratio = np.round(table.column("played_ratio_pct").to_numpy()[rows])
+    self.feedback = feedback[rows]
+    self.positive = (self.ratio >= min_played_ratio) & (
+        self.feedback != schema.FEEDBACK_DISLIKED)
+    self.has_seed = np.r_[False, self.uid[1:] == self.uid[:-1]]
+    target = self.positive & self.has_seed
+    self.is_train = target & (self.ts < split["train_end"])
+    self.is_test = target & (self.ts >= split["test_start"]) & (
+        self.ts < split["last_timestamp"])
+
+  def __len__(self):
+    return len(self.uid)
 
 
-def _first_mapping(path: str, kind: str, key: str, items: np.ndarray):
-  """Per catalogue item, the smallest mapped id (-1 where none) and the count
-  of items mapped to more than one."""
-  table = yambda.read_table(path, kind).to_pandas()
-  table = table[table["item_id"].isin(items)]
-  multi = int((table.groupby("item_id").size() > 1).sum())
-  first = table.groupby("item_id")[key].min()
-  mapped = first.reindex(items).fillna(-1).to_numpy(np.int64)
-  return mapped, multi
+# --- Pass 2: statistics per bucket ---------------------------------------------------
 
 
-def _to_vocab(raw: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-  """Raw ids (-1 = none) -> (indices with 0 = none, vocabulary with [0] = -1)."""
-  vocab = np.unique(raw[raw >= 0])
-  index = np.where(raw >= 0, np.searchsorted(vocab, raw) + 1, 0)
-  return index.astype(np.int64), np.concatenate([[-1], vocab]).astype(np.int64)
+def _length_key(item: np.ndarray, length: np.ndarray) -> np.ndarray:
+  """(item, track length) as one uint64: the float32 bits identify a length."""
+  bits = np.ascontiguousarray(length, np.float32).view(np.uint32)
+  bits = np.where(np.isnan(length), np.uint32(0x7FC00000), bits)  # one NaN
+  return (item.astype(np.uint64) << np.uint64(32)) | bits.astype(np.uint64)
 
 
-def _read_audio(path: str, items: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-  table = yambda.read_table(path, "embeddings", ["item_id", "normalized_embed"])
-  ids = table.column("item_id").to_numpy().astype(np.int64)
-  keep = np.isin(ids, items)
-  table = table.filter(pa.array(keep))
-  ids = ids[keep]
-  embed = table.column("normalized_embed").combine_chunks()
-  widths = pc.list_value_length(embed).to_numpy(zero_copy_only=False)
-  if len(widths) and (widths != widths[0]).any():
-    raise yambda.YambdaFormatError(
-        f"{path}: column 'normalized_embed' has lists of different lengths "
-        f"({sorted(set(widths.tolist()))[:5]}...).")
-  width = int(widths[0]) if len(widths) else 0
-  values = embed.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-  audio = np.zeros((len(items) + 1, width), np.float32)
-  has_audio = np.zeros(len(items) + 1, bool)
-  index = np.searchsorted(items, ids)  # items is sorted
-  audio[index + 1] = values.reshape(len(ids), width)
-  has_audio[index + 1] = True
-  return audio, has_audio
+def _reduce_keys(keys: np.ndarray, *weights: np.ndarray):
+  """Unique keys and the sum of each weight array per key."""
+  unique, inverse = np.unique(keys, return_inverse=True)
+  return (unique,) + tuple(
+      np.bincount(inverse, weights=w, minlength=len(unique)).astype(np.int64)
+      for w in weights)
 
 
-def build_catalogue(root: str, listens: pd.DataFrame, is_train_target,
-                    metadata: Dict) -> Tuple[catalogue_lib.Catalogue, Dict]:
-  """Vocabularies ordered by training frequency, and per-item metadata."""
-  raw_items = listens["item_id"].to_numpy()
-  sorted_items, inverse = np.unique(raw_items, return_inverse=True)
-  counts = np.bincount(inverse, weights=is_train_target,
-                       minlength=len(sorted_items)).astype(np.int64)
+def bucket_stats(listens: _Listens, split: Dict[str, int],
+                 min_played_ratio: int) -> Tuple[Dict[str, np.ndarray],
+                                                 Dict[str, int]]:
+  """What the catalogue and the report need from one bucket."""
+  keys, key_listens, key_train = _reduce_keys(
+      _length_key(listens.item, listens.length),
+      np.ones(len(listens)), listens.is_train)
+  user_start = np.flatnonzero(np.r_[True, listens.uid[1:] != listens.uid[:-1]]
+                              ) if len(listens) else np.zeros(0, np.int64)
+  user_train = (np.add.reduceat(listens.is_train.astype(np.int64), user_start)
+                if len(listens) else np.zeros(0, np.int64))
+  user_of_row = np.cumsum(np.r_[True, listens.uid[1:] != listens.uid[:-1]]
+                          ) - 1 if len(listens) else np.zeros(0, np.int64)
+  ts = listens.ts
+  arrays = {"keys": keys, "key_listens": key_listens, "key_train": key_train,
+            "uids": listens.uid[user_start], "user_train": user_train}
+  counts = {
+      "listens": len(listens),
+      "explicit_events_dropped_no_earlier_listen": listens.orphans,
+      "listens_skipped_below_min_played_ratio": int(
+          np.sum(listens.ratio < min_played_ratio)),
+      "listens_disliked": int(np.sum(
+          listens.feedback == schema.FEEDBACK_DISLIKED)),
+      "listens_liked": int(np.sum(listens.feedback == schema.FEEDBACK_LIKED)),
+      "positives_without_seed_first_listen_of_user": int(
+          np.sum(listens.positive & ~listens.has_seed)),
+      "positives_in_gap_not_targets": int(np.sum(
+          listens.positive & (ts >= split["train_end"]) &
+          (ts < split["test_start"]))),
+      "listens_at_or_after_last_timestamp_not_targets": int(
+          np.sum(ts >= split["last_timestamp"])),
+      "train_examples": int(listens.is_train.sum()),
+      "test_examples": int(listens.is_test.sum()),
+      "test_examples_unknown_user": int(np.sum(
+          listens.is_test & (user_train[user_of_row] == 0))),
+  }
+  return arrays, counts
+
+
+def stats_unit(work_root: str, split: Dict[str, int], config: PrepConfig,
+               bucket: int) -> int:
+  """Pass 2 for one bucket; returns its event count (for progress)."""
+  work = _Work(work_root[:-len(".tmp")])
+  path = work.bucket_stats(bucket)
+  if os.path.exists(path):
+    return int(np.load(path)["events"])
+  table = _read_bucket(work, bucket)
+  listens = _Listens(table, split, config.min_played_ratio)
+  arrays, counts = bucket_stats(listens, split, config.min_played_ratio)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "wb") as f:
+    np.savez(f, events=table.num_rows, counts=json.dumps(counts), **arrays)
+  os.replace(path + ".tmp", path)
+  return table.num_rows
+
+
+# --- Pass 3: catalogue ----------------------------------------------------------------
+
+
+def _merge_stats(work: _Work, num_buckets: int):
+  """Merges all bucket stats; memory grows with items and users, not events."""
+  keys = np.zeros(0, np.uint64)
+  key_listens = key_train = np.zeros(0, np.int64)
+  uids, user_train, counts = [], [], {}
+  for bucket in range(num_buckets):
+    with np.load(work.bucket_stats(bucket)) as z:
+      keys, key_listens, key_train = _reduce_keys(
+          np.concatenate([keys, z["keys"]]),
+          np.concatenate([key_listens, z["key_listens"]]),
+          np.concatenate([key_train, z["key_train"]]))
+      uids.append(z["uids"])  # a user lives in one bucket
+      user_train.append(z["user_train"])
+      for k, v in json.loads(str(z["counts"])).items():
+        counts[k] = counts.get(k, 0) + v
+  return (keys, key_listens, key_train, np.concatenate(uids),
+          np.concatenate(user_train), counts)
+
+
+def _median_lengths(keys: np.ndarray, key_listens: np.ndarray,
+                    sorted_items: np.ndarray) -> np.ndarray:
+  """Per item, the median track length over its listens (0 where none), from
+  the (item, length) -> listens histogram; equal to pandas' median."""
+  item = (keys >> np.uint64(32)).astype(np.int64)
+  length = (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32)
+  known = ~np.isnan(length)
+  item, length, weight = item[known], length[known].astype(np.float64), \
+      key_listens[known]
+  order = np.lexsort((length, item))
+  item, length, weight = item[order], length[order], weight[order]
+  result = np.zeros(len(sorted_items), np.float64)
+  if not len(item):
+    return result
+  starts = np.flatnonzero(np.r_[True, item[1:] != item[:-1]])
+  totals = np.add.reduceat(weight, starts)
+  cumulative = np.cumsum(weight)
+  before = cumulative[starts] - weight[starts]
+  lower = np.searchsorted(cumulative, before + (totals - 1) // 2, side="right")
+  upper = np.searchsorted(cumulative, before + totals // 2, side="right")
+  medians = (length[lower] + length[upper]) / 2
+  result[np.searchsorted(sorted_items, item[starts])] = medians
+  return result
+
+
+def _stream_audio(path: str, sorted_items: np.ndarray, index_of: np.ndarray,
+                  out_path: str, batch_rows: int) -> Tuple[np.ndarray, int]:
+  """Writes audio.npy [n_items + 1, width] in catalogue order, batch by batch.
+
+  The matrix is the one catalogue piece as large as items x width (about 5 GB
+  at 9.4M items), so it goes to disk through a memory map, never whole in RAM.
+  Returns has_audio in catalogue order and the width.
+  """
+  yambda.check_schema(path, "embeddings")
+  parquet = pq.ParquetFile(path)
+  width = None
+  audio = None
+  has_audio = np.zeros(len(sorted_items) + 1, bool)
+  del batch_rows  # embeddings are wide: their own, smaller batches
+  for batch in parquet.iter_batches(batch_size=_AUDIO_BATCH_ROWS,
+                                    columns=["item_id", "normalized_embed"]):
+    ids = batch.column("item_id").to_numpy().astype(np.int64)
+    pos = np.minimum(np.searchsorted(sorted_items, ids),
+                     max(len(sorted_items) - 1, 0))
+    keep = (sorted_items[pos] == ids) if len(sorted_items) else np.zeros(
+        len(ids), bool)
+    embed = batch.column("normalized_embed")
+    widths = pc.list_value_length(embed).to_numpy(zero_copy_only=False)
+    if len(widths) and ((widths != widths[0]).any() or
+                        (width is not None and widths[0] != width)):
+      raise yambda.YambdaFormatError(
+          f"{path}: column 'normalized_embed' has lists of different lengths "
+          f"({sorted(set(widths.tolist()))[:5]}...).")
+    if width is None and len(widths):
+      width = int(widths[0])
+      audio = np.lib.format.open_memmap(
+          out_path, mode="w+", dtype=np.float32,
+          shape=(len(sorted_items) + 1, width))
+    if not keep.any():
+      continue
+    values = embed.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    rows = index_of[pos[keep]]
+    by_row = np.argsort(rows)  # in file order, the writes touch fewer pages
+    audio[rows[by_row]] = values.reshape(len(ids), width)[keep][by_row]
+    has_audio[rows] = True
+  if audio is None:
+    width = 0
+    np.save(out_path, np.zeros((len(sorted_items) + 1, 0), np.float32))
+  else:
+    audio.flush()
+    del audio
+  return has_audio, width
+
+
+def build_catalogue(root: str, work: _Work, num_buckets: int, metadata: Dict,
+                    batch_rows: int) -> Dict:
+  """Pass 3: merges bucket stats into the catalogue folder; returns counts."""
+  keys, key_listens, key_train, uids, user_train, counts = _merge_stats(
+      work, num_buckets)
+  metadata = dict(metadata, num_train_examples=counts["train_examples"],
+                  num_test_examples=counts["test_examples"])
+  key_items = (keys >> np.uint64(32)).astype(np.int64)
+  starts = np.flatnonzero(np.r_[True, key_items[1:] != key_items[:-1]]) if len(
+      keys) else np.zeros(0, np.int64)
+  sorted_items = key_items[starts]
+  item_counts = (np.add.reduceat(key_train, starts) if len(keys)
+                 else np.zeros(0, np.int64))
   # Index order: most training positives first, ties by raw id.
-  order = np.lexsort((sorted_items, -counts))
+  order = np.lexsort((sorted_items, -item_counts))
+  index_of = np.empty(len(order), np.int64)
+  index_of[order] = np.arange(1, len(order) + 1)
 
-  artist_raw, multi_artist = _first_mapping(
+  artist_raw, multi_artist = prep_in_memory._first_mapping(  # pylint: disable=protected-access
       yambda.artist_mapping_path(root), "artist_mapping", "artist_id",
       sorted_items)
-  album_raw, multi_album = _first_mapping(
+  album_raw, multi_album = prep_in_memory._first_mapping(  # pylint: disable=protected-access
       yambda.album_mapping_path(root), "album_mapping", "album_id",
       sorted_items)
-  artist, artist_vocab = _to_vocab(artist_raw)
-  album, album_vocab = _to_vocab(album_raw)
-  audio, has_audio = _read_audio(yambda.embeddings_path(root), sorted_items)
-  lengths = listens.groupby(inverse)["track_length_seconds"].median()
-  length = lengths.reindex(np.arange(len(sorted_items))).fillna(0).to_numpy()
+  artist, artist_vocab = prep_in_memory._to_vocab(artist_raw)  # pylint: disable=protected-access
+  album, album_vocab = prep_in_memory._to_vocab(album_raw)  # pylint: disable=protected-access
+  length = _median_lengths(keys, key_listens, sorted_items)
 
   def reorder(values, fill):
     return np.concatenate([[fill], values[order]])
 
-  uids, user_inverse = np.unique(listens["uid"].to_numpy(), return_inverse=True)
-  user_counts = np.bincount(user_inverse, weights=is_train_target,
-                            minlength=len(uids)).astype(np.int64)
-  user_order = np.lexsort((uids, -user_counts))
-  user_order = user_order[user_counts[user_order] > 0]
+  uid_order = np.argsort(uids, kind="stable")
+  uids, user_train = uids[uid_order], user_train[uid_order]
+  user_order = np.lexsort((uids, -user_train))
+  user_order = user_order[user_train[user_order] > 0]
 
+  tmp = work.catalogue + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  audio_path = os.path.join(tmp, "audio.stream.npy")
+  has_audio, width = _stream_audio(yambda.embeddings_path(root), sorted_items,
+                                   index_of, audio_path, batch_rows)
   cat = catalogue_lib.Catalogue(
       item_ids=reorder(sorted_items, -1).astype(np.int64),
       item_artist=reorder(artist, 0).astype(np.int64),
       item_album=reorder(album, 0).astype(np.int64),
       item_length=reorder(length, 0.0).astype(np.float32),
-      item_train_count=reorder(counts, 0).astype(np.int64),
-      has_audio=np.concatenate([[False], has_audio[1:][order]]),
-      audio=np.concatenate([audio[:1], audio[1:][order]]),
+      item_train_count=reorder(item_counts, 0).astype(np.int64),
+      has_audio=has_audio,
+      # The real matrix is already in audio.stream.npy; see _stream_audio.
+      audio=np.zeros((1, width), np.float32),
       user_ids=np.concatenate([[-1], uids[user_order]]).astype(np.int64),
-      user_train_count=np.concatenate([[0], user_counts[user_order]]),
+      user_train_count=np.concatenate([[0], user_train[user_order]]),
       artist_ids=artist_vocab,
       album_ids=album_vocab,
       metadata=metadata,
   )
-  report = {
+  catalogue_lib.write(cat, tmp)
+  os.replace(audio_path, os.path.join(tmp, "audio.npy"))
+  counts.update({
       "items": cat.num_items,
-      "items_with_train_positives": int(np.sum(counts > 0)),
+      "items_with_train_positives": int(np.sum(item_counts > 0)),
       "users": len(uids),
       "users_with_train_positives": len(user_order),
       "artists": len(artist_vocab) - 1,
@@ -270,106 +776,313 @@ def build_catalogue(root: str, listens: pd.DataFrame, is_train_target,
       "items_with_several_albums_first_kept": multi_album,
       "items_without_audio_embedding": int(np.sum(~has_audio[1:])),
       "items_without_track_length": int(np.sum(length == 0)),
-      "audio_dim": cat.audio_dim,
-  }
-  return cat, report
+      "audio_dim": width,
+  })
+  _write_json_atomic(counts, os.path.join(tmp, "counts.json"))
+  os.replace(tmp, work.catalogue)
+  return counts
 
 
-# --- Records -------------------------------------------------------------------
+# --- Pass 4: records ---------------------------------------------------------------
 
 
-def _segments(starts: np.ndarray, stops: np.ndarray, length: int):
-  """Splits each [start, stop) range into consecutive pieces of <= length."""
-  pieces = np.maximum(0, -(-(stops - starts) // length))
-  owner = np.repeat(np.arange(len(starts)), pieces)
-  within = np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces,
-                                               pieces)
-  seg_start = starts[owner] + within * length
-  return owner, seg_start, np.minimum(seg_start + length, stops[owner])
+def _uvarint(value: int) -> bytes:
+  out = bytearray()
+  while value > 0x7F:
+    out.append((value & 0x7F) | 0x80)
+    value >>= 7
+  out.append(value)
+  return bytes(out)
 
 
-def plan_records(uid, ts, positive, window_start, window_stop,
-                 history_length, chunk_length):
-  """Chunks each user's listens with target time in [window_start, window_stop).
+def varint_encode(values: np.ndarray) -> Tuple[bytes, np.ndarray]:
+  """Protobuf varints of non-negative ints, concatenated, and their offsets.
 
-  Arrays are sorted by (uid, timestamp). Returns (context_start, target_start,
-  stop) per record: events [context_start, target_start) give the first
-  targets their seed and `history_length` positives of history.
+  Any run of values [i, j) is then the packed payload buf[off[i]:off[j]], so a
+  record's repeated int64 fields are slices of one encoding per bucket.
   """
-  n = len(uid)
-  user_start = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]])
-  user_stop = np.r_[user_start[1:], n]
-  # Within a user timestamps are sorted, so the window is a contiguous range.
-  key = (uid.astype(np.int64) << 32) + ts
-  user_key = uid[user_start].astype(np.int64) << 32
-  first = np.searchsorted(key, user_key + window_start)
-  last = np.searchsorted(key, user_key + window_stop)
-  owner, seg_start, seg_stop = _segments(first, last, chunk_length)
-  positions = np.flatnonzero(positive)
-  before = np.searchsorted(positions, seg_start)  # positives before seg_start
-  nth = positions[np.maximum(before - history_length, 0)] if len(
-      positions) else np.zeros_like(seg_start)
-  context = np.where(before >= history_length, nth, 0)
-  context = np.minimum(context, seg_start - 1)
-  context = np.maximum(context, user_start[owner])
-  return context, seg_start, seg_stop
+  v = np.asarray(values).astype(np.uint64)
+  sizes = np.ones(len(v), np.int64)
+  for k in range(1, 10):
+    sizes += v >= np.uint64(1 << (7 * k))
+  offsets = np.zeros(len(v) + 1, np.int64)
+  np.cumsum(sizes, out=offsets[1:])
+  width = int(sizes.max()) if len(v) else 0
+  # Byte k of every value in column k; the row-major selection of the bytes
+  # each value needs is the concatenation of all the varints.
+  grid = np.empty((len(v), width), np.uint8)
+  for k in range(width):
+    grid[:, k] = ((v >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
+    grid[:, k] |= np.where(sizes > k + 1, 0x80, 0).astype(np.uint8)
+  used = np.arange(width)[np.newaxis, :] < sizes[:, np.newaxis]
+  return grid[used].tobytes(), offsets
 
 
-def _shard_of(uid: np.ndarray, num_shards: int) -> np.ndarray:
-  # A multiplicative hash spreads consecutive uids over shards.
-  return ((uid.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)
-          % np.uint64(num_shards)).astype(np.int64)
+# Varints of small lengths, looked up rather than computed (records are many).
+_SMALL_VARINTS = [_uvarint(i) for i in range(1 << 14)]
 
 
-def write_records(path_pattern: str, columns: Dict[str, np.ndarray],
-                  plan, positive, num_shards: int) -> Dict[str, int]:
-  """Writes one tf.train.Example per planned chunk into sharded TFRecords."""
+def _varint(value: int) -> bytes:
+  return _SMALL_VARINTS[value] if value < 16384 else _uvarint(value)
+
+
+def _entry_parts(key: bytes, packed: bytes) -> List[bytes]:
+  """One Features.feature map entry, key -> Feature{int64_list{packed}}, as
+  pieces to join: field headers are (tag, varint length) pairs, innermost
+  first."""
+  n = len(packed)
+  list_header = b"\x0a" + _varint(n)  # Int64List.value, packed
+  n += len(list_header)
+  feature_header = b"\x1a" + _varint(n)  # Feature.int64_list
+  n += len(feature_header)
+  key_field = b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(n)
+  n += len(key_field)
+  return [b"\x0a" + _varint(n), key_field, feature_header, list_header, packed]
+
+
+def encode_example(uid: int, num_context: int,
+                   sequences: Dict[str, bytes]) -> bytes:
+  """A serialized tf.train.Example of one record, without building protos."""
+  parts = _entry_parts(b"uid", _varint(uid))
+  parts += _entry_parts(b"num_context", _varint(num_context))
+  for name, packed in sequences.items():
+    parts += _entry_parts(name.encode(), packed)
+  features = b"".join(parts)
+  return b"\x0a" + _varint(len(features)) + features
+
+
+class _ItemIndex:
+  """Raw item id -> catalogue index, with the sort done once per process."""
+  _cache: Dict[str, "_ItemIndex"] = {}
+
+  def __init__(self, catalogue_dir: str):
+    items = pd.read_parquet(os.path.join(catalogue_dir, "items.parquet"),
+                            columns=["item_id", "train_count"])
+    ids = items["item_id"].to_numpy(np.int64)[1:]
+    self.order = np.argsort(ids, kind="stable")
+    self.sorted_ids = ids[self.order]
+    self.train_count = items["train_count"].to_numpy(np.int64)
+    # Raw ids are dense enough (9.4M in Yambda) for a direct table, which is
+    # much faster than a binary search per event.
+    self.table = None
+    if len(ids) and ids.max() < _DENSE_ID_LIMIT:
+      self.table = np.zeros(int(ids.max()) + 1, np.int32)
+      self.table[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+
+  @classmethod
+  def get(cls, catalogue_dir: str) -> "_ItemIndex":
+    if catalogue_dir not in cls._cache:
+      cls._cache.clear()
+      cls._cache[catalogue_dir] = cls(catalogue_dir)
+    return cls._cache[catalogue_dir]
+
+  def lookup(self, raw: np.ndarray) -> np.ndarray:
+    if self.table is not None:
+      inside = raw < len(self.table)
+      return np.where(inside, self.table[np.where(inside, raw, 0)],
+                      0).astype(np.int64)
+    if not len(self.sorted_ids):
+      return np.zeros(len(raw), np.int64)
+    pos = np.minimum(np.searchsorted(self.sorted_ids, raw),
+                     len(self.sorted_ids) - 1)
+    return np.where(self.sorted_ids[pos] == raw, self.order[pos] + 1, 0)
+
+
+def _write_split(path: str, listens: _Listens, encoded: Dict[str, Tuple],
+                 plan, targets: np.ndarray) -> Dict[str, int]:
+  """Writes one split's planned chunks of one bucket; returns counts."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
   context, start, stop = plan
-  uid = columns[schema.UID]
-  shards = _shard_of(uid[start], num_shards)
-  examples = 0
-  records = 0
-  for shard in range(num_shards):
-    path = path_pattern.format(shard=shard, num_shards=num_shards)
-    with tf.io.TFRecordWriter(path + ".tmp") as writer:
-      for c, s, e in zip(context[shards == shard], start[shards == shard],
-                         stop[shards == shard]):
-        targets = int(positive[s:e].sum())
-        if targets == 0:
-          continue
-        feature = {
-            schema.UID: _int64([uid[s]]),
-            schema.NUM_CONTEXT: _int64([s - c]),
-        }
-        for name in schema.RECORD_SEQUENCE_FEATURES:
-          feature[name] = _int64(columns[name][c:e].tolist())
-        writer.write(tf.train.Example(features=tf.train.Features(
-            feature=feature)).SerializeToString())
-        examples += targets
-        records += 1
-    os.replace(path + ".tmp", path)
+  target_count = np.add.reduceat(targets.astype(np.int64), start) if len(
+      start) else np.zeros(0, np.int64)
+  # reduceat sums to the next start, not to stop: recount where they differ.
+  cut = np.r_[start[1:], len(targets)] != stop
+  for i in np.flatnonzero(cut):
+    target_count[i] = int(targets[start[i]:stop[i]].sum())
+  records = examples = 0
+  with tf.io.TFRecordWriter(path + ".tmp") as writer:
+    for c, s, e, n in zip(context.tolist(), start.tolist(), stop.tolist(),
+                          target_count.tolist()):
+      if n == 0:
+        continue
+      sequences = {name: buf[off[c]:off[e]]
+                   for name, (buf, off) in encoded.items()}
+      writer.write(encode_example(int(listens.uid[s]), s - c, sequences))
+      records += 1
+      examples += n
+  os.replace(path + ".tmp", path)
   return {"records": records, "examples": examples}
 
 
-def _int64(values):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+def records_unit(work_root: str, split: Dict[str, int], config: PrepConfig,
+                 bucket: int) -> int:
+  """Pass 4 for one bucket: its train and test records; returns its events."""
+  work = _Work(work_root[:-len(".tmp")])
+  if os.path.exists(work.done("records", bucket)):
+    return _read_json(work.done("records", bucket))["events"]
+  table = _read_bucket(work, bucket)
+  listens = _Listens(table, split, config.min_played_ratio)
+  index = _ItemIndex.get(work.catalogue)
+  item_index = index.lookup(listens.item)
+  columns = {
+      schema.ITEMS: item_index,
+      schema.TIMESTAMPS: listens.ts,
+      schema.PLAYED_RATIOS: listens.ratio.astype(np.int64),
+      schema.FEEDBACK: listens.feedback.astype(np.int64),
+      schema.IS_ORGANIC: listens.organic,
+  }
+  encoded = {name: varint_encode(columns[name])
+             for name in schema.RECORD_SEQUENCE_FEATURES}
+  counts = {"events": table.num_rows, "test_examples_cold_target": int(
+      np.sum(listens.is_test & (index.train_count[item_index] == 0)))}
+  os.makedirs(work.path("parts"), exist_ok=True)
+  for name, window, targets in (
+      ("train", (0, split["train_end"]), listens.is_train),
+      ("test", (split["test_start"], split["last_timestamp"]),
+       listens.is_test)):
+    plan = plan_records(listens.uid, listens.ts, listens.positive, window[0],
+                        window[1], config.history_length, config.chunk_length)
+    written = _write_split(work.bucket_records(name, bucket), listens, encoded,
+                           plan, targets)
+    if written["examples"] != targets.sum():
+      raise AssertionError(f"{name} bucket {bucket}: wrote "
+                           f"{written['examples']} examples, expected "
+                           f"{targets.sum()}")
+    counts[f"{name}_records"] = written["records"]
+  _write_json_atomic(counts, work.done("records", bucket))
+  return table.num_rows
 
 
-# --- The job -----------------------------------------------------------------
+def join_shard(work_root: str, plan: _Plan, num_shards: int, shard: int
+               ) -> None:
+  """Concatenates the shard's bucket files (TFRecords are self-framed)."""
+  work = _Work(work_root[:-len(".tmp")])
+  os.makedirs(work.path("records"), exist_ok=True)
+  for split in ("train", "test"):
+    path = work.shard_records(split, shard, num_shards)
+    if os.path.exists(path):
+      continue
+    with open(path + ".tmp", "wb") as out:
+      for bucket in plan.shard_buckets(shard, num_shards):
+        with open(work.bucket_records(split, bucket), "rb") as part:
+          shutil.copyfileobj(part, out, 16 << 20)
+    os.replace(path + ".tmp", path)
+
+
+# --- Running units of work -----------------------------------------------------------
+
+
+def _resolve_workers(config: PrepConfig, num_rows: int) -> int:
+  if config.num_workers > 0:
+    return config.num_workers
+  return (os.cpu_count() or 1) if num_rows >= _POOL_MIN_EVENTS else 1
+
+
+class _Runner:
+  """Runs a list of independent calls: inline, on a process pool, or on Spark."""
+
+  def __init__(self, kind: str, num_workers: int):
+    self.kind = kind
+    self.num_workers = num_workers
+    self._pool = None
+    self._spark = None
+
+  def map(self, fn, args: List[Tuple], progress: Optional[_Progress] = None,
+          weight=lambda result: result) -> List:
+    """fn(*a) for each a; results in order. `weight` feeds the progress log."""
+    if not args:
+      return []
+    if self.kind == "spark":
+      results = self._spark_context().parallelize(
+          list(enumerate(args)), len(args)).map(
+              lambda ia: (ia[0], ia[1][0], fn(*ia[1][1:]))).collect()
+      results = [r for _, _, r in sorted(results, key=lambda r: r[0])]
+      if progress:
+        for r in results:
+          progress.add(weight(r))
+      return results
+    if self.num_workers <= 1 or len(args) == 1:
+      results = []
+      for a in args:
+        results.append(fn(*a))
+        if progress:
+          progress.add(weight(results[-1]))
+      return results
+    pool = self._get_pool()
+    results = [None] * len(args)
+    pending = [pool.apply_async(fn, a) for a in args]
+    for i, result in enumerate(pending):
+      results[i] = result.get()
+      if progress:
+        progress.add(weight(results[i]))
+    return results
+
+  def _get_pool(self):
+    if self._pool is None:
+      # forkserver: workers fork from a clean server process that imported this
+      # module once, rather than from a parent whose threads (Arrow, TF) a fork
+      # could leave in a bad state.
+      context = multiprocessing.get_context("forkserver")
+      context.set_forkserver_preload(["data_prep.prep"])
+      self._pool = context.Pool(self.num_workers)
+    return self._pool
+
+  def _spark_context(self):
+    if self._spark is None:
+      from pyspark import SparkConf, SparkContext  # pylint: disable=g-import-not-at-top
+      # Spark's Python workers must import this package as the driver does.
+      root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+      os.environ["PYTHONPATH"] = os.pathsep.join(
+          p for p in (root, os.environ.get("PYTHONPATH")) if p)
+      os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+      conf = SparkConf().setMaster(f"local[{self.num_workers}]").setAppName(
+          "yambda-prep").set("spark.ui.enabled", "false").set(
+              "spark.python.worker.reuse", "true")
+      self._spark = SparkContext.getOrCreate(conf)
+    return self._spark
+
+  def close(self):
+    if self._pool is not None:
+      self._pool.close()
+      self._pool.join()
+      self._pool = None
+
+
+def _stage_units(items: Iterable[int], shard_index: int, num_shards: int,
+                 of_shard) -> List[int]:
+  if shard_index < 0:
+    return list(items)
+  return [i for i in items if of_shard(i) == shard_index % num_shards]
+
+
+def _time_split(config: PrepConfig, scan: Dict) -> Dict[str, int]:
+  if scan["listen_timestamp_max"] is None:
+    raise ValueError("The input has no listen events.")
+  last = config.last_timestamp or scan["listen_timestamp_max"] + 1
+  test_start = last - config.test_window_seconds
+  train_end = test_start - config.gap_seconds
+  if train_end <= scan["listen_timestamp_min"]:
+    raise ValueError(f"The test window and gap ({config.test_window_seconds}s "
+                     f"+ {config.gap_seconds}s) leave no training time before "
+                     f"{last}.")
+  return {"last_timestamp": last, "test_start": test_start,
+          "train_end": train_end}
 
 
 def prepare(yambda_dir: str, size: str, output_dir: str,
-            config: PrepConfig = None) -> Dict:
-  """Runs the whole prep; returns the report that it also writes as JSON."""
-  config = config or PrepConfig()
-  started = time.time()
-  tmp_dir = output_dir.rstrip("/") + ".tmp"
-  shutil.rmtree(tmp_dir, ignore_errors=True)
-  os.makedirs(os.path.join(tmp_dir, "records"))
+            config: PrepConfig = None, stage: str = "all",
+            shard_index: int = -1) -> Optional[Dict]:
+  """Runs the prep (or one stage, or one shard of a stage); returns the report.
 
+  With stage="all" every pass runs here, resuming a previous interrupted run.
+  Other stages exist so that shards can run on separate machines over a shared
+  folder, in order: scan, stats, catalogue, records, finalize (scan, stats and
+  records take --shard_index; the others are global and quick).
+  """
+  config = config or PrepConfig()
+  if stage not in _STAGES:
+    raise ValueError(f"stage must be one of {_STAGES}, not {stage!r}")
+  started = time.time()
   events_path = yambda.multi_event_path(yambda_dir, size)
   # Check every input's schema before any work, so a bad file fails fast.
   yambda.check_schema(events_path, "multi_event")
@@ -377,99 +1090,111 @@ def prepare(yambda_dir: str, size: str, output_dir: str,
   yambda.check_schema(yambda.artist_mapping_path(yambda_dir), "artist_mapping")
   yambda.check_schema(yambda.album_mapping_path(yambda_dir), "album_mapping")
 
-  events, report = read_events(events_path)
-  logging.info("Read %d events in %.1fs", len(events), time.time() - started)
-  listens, orphans = attach_feedback(events)
-  del events
-  report["explicit_events_dropped_no_earlier_listen"] = orphans
-  listens = listens.sort_values(["uid", "timestamp"], kind="stable")
+  num_rows = pq.ParquetFile(events_path).metadata.num_rows
+  workers = _resolve_workers(config, num_rows)
+  plan = _Plan(events_path, config, workers)
+  work = _Work(output_dir)
+  if stage in ("all", "scan"):
+    _open_work(work, plan)
+  elif _read_json(work.job) != plan.fingerprint:
+    raise ValueError(f"{work.root} was started for another input or "
+                     "configuration; run --stage=scan first.")
+  runner = _Runner(config.runner, workers)
+  logging.info("Prep of %s (%d events): %d buckets, %d shards, %d workers "
+               "(%s)", events_path, num_rows, plan.num_buckets,
+               config.num_shards, workers, config.runner)
+  n = config.num_shards
+  try:
+    if stage in ("all", "scan"):
+      units = _stage_units(range(plan.num_scan_units), shard_index, n,
+                           lambda u: u % n)
+      try:
+        runner.map(scan_unit, [(work.root, plan, config, u) for u in units],
+                   _Progress("scan", num_rows),
+                   weight=lambda r: r.get("events", 0))
+      except yambda.YambdaFormatError:
+        shutil.rmtree(work.root, ignore_errors=True)  # nothing half-written
+        raise
+      if stage == "scan":
+        return None
+    scan = _merge_scan_reports([_read_json(work.scan_report(u))
+                                for u in range(plan.num_scan_units)])
+    split = _time_split(config, scan)
+    buckets = range(plan.num_buckets)
+    if stage in ("all", "stats"):
+      units = _stage_units(buckets, shard_index, n, lambda b: b % n)
+      runner.map(stats_unit, [(work.root, split, config, b) for b in units],
+                 _Progress("stats", num_rows))
+      if stage == "stats":
+        return None
+    metadata = {
+        "source": plan.events_path,
+        "prep_config": config.as_dict(),
+        **split,
+        "min_played_ratio": config.min_played_ratio,
+    }
+    if stage in ("all", "catalogue") and not os.path.exists(work.catalogue):
+      build_catalogue(yambda_dir, work, plan.num_buckets, metadata,
+                      config.read_batch_rows)
+      logging.info("Catalogue written (%.1fs so far)", time.time() - started)
+    if stage == "catalogue":
+      return None
+    if stage in ("all", "records"):
+      units = _stage_units(buckets, shard_index, n, lambda b: b % n)
+      runner.map(records_unit, [(work.root, split, config, b) for b in units],
+                 _Progress("records", num_rows))
+      shards = _stage_units(range(n), shard_index, n, lambda s: s)
+      runner.map(join_shard, [(work.root, plan, n, s) for s in shards])
+      if stage == "records":
+        return None
+    return _finalize(work, plan, config, scan, started)
+  finally:
+    runner.close()
 
-  ts = listens["timestamp"].to_numpy()
-  last = config.last_timestamp or int(ts.max()) + 1
-  test_start = last - config.test_window_seconds
-  train_end = test_start - config.gap_seconds
-  if train_end <= int(ts.min()):
-    raise ValueError(f"The test window and gap ({config.test_window_seconds}s "
-                     f"+ {config.gap_seconds}s) leave no training time before "
-                     f"{last}.")
-  uid = listens["uid"].to_numpy()
-  feedback = listens["feedback"].to_numpy()
-  # Rounded as the records store it, so the pipeline sees the same positives.
-  ratio = np.round(listens["played_ratio_pct"].to_numpy())
-  positive = (ratio >= config.min_played_ratio) & (
-      feedback != schema.FEEDBACK_DISLIKED)
-  has_seed = np.r_[False, uid[1:] == uid[:-1]]
-  is_train = positive & has_seed & (ts < train_end)
-  is_test = positive & has_seed & (ts >= test_start) & (ts < last)
 
-  metadata = {
-      "source": os.path.abspath(events_path),
-      "prep_config": config.as_dict(),
-      "last_timestamp": last, "test_start": test_start, "train_end": train_end,
-      "min_played_ratio": config.min_played_ratio,
-      "num_train_examples": int(is_train.sum()),
-      "num_test_examples": int(is_test.sum()),
+def _finalize(work: _Work, plan: _Plan, config: PrepConfig, scan: Dict,
+              started: float) -> Dict:
+  """Pass 5: the report, then the work folder becomes the output folder."""
+  report = _read_json(os.path.join(work.catalogue, "counts.json"))
+  report.update({k: v for k, v in scan.items()
+                 if not k.startswith("listen_timestamp")})
+  report["test_examples_cold_target"] = 0
+  for split in ("train", "test"):
+    report[f"{split}_records"] = 0
+  for bucket in range(plan.num_buckets):
+    done = _read_json(work.done("records", bucket))
+    for key in ("test_examples_cold_target", "train_records", "test_records"):
+      report[key] += done[key]
+  report["dropped_rows_by_reason"] = {
+      "explicit_event_without_earlier_listen_of_the_track": report[
+          "explicit_events_dropped_no_earlier_listen"],
   }
-  cat, catalogue_report = build_catalogue(yambda_dir, listens,
-                                          is_train.astype(np.float64), metadata)
-  report.update(catalogue_report)
-  item_index = cat.item_index(listens["item_id"].to_numpy())
-  cold = cat.item_train_count[item_index] == 0
-  report.update({
-      "listens": len(listens),
-      "listens_skipped_below_min_played_ratio": int(
-          np.sum(ratio < config.min_played_ratio)),
-      "listens_disliked": int(np.sum(feedback == schema.FEEDBACK_DISLIKED)),
-      "listens_liked": int(np.sum(feedback == schema.FEEDBACK_LIKED)),
-      "positives_without_seed_first_listen_of_user": int(
-          np.sum(positive & ~has_seed)),
-      "positives_in_gap_not_targets": int(np.sum(
-          positive & (ts >= train_end) & (ts < test_start))),
-      "train_examples": metadata["num_train_examples"],
-      "test_examples": metadata["num_test_examples"],
-      "test_examples_cold_target": int(np.sum(is_test & cold)),
-      "test_examples_unknown_user": int(np.sum(
-          is_test & (cat.user_index(uid) == 0))),
-  })
-  catalogue_lib.write(cat, os.path.join(tmp_dir, "catalogue"))
-
-  columns = {
-      schema.UID: uid,
-      schema.ITEMS: item_index,
-      schema.TIMESTAMPS: ts,
-      schema.PLAYED_RATIOS: ratio.astype(np.int64),
-      schema.FEEDBACK: feedback.astype(np.int64),
-      schema.IS_ORGANIC: listens["is_organic"].to_numpy(),
-  }
-  for split, window, targets in (("train", (0, train_end), is_train),
-                                 ("test", (test_start, last), is_test)):
-    plan = plan_records(uid, ts, positive, window[0], window[1],
-                        config.history_length, config.chunk_length)
-    pattern = os.path.join(tmp_dir, "records",
-                           split + "-{shard:05d}-of-{num_shards:05d}.tfrecord")
-    written = write_records(pattern, columns, plan, targets, config.num_shards)
-    if written["examples"] != targets.sum():
-      raise AssertionError(f"{split}: wrote {written['examples']} examples, "
-                           f"expected {targets.sum()}")
-    report[f"{split}_records"] = written["records"]
-    logging.info("Wrote %d %s records (%d examples)", written["records"], split,
-                 written["examples"])
-
-  record_bytes = sum(
-      os.path.getsize(os.path.join(tmp_dir, "records", f))
-      for f in os.listdir(os.path.join(tmp_dir, "records")))
+  report["num_buckets"] = plan.num_buckets
+  for name in ("scan", "buckets", "stats", "parts", "done", "job.json"):
+    target = work.path(name)
+    if os.path.isdir(target):
+      shutil.rmtree(target)
+    elif os.path.exists(target):
+      os.remove(target)
+  os.remove(os.path.join(work.catalogue, "counts.json"))
+  records = work.path("records")
+  record_bytes = sum(os.path.getsize(os.path.join(records, f))
+                     for f in os.listdir(records))
   report["record_bytes"] = record_bytes
-  report["record_bytes_per_listen"] = round(record_bytes / max(len(listens), 1),
-                                            2)
+  report["record_bytes_per_listen"] = round(
+      record_bytes / max(report["listens"], 1), 2)
   report["record_bytes_per_event"] = round(record_bytes / report["events"], 2)
   report["seconds"] = round(time.time() - started, 1)
-  with open(os.path.join(tmp_dir, "prep_report.json"), "w") as f:
+  report["events_per_second"] = round(report["events"] /
+                                      max(time.time() - started, 1e-9))
+  with open(work.path("prep_report.json"), "w") as f:
     json.dump(report, f, indent=2, sort_keys=True)
-  if os.path.exists(output_dir):
-    shutil.rmtree(output_dir)
-  os.replace(tmp_dir, output_dir)
-  logging.info("Prepared %s in %.1fs: %d train / %d test examples", output_dir,
-               report["seconds"], report["train_examples"],
+  if os.path.exists(work.output_dir):
+    shutil.rmtree(work.output_dir)
+  os.replace(work.root, work.output_dir)
+  logging.info("Prepared %s in %.1fs (%.2fM events/s): %d train / %d test "
+               "examples", work.output_dir, report["seconds"],
+               report["events_per_second"] / 1e6, report["train_examples"],
                report["test_examples"])
   return report
 
@@ -491,6 +1216,16 @@ def define_config_flags():
                        "End of the test window (0: last event + 1s).")
   flags.DEFINE_integer("min_played_ratio", defaults.min_played_ratio,
                        "Listens played at least this percent are positives.")
+  flags.DEFINE_integer("bucket_events", defaults.bucket_events,
+                       "About this many events per bucket, the unit of work "
+                       "held in memory (about 150 bytes per event per worker).")
+  flags.DEFINE_integer("num_workers", defaults.num_workers,
+                       "Worker processes (0: all cores, 1 for small inputs).")
+  flags.DEFINE_integer("read_batch_rows", defaults.read_batch_rows,
+                       "Rows per batch when streaming parquet input.")
+  flags.DEFINE_enum("prep_runner", defaults.runner, ["local", "spark"],
+                    "Where units of work run: a local process pool, or Spark "
+                    "(pyspark; the master comes from the Spark config).")
 
 
 def config_from_flags() -> PrepConfig:
@@ -499,18 +1234,26 @@ def config_from_flags() -> PrepConfig:
       num_shards=FLAGS.num_shards,
       test_window_seconds=FLAGS.test_window_seconds,
       gap_seconds=FLAGS.gap_seconds, last_timestamp=FLAGS.last_timestamp,
-      min_played_ratio=FLAGS.min_played_ratio)
+      min_played_ratio=FLAGS.min_played_ratio,
+      bucket_events=FLAGS.bucket_events, num_workers=FLAGS.num_workers,
+      read_batch_rows=FLAGS.read_batch_rows, runner=FLAGS.prep_runner)
 
 
 def main(argv):
   del argv
-  prepare(FLAGS.yambda_dir, FLAGS.size, FLAGS.output_dir, config_from_flags())
+  prepare(FLAGS.yambda_dir, FLAGS.size, FLAGS.output_dir, config_from_flags(),
+          stage=FLAGS.stage, shard_index=FLAGS.shard_index)
 
 
 if __name__ == "__main__":
   flags.DEFINE_string("yambda_dir", None, "Folder with the Yambda layout.")
   flags.DEFINE_string("size", "50m", "Which flat/<size>/ to read.")
   flags.DEFINE_string("output_dir", None, "Where the prepared data goes.")
+  flags.DEFINE_enum("stage", "all", list(_STAGES),
+                    "Run every pass (all), or one pass for a multi-machine run.")
+  flags.DEFINE_integer("shard_index", -1,
+                       "With --stage=scan/stats/records: only this shard's "
+                       "units (-1: all).")
   define_config_flags()
   flags.mark_flags_as_required(["yambda_dir", "output_dir"])
   app.run(main)

@@ -19,12 +19,13 @@ model's is cut to its most recent items; an empty history is allowed.
 import json
 import os
 import shutil
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from export import tf_serving
 from tfrs_yambda import catalogue as catalogue_lib
 from tfrs_yambda import evaluate
 from tfrs_yambda import schema
@@ -92,14 +93,21 @@ def build_index(kind: str, query_model: tf.keras.Model,
 
 
 def default_scann_options(num_candidates: int, k: int) -> Dict:
-  """Tree + asymmetric-hashing settings scaled to the catalogue size."""
-  leaves = int(max(1, min(2000, np.sqrt(num_candidates))))
+  """Tree + asymmetric-hashing settings scaled to the catalogue size.
+
+  Chosen with benchmarks/ann_benchmark.py (1M items, k=100): sqrt(n) leaves,
+  searching 5% of them and rescoring 10k candidates exactly gave recall@100
+  0.97 of exact search at ~30x BruteForce's batch throughput (see
+  benchmarks/README.md). Leaves hold ~sqrt(n) items, so on a smaller catalogue
+  5% of the leaves is fewer items than a good top-k needs: leaves holding at
+  least 100 * k items are searched (all of them on catalogues that small).
+  """
+  leaves = int(max(1, min(2000, round(np.sqrt(num_candidates)))))
+  share = max(0.05, min(1.0, 100 * k / max(num_candidates, 1)))
   return {
       "num_leaves": leaves,
-      # Search a quarter of the leaves and rescore 10k candidates exactly:
-      # recall close to exact search at a fraction of its cost.
-      "num_leaves_to_search": max(1, leaves // 4),
-      "num_reordering_candidates": min(num_candidates, 10 * k),
+      "num_leaves_to_search": int(max(1, min(leaves, np.ceil(share * leaves)))),
+      "num_reordering_candidates": int(min(num_candidates, 10 * k)),
   }
 
 
@@ -111,8 +119,13 @@ def next_version(model_dir: str) -> int:
 
 
 def save(servable: Servable, export_dir: str, model_name: str,
-         metadata: Dict) -> str:
-  """Saves under <export_dir>/<model_name>/<version>/ via a temporary name."""
+         metadata: Dict,
+         warmup: Optional[Sequence[Dict[str, np.ndarray]]] = None) -> str:
+  """Saves under <export_dir>/<model_name>/<version>/ via a temporary name.
+
+  `warmup` requests (serving inputs) go to TF Serving's warmup file, which the
+  server replays before it serves the version.
+  """
   model_dir = os.path.join(export_dir, model_name)
   os.makedirs(model_dir, exist_ok=True)
   version = next_version(model_dir)
@@ -126,6 +139,8 @@ def save(servable: Servable, export_dir: str, model_name: str,
   os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
   with open(os.path.join(tmp, "assets.extra", "export_metadata.json"), "w") as f:
     json.dump(metadata, f, indent=2, sort_keys=True)
+  if warmup:
+    tf_serving.write_warmup(tmp, model_name, warmup)
   os.replace(tmp, final)
   return final
 
@@ -133,7 +148,12 @@ def save(servable: Servable, export_dir: str, model_name: str,
 def export_all(model, catalogue: catalogue_lib.Catalogue, history_length: int,
                export_dir: str, model_name: str = "yambda", k: int = 100,
                scann_options: Optional[Dict] = None) -> Dict[str, str]:
-  """Writes the BruteForce and the ScaNN SavedModels; returns their paths."""
+  """Writes the BruteForce and the ScaNN SavedModels; returns their paths.
+
+  Also writes, next to them, TF Serving's models.config (every model under
+  export_dir) and batching_parameters.txt, and into each version its warmup
+  requests.
+  """
   num_indices = catalogue.num_items + 1
   # Index 0 ("unknown") is never served: candidates are indices 1..n.
   candidates = evaluate.candidate_embeddings(model, num_indices).numpy()[1:]
@@ -141,6 +161,7 @@ def export_all(model, catalogue: catalogue_lib.Catalogue, history_length: int,
   query_model = ServingQueryModel(model.query_tower, catalogue, history_length)
   k = min(k, catalogue.num_items)
   scann_options = scann_options or default_scann_options(len(candidates), k)
+  warmup = tf_serving.warmup_inputs(catalogue, history_length)
   paths = {}
   for kind in ("bruteforce", "scann"):
     index = build_index(kind, query_model, candidates, identifiers, k,
@@ -150,5 +171,7 @@ def export_all(model, catalogue: catalogue_lib.Catalogue, history_length: int,
                 "catalogue": catalogue.metadata.get("source"),
                 "scann_options": scann_options if kind == "scann" else None}
     paths[kind] = save(Servable(index, k), export_dir, f"{model_name}_{kind}",
-                       metadata)
+                       metadata, warmup)
+  tf_serving.write_model_config(export_dir)
+  tf_serving.write_batching_parameters(export_dir)
   return paths

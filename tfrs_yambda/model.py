@@ -66,21 +66,31 @@ class TwoTowerModel(tfrs.Model):
 def memory_estimate(catalogue: catalogue_lib.Catalogue,
                     config: towers.TowerConfig,
                     optimizer_slots: int) -> dict:
-  """Bytes of the model's tables, for the start-up log (float32 / int64).
+  """Bytes of the model's tables for this catalogue; see `table_bytes`."""
+  return table_bytes(
+      num_items=catalogue.num_items,
+      item_vocab=catalogue_lib.id_vocabulary_size(catalogue.item_train_count,
+                                                  config.min_item_count),
+      user_vocab=catalogue_lib.id_vocabulary_size(catalogue.user_train_count,
+                                                  config.min_user_count),
+      num_artists=len(catalogue.artist_ids), num_albums=len(catalogue.album_ids),
+      audio_dim=catalogue.audio_dim, config=config,
+      optimizer_slots=optimizer_slots)
+
+
+def table_bytes(num_items: int, item_vocab: int, user_vocab: int,
+                num_artists: int, num_albums: int, audio_dim: int,
+                config: towers.TowerConfig, optimizer_slots: int) -> dict:
+  """Bytes of embedding tables, their optimizer slots and catalogue tables.
 
   Trainable embedding tables carry `optimizer_slots` copies of themselves in
-  the optimizer (Adam 2, Adagrad 1); the catalogue tables are constant.
+  the optimizer (Adam 2, Adagrad 1); the catalogue tables (audio and length
+  features, artist and album of each item, sampling probability) are constant.
   """
-  item_vocab = catalogue_lib.id_vocabulary_size(catalogue.item_train_count,
-                                                config.min_item_count)
-  user_vocab = catalogue_lib.id_vocabulary_size(catalogue.user_train_count,
-                                                config.min_user_count)
   embeddings = 4 * (item_vocab * config.item_id_dim +
-                    len(catalogue.artist_ids) * config.artist_dim +
-                    len(catalogue.album_ids) * config.album_dim +
-                    user_vocab * config.user_dim)
-  n = catalogue.num_items + 1
-  content = n * (4 * (catalogue.audio_dim + 3) + 8 * 2 + 4)
+                    num_artists * config.artist_dim +
+                    num_albums * config.album_dim + user_vocab * config.user_dim)
+  content = (num_items + 1) * (4 * (audio_dim + 3) + 8 * 2 + 4)
   return {"embeddings": embeddings,
           "optimizer_slots": embeddings * optimizer_slots,
           "catalogue_tables": content,

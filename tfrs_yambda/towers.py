@@ -82,23 +82,17 @@ class ItemEncoder(tf.keras.layers.Layer):
   def pooled(self, items: tf.Tensor) -> tf.Tensor:
     """[batch, n] item indices -> [batch, width], the mean over indices > 0.
 
-    A fused sparse segment mean: the [batch, n, width] tensor of per-item
-    features is never built, and gradients reach only the rows looked up.
-    Rows with no items pool to zeros.
+    Popular tracks recur across a batch's histories, so each distinct item is
+    looked up once; a sparse segment mean then pools the rows without building
+    the [batch, n, width] tensor, and the tables' gradients have one row per
+    distinct item. Rows with no items pool to zeros.
     """
     valid = tf.where(items > 0)
-    rows = valid[:, 0]
-    flat = tf.gather_nd(items, valid)
-    batch = tf.shape(items, out_type=tf.int64)[0]
-
-    def mean(table, indices):
-      return tf.sparse.segment_mean(table, indices, rows, num_segments=batch,
-                                    sparse_gradient=True)
-
-    return tf.concat(
-        [mean(table, idx) for table, idx in zip(self.tables,
-                                                self._indices(flat))] +
-        [mean(self.content, flat)], axis=-1)
+    distinct, position = tf.unique(tf.gather_nd(items, valid))
+    features = self(distinct)
+    return tf.sparse.segment_mean(
+        features, position, valid[:, 0],
+        num_segments=tf.shape(items, out_type=tf.int64)[0])
 
 
 def _dense_item_features(catalogue: catalogue_lib.Catalogue) -> np.ndarray:

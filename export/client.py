@@ -1,0 +1,313 @@
+"""Queries the exported retrieval model: TF Serving over REST or gRPC, or in-process.
+
+  from export import client
+  recs = client.recommend(user_id=42, seed_item_id=7, history_item_ids=[1, 2],
+                          server="localhost:8501", protocol="rest")
+  recs.item_ids, recs.scores              # [k] each ([batch, k] for a batch)
+
+Without `server`, the same signature runs in this process from `saved_model`.
+
+Requests are checked here, before they leave the client, so a malformed query
+fails with a message that names the input rather than a server-side shape or
+type error. Histories are sent exactly `history_length` wide (oldest first,
+left-padded with -1, cut to the most recent items): every request then has the
+same shape, which TF Serving's batching needs (see batching_parameters.txt).
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+
+from tfrs_yambda import schema
+
+SIGNATURE_NAME = "serving_default"
+DEFAULT_MODEL_NAME = "yambda_bruteforce"
+INPUT_NAMES = (schema.SERVING_USER_ID, schema.SERVING_SEED_ITEM_ID,
+               schema.SERVING_HISTORY_ITEM_IDS)
+PADDING_ID = schema.SERVING_PADDING_ID
+
+IntOrInts = Union[int, Sequence[int], np.ndarray]
+
+
+class RequestError(ValueError):
+  """A query that the model's signature cannot accept."""
+
+
+class ServingError(RuntimeError):
+  """The server answered with an error (or not at all)."""
+
+
+@dataclasses.dataclass
+class Recommendations:
+  item_ids: np.ndarray  # int64 [k], or [batch, k]
+  scores: np.ndarray    # float32, same shape
+
+
+def _integer_array(name: str, value, rank: int) -> np.ndarray:
+  """`value` as an int64 array of the given rank, or a RequestError."""
+  if value is None:
+    raise RequestError(f"Missing input {name!r}.")
+  try:
+    array = np.asarray(value)
+  except ValueError as e:  # Ragged nested lists.
+    raise RequestError(f"{name!r} is not a rectangular array: {e}") from None
+  if array.dtype == object:
+    raise RequestError(f"{name!r} is not a rectangular array of integers.")
+  if array.size and array.dtype.kind not in "iu":
+    raise RequestError(f"{name!r} must hold integer ids, got dtype "
+                       f"{array.dtype} ({array.ravel()[:3].tolist()}...).")
+  if array.ndim != rank:
+    raise RequestError(f"{name!r} must have rank {rank}, got shape "
+                       f"{array.shape}.")
+  if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(
+      np.int64).max:
+    raise RequestError(f"{name!r} has ids beyond int64.")
+  return array.astype(np.int64)
+
+
+def _history_matrix(histories, batch: int,
+                    history_length: Optional[int]) -> np.ndarray:
+  """Histories (ragged ok) -> int64 [batch, width], -1 left padding."""
+  if histories is None:
+    histories = [[]] * batch
+  if isinstance(histories, np.ndarray) and histories.ndim == 2:
+    histories = list(histories)
+  if len(histories) != batch:
+    raise RequestError(f"{schema.SERVING_HISTORY_ITEM_IDS!r} has "
+                       f"{len(histories)} rows for {batch} queries.")
+  rows = [_integer_array(f"{schema.SERVING_HISTORY_ITEM_IDS}[{i}]", h, 1)
+          for i, h in enumerate(histories)]
+  # Padding inside a history is dropped, as the model does.
+  rows = [r[r != PADDING_ID] for r in rows]
+  if history_length is not None:
+    rows = [r[max(0, len(r) - history_length):] for r in rows]
+    width = history_length
+  else:
+    width = max([len(r) for r in rows], default=0)
+  out = np.full([batch, width], PADDING_ID, np.int64)
+  for i, r in enumerate(rows):
+    if len(r):
+      out[i, width - len(r):] = r
+  return out
+
+
+def make_inputs(user_id: IntOrInts, seed_item_id: IntOrInts,
+                history_item_ids=None,
+                history_length: Optional[int] = None) -> Dict[str, np.ndarray]:
+  """Checked signature inputs for one query (scalars) or a batch (sequences).
+
+  Args:
+    user_id: a uid, or one per query.
+    seed_item_id: the track playing now, or one per query.
+    history_item_ids: recent tracks, oldest first: a list for one query, a
+      list of lists (any lengths) for a batch; None or [] for no history.
+    history_length: the model's N: histories are cut to their N most recent
+      items and left-padded with -1 to exactly N. None: padded to the
+      longest history in the request.
+
+  Returns:
+    {user_id: int64 [b], seed_item_id: int64 [b], history_item_ids: int64
+    [b, width]}.
+
+  Raises:
+    RequestError: a missing input, a non-integer id, a wrong rank or
+      mismatched batch sizes.
+  """
+  single = np.ndim(user_id) == 0 and user_id is not None
+  rank = 0 if single else 1
+  users = _integer_array(schema.SERVING_USER_ID, user_id, rank).reshape([-1])
+  seeds = _integer_array(schema.SERVING_SEED_ITEM_ID, seed_item_id,
+                         rank).reshape([-1])
+  if len(users) != len(seeds):
+    raise RequestError(f"{len(users)} user ids but {len(seeds)} seed items.")
+  if single:
+    history_item_ids = [[] if history_item_ids is None else history_item_ids]
+  return {
+      schema.SERVING_USER_ID: users,
+      schema.SERVING_SEED_ITEM_ID: seeds,
+      schema.SERVING_HISTORY_ITEM_IDS: _history_matrix(
+          history_item_ids, len(users), history_length),
+  }
+
+
+# --- REST ------------------------------------------------------------------
+
+
+def rest_body(inputs: Dict[str, np.ndarray], fmt: str = "instances",
+              signature_name: str = SIGNATURE_NAME) -> Dict:
+  """TF Serving's JSON predict body, row ("instances") or column ("inputs")."""
+  if fmt == "instances":
+    batch = len(inputs[schema.SERVING_USER_ID])
+    rows = [{name: inputs[name][i].tolist() for name in inputs}
+            for i in range(batch)]
+    return {"signature_name": signature_name, "instances": rows}
+  if fmt == "inputs":
+    return {"signature_name": signature_name,
+            "inputs": {name: value.tolist() for name, value in inputs.items()}}
+  raise ValueError(f"Unknown REST format {fmt!r}: 'instances' or 'inputs'.")
+
+
+def parse_rest_response(body: Dict) -> Dict[str, np.ndarray]:
+  """TF Serving's JSON predict response (either format) -> output arrays."""
+  if "error" in body:
+    raise ServingError(body["error"])
+  if "outputs" in body:
+    columns = body["outputs"]
+  elif "predictions" in body:
+    rows = body["predictions"]
+    columns = {name: [r[name] for r in rows] for name in rows[0]} if rows else {
+        "item_ids": [], "scores": []}
+  else:
+    raise ServingError(f"Not a predict response: {sorted(body)}")
+  return {"item_ids": np.asarray(columns["item_ids"], np.int64),
+          "scores": np.asarray(columns["scores"], np.float32)}
+
+
+def rest_url(server: str, model_name: str,
+             version: Optional[int] = None) -> str:
+  base = server if server.startswith("http") else f"http://{server}"
+  path = f"/v1/models/{model_name}"
+  if version is not None:
+    path += f"/versions/{version}"
+  return f"{base}{path}:predict"
+
+
+def predict_rest(server: str, model_name: str, inputs: Dict[str, np.ndarray],
+                 fmt: str = "instances", version: Optional[int] = None,
+                 timeout: float = 10.0) -> Dict[str, np.ndarray]:
+  """POSTs one predict request to TF Serving's REST API (port 8501)."""
+  data = json.dumps(rest_body(inputs, fmt)).encode()
+  request = urllib.request.Request(
+      rest_url(server, model_name, version), data=data,
+      headers={"Content-Type": "application/json"}, method="POST")
+  try:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+      return parse_rest_response(json.load(response))
+  except urllib.error.HTTPError as e:
+    detail = e.read().decode(errors="replace")
+    try:
+      detail = json.loads(detail).get("error", detail)
+    except ValueError:
+      pass
+    raise ServingError(f"HTTP {e.code} from {e.url}: {detail}") from None
+  except urllib.error.URLError as e:
+    raise ServingError(f"No answer from {server}: {e.reason}") from None
+
+
+# --- gRPC ------------------------------------------------------------------
+
+
+def predict_grpc(server: str, model_name: str, inputs: Dict[str, np.ndarray],
+                 version: Optional[int] = None,
+                 timeout: float = 10.0) -> Dict[str, np.ndarray]:
+  """One PredictionService.Predict call to TF Serving's gRPC port (8500)."""
+  import grpc  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow_serving.apis import prediction_service_pb2_grpc  # pylint: disable=g-import-not-at-top
+  from export import tf_serving  # pylint: disable=g-import-not-at-top
+
+  request = tf_serving.predict_request(model_name, inputs, SIGNATURE_NAME,
+                                       version)
+  with grpc.insecure_channel(server) as channel:
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    try:
+      response = stub.Predict(request, timeout=timeout)
+    except grpc.RpcError as e:
+      raise ServingError(f"gRPC {e.code().name} from {server}: "
+                         f"{e.details()}") from None
+  return {"item_ids": tf.make_ndarray(response.outputs["item_ids"]),
+          "scores": tf.make_ndarray(response.outputs["scores"])}
+
+
+# --- In-process --------------------------------------------------------------
+
+
+def load_scann_ops() -> bool:
+  """Registers ScaNN's TF ops in this process (needed to load ScaNN models)."""
+  try:
+    from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+@functools.lru_cache(maxsize=4)
+def load_signature(saved_model: str):
+  """The serving_default signature of a SavedModel (ScaNN ops loaded)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  load_scann_ops()
+  return tf.saved_model.load(saved_model).signatures[SIGNATURE_NAME]
+
+
+def export_metadata(saved_model: str) -> Dict:
+  path = os.path.join(saved_model, "assets.extra", "export_metadata.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def predict_saved_model(saved_model: str,
+                        inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """Runs the signature in this process."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  outputs = load_signature(saved_model)(
+      **{k: tf.constant(v, tf.int64) for k, v in inputs.items()})
+  return {k: v.numpy() for k, v in outputs.items()}
+
+
+def recommend(user_id: IntOrInts, seed_item_id: IntOrInts,
+              history_item_ids=None, *, server: Optional[str] = None,
+              protocol: str = "rest", model_name: str = DEFAULT_MODEL_NAME,
+              saved_model: Optional[str] = None,
+              history_length: Optional[int] = None,
+              rest_format: str = "instances", version: Optional[int] = None,
+              timeout: float = 10.0) -> Recommendations:
+  """Top-k tracks for one query (scalar ids) or a batch (sequences of ids).
+
+  Args:
+    user_id, seed_item_id, history_item_ids: the query, see `make_inputs`.
+    server: "host:port" of TF Serving (8501 REST, 8500 gRPC); None runs
+      `saved_model` in this process.
+    protocol: "rest" or "grpc".
+    model_name: the served model (models.config name).
+    saved_model: a version folder, for in-process use (or to read N from).
+    history_length: the model's N; default: the SavedModel's metadata, else
+      the longest history in the request.
+    rest_format: "instances" (row) or "inputs" (column) JSON.
+    version: a model version to pin; None serves the latest.
+    timeout: seconds to wait for the server.
+
+  Returns:
+    Recommendations: item_ids int64 and scores float32, [k] for one query,
+    [batch, k] for a batch.
+
+  Raises:
+    RequestError: the query is malformed (nothing is sent).
+    ServingError: the server refused the request or did not answer.
+  """
+  if history_length is None and saved_model:
+    history_length = export_metadata(saved_model).get("history_length")
+  inputs = make_inputs(user_id, seed_item_id, history_item_ids, history_length)
+  if server:
+    if protocol == "rest":
+      outputs = predict_rest(server, model_name, inputs, rest_format, version,
+                             timeout)
+    elif protocol == "grpc":
+      outputs = predict_grpc(server, model_name, inputs, version, timeout)
+    else:
+      raise ValueError(f"Unknown protocol {protocol!r}: 'rest' or 'grpc'.")
+  elif saved_model:
+    outputs = predict_saved_model(saved_model, inputs)
+  else:
+    raise ValueError("Give a server (TF Serving) or a saved_model path.")
+  single = np.ndim(user_id) == 0
+  return Recommendations(
+      item_ids=outputs["item_ids"][0] if single else outputs["item_ids"],
+      scores=outputs["scores"][0] if single else outputs["scores"])
