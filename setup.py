@@ -19,11 +19,18 @@ setuptools.setup(
         "tf-keras>=2.20,<2.21",
         "tensorflow-recommenders==0.7.7",
         "scann==1.4.2",
+        # TF Serving's protos (warmup file, models.config) and gRPC client;
+        # 2.20.x is the release that leaves TF 2.20 and its protobuf alone.
+        "tensorflow-serving-api>=2.20,<2.21",
         "tensorboard>=2.20,<2.21",
         "pandas>=2.0",
         "pyarrow>=14",
         "numpy>=1.26",
         "absl-py>=2.0",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        "test": ["pytest>=8"],
+        # benchmarks/ann_benchmark.py's HNSW rows (skipped without it).
+        "benchmark": ["faiss-cpu>=1.8"],
+    },
 )

@@ -42,6 +42,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "/tmp/tfrs_yambda/demo",
                     "A training run's workdir (export/ and prepared/).")
 flags.DEFINE_string("model_name", "yambda", "Served model name prefix.")
+flags.DEFINE_string("saved_model", None,
+                    "A BruteForce SavedModel version folder to take the "
+                    "query tower and candidates from (default: the latest "
+                    "under <workdir>/export/<model_name>_bruteforce).")
 flags.DEFINE_integer("num_items", 1_000_000, "Catalogue size after padding.")
 flags.DEFINE_integer("num_queries", 1000, "Test requests used for recall.")
 flags.DEFINE_integer("num_single", 300, "Single queries timed per method.")
@@ -265,10 +269,10 @@ def main(argv):
   tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
   tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
   rng = np.random.default_rng(FLAGS.seed)
-  served = tf.saved_model.load(os.path.join(
-      FLAGS.workdir, "export", f"{FLAGS.model_name}_bruteforce",
-      str(export.next_version(os.path.join(
-          FLAGS.workdir, "export", f"{FLAGS.model_name}_bruteforce")) - 1)))
+  model_dir = os.path.join(FLAGS.workdir, "export",
+                           f"{FLAGS.model_name}_bruteforce")
+  served = tf.saved_model.load(FLAGS.saved_model or os.path.join(
+      model_dir, str(export.next_version(model_dir) - 1)))
   candidates = served.index._candidates.numpy()  # pylint: disable=protected-access
   identifiers = served.index._identifiers.numpy()  # pylint: disable=protected-access
   with open(os.path.join(FLAGS.workdir, "prepared", "catalogue",

@@ -69,3 +69,13 @@ def test_seed_cooccurrence_ranks_transitions_then_popularity():
   # Seed 2: 5 (twice), 3 (once). Unseen seed 6: popularity (index) order.
   np.testing.assert_array_equal(
       co.ranks(np.array([2, 2, 6]), np.array([5, 1, 2])), [1, 3, 2])
+
+
+def test_format_table_lists_every_retriever():
+  row = metrics.rank_metrics(np.array([1, 50]), ks=(10, 100))
+  row.update({f"cold_target_{k}": v for k, v in metrics.rank_metrics(
+      np.array([200]), ks=(10, 100)).items()})
+  table = evaluate.format_table({"model": row, "oracle": row}, (10, 100))
+  assert table.splitlines()[1].split()[:3] == ["model", "0.5000", "1.0000"]
+  cold = evaluate.format_table({"model": row}, (10, 100), prefix="cold_target_")
+  assert cold.splitlines()[1].split()[:3] == ["model", "0.0000", "0.0000"]

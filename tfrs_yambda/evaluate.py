@@ -107,8 +107,18 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
   """Metrics for the model and (optionally) the baselines and the oracle."""
   test = load_examples(prepared_dir, "test", history_length, rule)
   num_indices = catalogue.num_items + 1
-  results = {"model": metrics.rank_metrics(
-      model_ranks(model, test, candidate_embeddings(model, num_indices)), ks)}
+  # Targets never seen in training are retrievable only by content features.
+  cold = catalogue.item_train_count[test[schema.TARGET_ITEM]] == 0
+
+  def scored(ranks, keep=None):
+    keep = np.ones(len(ranks), bool) if keep is None else keep
+    result = metrics.rank_metrics(ranks[keep], ks)
+    for name, value in metrics.rank_metrics(ranks[keep & cold], ks).items():
+      result[f"cold_target_{name}"] = value
+    return result
+
+  results = {"model": scored(
+      model_ranks(model, test, candidate_embeddings(model, num_indices)))}
   if not with_baselines:
     return results
 
@@ -124,24 +134,25 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
                               recent_half_life_days),
       baselines.SeedCooccurrence(num_indices, train[schema.SEED_ITEM],
                                  train[schema.TARGET_ITEM])):
-    results[baseline.name] = metrics.rank_metrics(
-        baseline.ranks(seeds, targets), ks)
+    results[baseline.name] = scored(baseline.ranks(seeds, targets))
 
   path = oracle_path(catalogue)
   if path:
     ranks = oracle_ranks(path, catalogue, test)
     known = ranks > 0
-    results["oracle"] = metrics.rank_metrics(ranks[known], ks)
+    results["oracle"] = scored(ranks, keep=known)
     results["oracle"]["coverage_of_test_examples"] = float(known.mean())
   return results
 
 
-def format_table(results: Dict[str, Dict], ks: Sequence[int]) -> str:
+def format_table(results: Dict[str, Dict], ks: Sequence[int],
+                 prefix: str = "") -> str:
+  """A text table of the retrievers' metrics (those named `prefix` + metric)."""
   columns = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
   lines = ["{:<20}".format("retriever") + "".join(f"{c:>11}" for c in columns)]
   for name, row in results.items():
-    lines.append("{:<20}".format(name) +
-                 "".join(f"{row.get(c, float('nan')):>11.4f}" for c in columns))
+    lines.append("{:<20}".format(name) + "".join(
+        f"{row.get(prefix + c, float('nan')):>11.4f}" for c in columns))
   return "\n".join(lines)
 
 

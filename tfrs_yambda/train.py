@@ -276,6 +276,9 @@ def train_and_evaluate():
         f"({catalogue.num_items} items, "
         f"{results['model']['examples']} test examples):")
   print(evaluate.format_table(results, ks))
+  print(f"\nTargets never seen in training "
+        f"({results['model']['cold_target_examples']} test examples):")
+  print(evaluate.format_table(results, ks, prefix="cold_target_"))
 
   exported = export.export_all(model, catalogue, history_length,
                                paths["export"], FLAGS.model_name,
