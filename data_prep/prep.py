@@ -995,8 +995,8 @@ class _Runner:
     if self.kind == "spark":
       results = self._spark_context().parallelize(
           list(enumerate(args)), len(args)).map(
-              lambda ia: (ia[0], ia[1][0], fn(*ia[1][1:]))).collect()
-      results = [r for _, _, r in sorted(results, key=lambda r: r[0])]
+              lambda ia: (ia[0], fn(*ia[1]))).collect()
+      results = [r for _, r in sorted(results, key=lambda r: r[0])]
       if progress:
         for r in results:
           progress.add(weight(r))
