@@ -32,5 +32,7 @@ setuptools.setup(
         "test": ["pytest>=8"],
         # benchmarks/ann_benchmark.py's HNSW rows (skipped without it).
         "benchmark": ["faiss-cpu>=1.8"],
+        # data_prep's --prep_runner=spark (needs a Java runtime).
+        "spark": ["pyspark>=3.5"],
     },
 )

@@ -97,7 +97,9 @@ def _tree_rss(pid: int) -> int:
 
 def run_measured(command: List[str]) -> Dict[str, float]:
   """Runs a command; returns wall seconds and peak tree / process RSS."""
-  before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  before = usage.ru_maxrss
+  cpu_before = usage.ru_utime + usage.ru_stime
   started = time.time()
   proc = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
@@ -115,8 +117,12 @@ def run_measured(command: List[str]) -> Dict[str, float]:
   wall = time.time() - started
   if proc.returncode:
     raise RuntimeError(f"{command} failed:\n{stderr[-3000:]}")
-  after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-  return {"seconds": wall, "peak_tree_rss_gib": peak[0] / 2**30,
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  after = usage.ru_maxrss
+  # CPU seconds of the whole tree: on a shared machine, less noisy than wall.
+  cpu = usage.ru_utime + usage.ru_stime - cpu_before
+  return {"seconds": wall, "cpu_seconds": cpu,
+          "peak_tree_rss_gib": peak[0] / 2**30,
           # ru_maxrss is the largest child so far; only a new maximum shows.
           "max_process_rss_gib": max(after, before) * 1024 / 2**30
                                  if after > before else float("nan")}
@@ -157,13 +163,14 @@ def main(argv):
     print(f"{name}: {events} events in {figures['seconds']:.1f}s "
           f"({figures['events_per_second'] / 1e6:.2f}M/s), peak tree RSS "
           f"{figures['peak_tree_rss_gib']:.2f} GiB", flush=True)
-  print("\n| prep | events | wall s | events/s | peak RSS, all processes "
-        "(GiB) | largest process (GiB) |")
-  print("|---|---:|---:|---:|---:|---:|")
+  print("\n| prep | events | wall s | events/s | CPU s | events per CPU s "
+        "| peak RSS, all processes (GiB) | largest process (GiB) |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|")
   for r in rows:
     print(f"| {r['name']} | {r['events'] / 1e6:.1f}M | {r['seconds']:.1f} | "
-          f"{r['events_per_second'] / 1e6:.2f}M | {r['peak_tree_rss_gib']:.2f} "
-          f"| {r['max_process_rss_gib']:.2f} |")
+          f"{r['events_per_second'] / 1e6:.2f}M | {r['cpu_seconds']:.0f} | "
+          f"{r['events'] / max(r['cpu_seconds'], 1e-9) / 1e6:.2f}M | "
+          f"{r['peak_tree_rss_gib']:.2f} | {r['max_process_rss_gib']:.2f} |")
   if FLAGS.results:
     with open(FLAGS.results, "w") as f:
       json.dump(rows, f, indent=2)

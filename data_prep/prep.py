@@ -1,7 +1,7 @@
 r"""Raw Yambda folder -> item catalogue + TFRecord shards, out of core.
 
   python -m data_prep.prep --yambda_dir=/data/yambda --size=500m \
-      --output_dir=/data/prepared/500m [--num_workers=16] [--runner=spark]
+      --output_dir=/data/prepared/500m [--num_workers=16] [--prep_runner=spark]
 
 What it decides (and records in the catalogue's metadata.json):
   * Time split: one global cut. The test window is [test_start, last_timestamp);
@@ -35,9 +35,9 @@ input: every pass streams, and only one bucket's rows per worker are in memory.
      tf.train.Example chunks; a shard's file is its buckets' files joined.
   5. finalize: prep_report.json, work files removed, folder renamed.
 
-Buckets are the unit of work (a process pool, or Spark with --runner=spark);
-users are hashed to shards with the multiplicative hash of the in-memory prep
-and bucket b belongs to shard b % num_shards, so `--stage=... --shard_index=i`
+Buckets are the unit of work (a process pool, or Spark with
+--prep_runner=spark); users are hashed to shards with the multiplicative hash
+of the in-memory prep and bucket b belongs to shard b % num_shards, so `--stage=... --shard_index=i`
 runs one shard's part of a pass on its own (e.g. one machine per shard over a
 shared folder).
 

@@ -1,6 +1,9 @@
 """Trained query tower + a top-k index -> SavedModels in TF Serving's layout.
 
-  <export_dir>/<model_name>/<version>/saved_model.pb, variables/, assets/
+  <export_dir>/<model_name>/<version>/saved_model.pb, variables/, assets/,
+      assets.extra/export_metadata.json, assets.extra/tf_serving_warmup_requests
+  <export_dir>/models.config, <export_dir>/batching_parameters.txt
+      (TF Serving's model and batching config, see export/tf_serving.py)
 
 Two servables are written from the same trained model:
   * `<name>_bruteforce`: `tfrs.layers.factorized_top_k.BruteForce`, exact, made

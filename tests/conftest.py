@@ -13,6 +13,24 @@ from tfrs_yambda import catalogue as catalogue_lib  # pylint: disable=g-import-n
 HISTORY_LENGTH = 20
 
 
+def pytest_addoption(parser):
+  parser.addoption("--runslow", action="store_true",
+                   help="Also run the tests marked slow (e.g. Spark).")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: over 30 s; run with --runslow")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--runslow"):
+    return
+  skip = pytest.mark.skip(reason="slow: run with --runslow")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_yambda(tmp_path_factory):
   """A generated Yambda folder of size 'tiny'."""

@@ -185,6 +185,7 @@ _HAS_SPARK = (importlib.util.find_spec("pyspark") is not None and
 
 
 @pytest.mark.skipif(not _HAS_SPARK, reason="pyspark or java not installed")
+@pytest.mark.slow  # JVM start and Spark's Python workers: about a minute
 def test_spark_local_run_on_two_shards_gives_the_same_examples(
     tiny_yambda, prepared, catalogue, prep_config, tmp_path):
   out = str(tmp_path / "out")

@@ -21,6 +21,7 @@ class TowerConfig:
   artist_dim: int = 32
   album_dim: int = 32
   user_dim: int = 32
+  history_dim: int = 64       # history item width before pooling; 0: all
   hidden_dim: int = 256
   output_dim: int = 64
   # Ids with fewer training positives share the "unknown" row; their content
@@ -79,17 +80,20 @@ class ItemEncoder(tf.keras.layers.Layer):
             self.tables, self._indices(items))] +
         [tf.gather(self.content, items)], axis=-1)
 
-  def pooled(self, items: tf.Tensor) -> tf.Tensor:
+  def pooled(self, items: tf.Tensor, projection=None) -> tf.Tensor:
     """[batch, n] item indices -> [batch, width], the mean over indices > 0.
 
     Popular tracks recur across a batch's histories, so each distinct item is
-    looked up once; a sparse segment mean then pools the rows without building
-    the [batch, n, width] tensor, and the tables' gradients have one row per
-    distinct item. Rows with no items pool to zeros.
+    looked up (and projected, if `projection` is given) once; a sparse segment
+    mean then pools the rows without building the [batch, n, width] tensor,
+    and the tables' gradients have one row per distinct item. Rows with no
+    items pool to zeros.
     """
     valid = tf.where(items > 0)
     distinct, position = tf.unique(tf.gather_nd(items, valid))
     features = self(distinct)
+    if projection is not None:
+      features = projection(features)
     return tf.sparse.segment_mean(
         features, position, valid[:, 0],
         num_segments=tf.shape(items, out_type=tf.int64)[0])
@@ -128,6 +132,11 @@ class QueryTower(tf.keras.Model):
         name="user_lookup")
     self.user_embedding = tf.keras.layers.Embedding(
         len(users) + 1, config.user_dim, name="user_embedding")
+    # Linear, so projecting each distinct item before the mean equals
+    # projecting the mean; it makes the pooling (n items per row) narrower.
+    self.history_projection = tf.keras.layers.Dense(
+        config.history_dim, use_bias=False,
+        name="history_projection") if config.history_dim else None
     self.age_scale = config.example_age_scale_days
     self.mlp = _mlp(config, "query_mlp")
 
@@ -140,7 +149,7 @@ class QueryTower(tf.keras.Model):
     return self.mlp(tf.concat([
         self.user_embedding(self.user_lookup(features[schema.USER_ID])),
         self.item_encoder(features[schema.SEED_ITEM]),
-        self.item_encoder.pooled(history),
+        self.item_encoder.pooled(history, self.history_projection),
         tf.math.log1p(count),
         age / self.age_scale,
         tf.math.log1p(age),
