@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tfrs_yambda import evaluate
@@ -104,3 +105,24 @@ def test_trained_model_beats_most_popular(trained_model, prepared, catalogue):
   assert results["model"]["recall@100"] > results["most_popular"]["recall@100"]
   assert results["oracle"]["recall@100"] >= results["model"]["recall@100"]
   assert results["oracle"]["coverage_of_test_examples"] == 1.0
+
+
+@pytest.mark.parametrize("switch", ["use_user_id", "use_seed", "use_history",
+                                    "use_audio", "use_artist_album",
+                                    "use_example_age"])
+def test_each_design_element_can_be_switched_off(prepared, catalogue, switch):
+  batch = _batch(prepared, catalogue, size=64)
+  full = towers.ItemEncoder(catalogue, towers.TowerConfig(**SMALL_TOWERS))
+  config = towers.TowerConfig(**{**SMALL_TOWERS, switch: False})
+  model = model_lib.TwoTowerModel(catalogue, config)
+  assert np.isfinite(float(model.compute_loss(batch)))
+  encoder = model.query_tower.item_encoder
+  width = int(encoder(tf.constant([1], tf.int64)).shape[-1])
+  full_width = int(full(tf.constant([1], tf.int64)).shape[-1])
+  if switch == "use_audio":
+    assert width == full_width - catalogue.audio_dim - 1
+  elif switch == "use_artist_album":
+    assert width == full_width - SMALL_TOWERS["artist_dim"] - SMALL_TOWERS[
+        "album_dim"]
+  else:
+    assert width == full_width

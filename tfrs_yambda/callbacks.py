@@ -5,6 +5,7 @@ from typing import Callable, Dict
 
 from absl import logging
 import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams_api
 
 
 def _duration(seconds: float) -> str:
@@ -60,11 +61,17 @@ class ScalarLogger(tf.keras.callbacks.Callback):
 
   def __init__(self, log_dir: str,
                evaluate_fn: Callable[[], Dict[str, float]] = None,
-               every_steps: int = 100):
+               every_steps: int = 100, hparams: Dict = None):
     super().__init__()
     self.writer = tf.summary.create_file_writer(log_dir)
     self.evaluate_fn = evaluate_fn
     self.every_steps = every_steps
+    self.hparams = hparams
+
+  def on_train_begin(self, logs=None):
+    if self.hparams:
+      with self.writer.as_default():
+        hparams_api.hparams(self.hparams)
 
   def _step(self) -> int:
     return int(self.model.optimizer.iterations.numpy())
@@ -91,3 +98,13 @@ class ScalarLogger(tf.keras.callbacks.Callback):
     self.writer.flush()
     logging.info("epoch %d evaluation: %s", epoch + 1,
                  ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+
+
+def log_final_metrics(log_dir: str, step: int, metrics: Dict) -> None:
+  """The final evaluation's numbers as `final/<metric>` scalars (HParams)."""
+  writer = tf.summary.create_file_writer(log_dir)
+  with writer.as_default(step=step):
+    for name, value in metrics.items():
+      if name == "mrr" or name.startswith(("recall@", "ndcg@")):
+        tf.summary.scalar(f"final/{name}", value)
+  writer.flush()

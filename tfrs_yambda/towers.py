@@ -29,6 +29,13 @@ class TowerConfig:
   min_item_count: int = 1
   min_user_count: int = 1
   example_age_scale_days: float = 30.0
+  # Design elements that an ablation can switch off (tfrs_yambda.ablation).
+  use_user_id: bool = True
+  use_seed: bool = True
+  use_history: bool = True
+  use_audio: bool = True
+  use_artist_album: bool = True
+  use_example_age: bool = True
 
 
 def _table(values: np.ndarray, name: str) -> tf.Variable:
@@ -50,27 +57,32 @@ class ItemEncoder(tf.keras.layers.Layer):
     super().__init__(**kwargs)
     self.id_vocabulary_size = catalogue_lib.id_vocabulary_size(
         catalogue.item_train_count, config.min_item_count)
+    self.use_artist_album = config.use_artist_album
+    shapes = [("item_id_embedding", (self.id_vocabulary_size,
+                                     config.item_id_dim))]
+    if config.use_artist_album:
+      shapes += [("artist_embedding", (len(catalogue.artist_ids),
+                                       config.artist_dim)),
+                 ("album_embedding", (len(catalogue.album_ids),
+                                      config.album_dim))]
     # Created here, not in build(): `pooled` may be the first call.
     self.tables = [
         self.add_weight(name=name, shape=shape, initializer="uniform")
-        for name, shape in (
-            ("item_id_embedding", (self.id_vocabulary_size,
-                                   config.item_id_dim)),
-            ("artist_embedding", (len(catalogue.artist_ids),
-                                  config.artist_dim)),
-            ("album_embedding", (len(catalogue.album_ids), config.album_dim)))]
+        for name, shape in shapes]
     self.artist = _table(catalogue.item_artist, "item_artist")
     self.album = _table(catalogue.item_album, "item_album")
     # Audio and length features in one table: one gather serves both.
-    self.content = _table(
-        np.concatenate([catalogue.audio.astype(np.float32),
-                        _dense_item_features(catalogue)], axis=1),
-        "item_content")
+    content = [_dense_item_features(catalogue, config.use_audio)]
+    if config.use_audio:
+      content.insert(0, catalogue.audio.astype(np.float32))
+    self.content = _table(np.concatenate(content, axis=1), "item_content")
 
   def _indices(self, items: tf.Tensor):
-    """Per embedding table, the row of each item; then the content row."""
+    """Per embedding table, the row of each item."""
     ids = tf.where(items < self.id_vocabulary_size, items,
                    tf.zeros_like(items))
+    if not self.use_artist_album:
+      return [ids]
     return [ids, tf.gather(self.artist, items), tf.gather(self.album, items)]
 
   def call(self, items: tf.Tensor) -> tf.Tensor:
@@ -99,15 +111,18 @@ class ItemEncoder(tf.keras.layers.Layer):
         num_segments=tf.shape(items, out_type=tf.int64)[0])
 
 
-def _dense_item_features(catalogue: catalogue_lib.Catalogue) -> np.ndarray:
-  """[standardised log length, has length, has audio] per item."""
+def _dense_item_features(catalogue: catalogue_lib.Catalogue,
+                         with_audio: bool = True) -> np.ndarray:
+  """[standardised log length, has length(, has audio)] per item."""
   length = catalogue.item_length.astype(np.float64)
   known = length > 0
   log_length = np.log1p(length)
   mean = log_length[known].mean() if known.any() else 0.0
   std = log_length[known].std() + 1e-6 if known.any() else 1.0
-  return np.stack([np.where(known, (log_length - mean) / std, 0.0), known,
-                   catalogue.has_audio], axis=-1).astype(np.float32)
+  columns = [np.where(known, (log_length - mean) / std, 0.0), known]
+  if with_audio:
+    columns.append(catalogue.has_audio)
+  return np.stack(columns, axis=-1).astype(np.float32)
 
 
 def _mlp(config: TowerConfig, name: str) -> tf.keras.Sequential:
@@ -138,22 +153,28 @@ class QueryTower(tf.keras.Model):
         config.history_dim, use_bias=False,
         name="history_projection") if config.history_dim else None
     self.age_scale = config.example_age_scale_days
+    self.config = config
     self.mlp = _mlp(config, "query_mlp")
 
   def call(self, features) -> tf.Tensor:
-    history = features[schema.HISTORY_ITEMS]
-    # Padding and unknown items (index 0) neither count nor dilute the mean.
-    count = tf.reduce_sum(tf.cast(history > 0, tf.float32), axis=1,
-                          keepdims=True)
-    age = tf.cast(features[schema.EXAMPLE_AGE], tf.float32)[:, tf.newaxis]
-    return self.mlp(tf.concat([
-        self.user_embedding(self.user_lookup(features[schema.USER_ID])),
-        self.item_encoder(features[schema.SEED_ITEM]),
-        self.item_encoder.pooled(history, self.history_projection),
-        tf.math.log1p(count),
-        age / self.age_scale,
-        tf.math.log1p(age),
-    ], axis=-1))
+    config = self.config
+    parts = []
+    if config.use_user_id:
+      parts.append(
+          self.user_embedding(self.user_lookup(features[schema.USER_ID])))
+    if config.use_seed:
+      parts.append(self.item_encoder(features[schema.SEED_ITEM]))
+    if config.use_history:
+      history = features[schema.HISTORY_ITEMS]
+      # Padding and unknown items (index 0) neither count nor dilute the mean.
+      count = tf.reduce_sum(tf.cast(history > 0, tf.float32), axis=1,
+                            keepdims=True)
+      parts += [self.item_encoder.pooled(history, self.history_projection),
+                tf.math.log1p(count)]
+    if config.use_example_age:
+      age = tf.cast(features[schema.EXAMPLE_AGE], tf.float32)[:, tf.newaxis]
+      parts += [age / self.age_scale, tf.math.log1p(age)]
+    return self.mlp(tf.concat(parts, axis=-1))
 
 
 class CandidateTower(tf.keras.Model):

@@ -68,6 +68,13 @@ flags.DEFINE_integer("min_item_count", 1,
                      "Items with fewer training positives share one id row.")
 flags.DEFINE_integer("min_user_count", 1,
                      "Users with fewer training positives share one id row.")
+flags.DEFINE_bool("use_user_id", True, "Ablation switch: user id embedding.")
+flags.DEFINE_bool("use_seed", True, "Ablation switch: seed-track features.")
+flags.DEFINE_bool("use_history", True, "Ablation switch: history features.")
+flags.DEFINE_bool("use_audio", True, "Ablation switch: audio embeddings.")
+flags.DEFINE_bool("use_artist_album", True,
+                  "Ablation switch: artist and album embeddings.")
+flags.DEFINE_bool("use_example_age", True, "Ablation switch: example age.")
 flags.DEFINE_integer("max_played_ratio", 200,
                      "Played-ratio cap (percent) in the example weight.")
 flags.DEFINE_float("like_weight", 2.0, "Weight multiplier of liked listens.")
@@ -80,6 +87,7 @@ flags.DEFINE_bool("eval_every_epoch", True,
                   "Evaluate the model after every epoch (TensorBoard).")
 flags.DEFINE_integer("checkpoint_every_steps", 500,
                      "Steps between backups an interrupted run resumes from.")
+flags.DEFINE_bool("export", True, "Write the SavedModels after training.")
 flags.DEFINE_integer("export_k", 100, "Items returned by the SavedModels.")
 flags.DEFINE_string("model_name", "yambda", "Served model name prefix.")
 flags.DEFINE_integer("seed", 42, "Seed of initialisation and shuffling.")
@@ -136,7 +144,23 @@ def tower_config() -> towers.TowerConfig:
       album_dim=FLAGS.album_dim, user_dim=FLAGS.user_dim,
       hidden_dim=FLAGS.hidden_dim, output_dim=FLAGS.output_dim,
       min_item_count=FLAGS.min_item_count,
-      min_user_count=FLAGS.min_user_count)
+      min_user_count=FLAGS.min_user_count,
+      use_user_id=FLAGS.use_user_id, use_seed=FLAGS.use_seed,
+      use_history=FLAGS.use_history, use_audio=FLAGS.use_audio,
+      use_artist_album=FLAGS.use_artist_album,
+      use_example_age=FLAGS.use_example_age)
+
+
+# Flags recorded in TensorBoard's HParams dashboard, to compare runs.
+_HPARAM_FLAGS = ("batch_size", "epochs", "optimizer", "learning_rate",
+                 "temperature", "logq_correction", "use_example_weights",
+                 "use_user_id", "use_seed", "use_history", "use_audio",
+                 "use_artist_album", "use_example_age", "min_item_count",
+                 "min_user_count", "history_length", "output_dim")
+
+
+def hparams():
+  return {name: FLAGS[name].value for name in _HPARAM_FLAGS}
 
 
 class WarmupCosine(tf.keras.optimizers.schedules.LearningRateSchedule):
@@ -249,7 +273,8 @@ def train_and_evaluate():
         tf.keras.callbacks.TensorBoard(paths["logs"], update_freq=100),
         callbacks.ScalarLogger(
             os.path.join(paths["logs"], "metrics"),
-            evaluate_model if FLAGS.eval_every_epoch else None),
+            evaluate_model if FLAGS.eval_every_epoch else None,
+            hparams=hparams()),
     ]
 
   started = time.time()
@@ -268,6 +293,8 @@ def train_and_evaluate():
   results = evaluate.evaluate(model, catalogue, paths["prepared"],
                               history_length, rule, ks,
                               recent_half_life_days=FLAGS.recent_half_life_days)
+  callbacks.log_final_metrics(os.path.join(paths["logs"], "metrics"), steps,
+                              results["model"])
   results["model"]["train_steps"] = steps
   results["model"]["resumed_from_step"] = progress.first_step
   results["model"]["train_seconds_this_run"] = round(train_seconds, 1)
@@ -280,6 +307,8 @@ def train_and_evaluate():
         f"({results['model']['cold_target_examples']} test examples):")
   print(evaluate.format_table(results, ks, prefix="cold_target_"))
 
+  if not FLAGS.export:
+    return results, {}
   exported = export.export_all(model, catalogue, history_length,
                                paths["export"], FLAGS.model_name,
                                k=FLAGS.export_k)
