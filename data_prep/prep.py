@@ -118,6 +118,11 @@ class PrepConfig:
   def as_dict(self):
     return dict(vars(self))
 
+  def output_dict(self):
+    """The fields that decide what the prep writes (not how it runs)."""
+    return {k: v for k, v in self.as_dict().items()
+            if k not in _EXECUTION_FIELDS}
+
 
 # --- Work folder ---------------------------------------------------------------
 
@@ -186,11 +191,9 @@ class _Plan:
     self.num_buckets = n * max(per_shard, math.ceil(num_workers / n), 1)
     self.num_scan_units = max(1, min(self.num_row_groups, 4 * num_workers))
     stat = os.stat(events_path)
-    semantic = {k: v for k, v in config.as_dict().items()
-                if k not in _EXECUTION_FIELDS}
     self.fingerprint = {
         "source": self.events_path, "source_bytes": stat.st_size,
-        "source_mtime_ns": stat.st_mtime_ns, "config": semantic,
+        "source_mtime_ns": stat.st_mtime_ns, "config": config.output_dict(),
         "num_buckets": self.num_buckets, "num_scan_units": self.num_scan_units,
     }
 

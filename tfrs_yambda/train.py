@@ -122,8 +122,12 @@ def prepare_data(paths) -> catalogue_lib.Catalogue:
   if os.path.exists(meta_path):
     with open(meta_path) as f:
       meta = json.load(f)
-    if (meta.get("prep_config") == config.as_dict() and
-        meta.get("source") == os.path.abspath(events)):
+    try:
+      same_output = (prep.PrepConfig(**meta["prep_config"]).output_dict() ==
+                     config.output_dict())
+    except (KeyError, TypeError):  # written by an older version
+      same_output = False
+    if same_output and meta.get("source") == os.path.abspath(events):
       logging.info("Reusing prepared data in %s", paths["prepared"])
       return catalogue_lib.load(os.path.join(paths["prepared"], "catalogue"))
   prep.prepare(paths["yambda"], FLAGS.size, paths["prepared"], config)
