@@ -481,32 +481,9 @@ def prepare(yambda_dir: str, size: str, output_dir: str,
   return report
 
 
-def define_config_flags():
-  """Flags of `PrepConfig`; the training entry point defines them too."""
-  defaults = PrepConfig()
-  flags.DEFINE_integer("history_length", defaults.history_length,
-                       "Positives of history each record's context provides.")
-  flags.DEFINE_integer("chunk_length", defaults.chunk_length,
-                       "Listens per record (before its context).")
-  flags.DEFINE_integer("num_shards", defaults.num_shards,
-                       "TFRecord shards per split; users are hashed to shards.")
-  flags.DEFINE_integer("test_window_seconds", defaults.test_window_seconds,
-                       "Length of the test window.")
-  flags.DEFINE_integer("gap_seconds", defaults.gap_seconds,
-                       "Gap between training and test windows.")
-  flags.DEFINE_integer("last_timestamp", defaults.last_timestamp,
-                       "End of the test window (0: last event + 1s).")
-  flags.DEFINE_integer("min_played_ratio", defaults.min_played_ratio,
-                       "Listens played at least this percent are positives.")
-
-
 def config_from_flags() -> PrepConfig:
-  return PrepConfig(
-      history_length=FLAGS.history_length, chunk_length=FLAGS.chunk_length,
-      num_shards=FLAGS.num_shards,
-      test_window_seconds=FLAGS.test_window_seconds,
-      gap_seconds=FLAGS.gap_seconds, last_timestamp=FLAGS.last_timestamp,
-      min_played_ratio=FLAGS.min_played_ratio)
+  """PrepConfig from the flags the streaming prep defines (same names)."""
+  return PrepConfig(**{name: FLAGS[name].value for name in vars(PrepConfig())})
 
 
 def main(argv):
@@ -518,6 +495,9 @@ if __name__ == "__main__":
   flags.DEFINE_string("yambda_dir", None, "Folder with the Yambda layout.")
   flags.DEFINE_string("size", "50m", "Which flat/<size>/ to read.")
   flags.DEFINE_string("output_dir", None, "Where the prepared data goes.")
-  define_config_flags()
+  # One definition of the config flags: the streaming prep's. It imports this
+  # module, so the import waits until this one runs as a program.
+  from data_prep import prep as streaming_prep  # pylint: disable=g-import-not-at-top
+  streaming_prep.define_config_flags()
   flags.mark_flags_as_required(["yambda_dir", "output_dir"])
   app.run(main)

@@ -11,6 +11,7 @@ from data_prep import prep  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import catalogue as catalogue_lib  # pylint: disable=g-import-not-at-top
 
 HISTORY_LENGTH = 20
+EXPORT_K = 20
 
 
 def pytest_addoption(parser):
@@ -81,3 +82,13 @@ def trained_model(prepared, catalogue):
       seed=0)
   model.fit(data, steps_per_epoch=60, epochs=1, verbose=0)
   return model
+
+
+@pytest.fixture(scope="session")
+def exported(trained_model, catalogue, tmp_path_factory):
+  """(export dir, {kind: SavedModel path}) of the trained model, top EXPORT_K."""
+  from export import export  # pylint: disable=g-import-not-at-top
+  export_dir = str(tmp_path_factory.mktemp("export"))
+  paths = export.export_all(trained_model, catalogue, HISTORY_LENGTH,
+                            export_dir, k=EXPORT_K)
+  return export_dir, paths

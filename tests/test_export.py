@@ -14,17 +14,10 @@ from export import export
 from tfrs_yambda import evaluate
 from tfrs_yambda import input_pipeline
 from tfrs_yambda import schema
+from tests.conftest import EXPORT_K
 from tests.conftest import HISTORY_LENGTH
 
-K = 20
-
-
-@pytest.fixture(scope="module")
-def exported(trained_model, catalogue, tmp_path_factory):
-  export_dir = str(tmp_path_factory.mktemp("export"))
-  paths = export.export_all(trained_model, catalogue, HISTORY_LENGTH,
-                            export_dir, k=K)
-  return export_dir, paths
+K = EXPORT_K
 
 
 @pytest.fixture(scope="module")

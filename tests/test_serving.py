@@ -26,18 +26,11 @@ from export import tf_serving
 from tfrs_yambda import evaluate
 from tfrs_yambda import input_pipeline
 from tfrs_yambda import schema
+from tests.conftest import EXPORT_K
 from tests.conftest import HISTORY_LENGTH
 
-K = 10
+K = EXPORT_K
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def exported(trained_model, catalogue, tmp_path_factory):
-  export_dir = str(tmp_path_factory.mktemp("serving_export"))
-  paths = export.export_all(trained_model, catalogue, HISTORY_LENGTH,
-                            export_dir, k=K)
-  return export_dir, paths
 
 
 @pytest.fixture(scope="module")
