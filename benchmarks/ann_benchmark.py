@@ -14,6 +14,8 @@ and its query tower) and its prepared test split, then:
      p50/p99 latency and batch-of-256 queries/s of
        * the bare indices: exact matmul + top_k (what BruteForce runs), ScaNN
          (TF ops, as TFRS's ScaNN layer uses them) at several search settings,
+         with TFRS's quantisation and with export.ScaNN's (anisotropic
+         hashing, int8 rescoring),
          FAISS HNSW at several efSearch values;
        * SavedModels in the export layout (raw-id requests in, query tower
          included): BruteForce and ScaNN with `export.default_scann_options`.
@@ -163,6 +165,16 @@ def _request_rows(x, a, b):
   return {k: tf.constant(v[a:b]) for k, v in x.items()}
 
 
+# (leaves, quantisation, [(leaves searched, candidates rescored), ...]):
+# TFRS's defaults (plain AH, float32 rescoring) and export.ScaNN's.
+_SCANN_GRID = (
+    (1000, "float32", ((25, 500), (50, 500), (50, 1000), (100, 1000))),
+    (1000, "AQ 0.2 + int8", ((30, 500), (40, 700), (50, 500), (50, 700),
+                             (60, 700))),
+    (2000, "AQ 0.2 + int8", ((100, 500), (100, 700))),
+)
+
+
 def bare_rows(items: np.ndarray, queries: np.ndarray, truth: np.ndarray,
               k: int) -> List[Dict]:
   """Bare-index rows: exact, ScaNN settings, HNSW settings."""
@@ -178,23 +190,30 @@ def bare_rows(items: np.ndarray, queries: np.ndarray, truth: np.ndarray,
                       lambda q: exact(q).numpy(), truth, queries, _rows, n))
 
   from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
-  for leaves, settings in ((1000, ((25, 500), (50, 500), (50, 1000),
-                                   (100, 1000))),):
+  from scann.scann_ops.py import scann_builder  # pylint: disable=g-import-not-at-top
+  for leaves, quantization, settings in _SCANN_GRID:
     start = time.perf_counter()
-    searcher = scann_ops.builder(items, k, "dot_product").tree(
+    builder = scann_ops.builder(items, k, "dot_product").tree(
         num_leaves=leaves, num_leaves_to_search=settings[0][0],
-        training_iterations=12).score_ah(2).reorder(settings[0][1]).build()
+        training_iterations=12)
+    if quantization == "float32":
+      builder = builder.score_ah(2).reorder(settings[0][1])
+    else:  # anisotropic hashing, int8 rescoring: what export.ScaNN adds
+      builder = builder.score_ah(
+          2, anisotropic_quantization_threshold=0.2).reorder(
+              settings[0][1], quantize=scann_builder.ReorderType.INT8)
+    searcher = builder.build()
     build_s = time.perf_counter() - start
-    print(f"  ScaNN tree of {leaves} leaves built in {build_s:.0f}s",
-          flush=True)
+    print(f"  ScaNN tree of {leaves} leaves ({quantization}) built in "
+          f"{build_s:.0f}s", flush=True)
     for search_leaves, reorder in settings:
       def search(q, s=searcher, nl=search_leaves, r=reorder):
         return s.search_batched_parallel(
             q, final_num_neighbors=k, pre_reorder_num_neighbors=r,
             leaves_to_search=nl).indices.numpy()
       rows.append(measure(
-          f"bare ScaNN leaves={leaves} search={search_leaves} reorder={reorder}",
-          search, truth, queries, _rows, n, build_s))
+          f"bare ScaNN {quantization} leaves={leaves} search={search_leaves} "
+          f"reorder={reorder}", search, truth, queries, _rows, n, build_s))
     del searcher
 
   if FLAGS.hnsw:

@@ -1,12 +1,18 @@
 r"""Training examples/s: this project's two-tower vs a textbook TFRS two-tower.
 
-  python benchmarks/train_throughput.py [--num_items=1000000] [--repeats=3]
+  python -m benchmarks.train_throughput [--num_items=1000000] [--repeats=5]
 
 Both models train on the same in-memory batches (Zipf-distributed item ids,
 history of 50, batch 4096, Adagrad), so the figure is the model step alone;
 `--prepared_dir` adds the tf.data pipeline's own examples/s on real records.
 The textbook model is what the TFRS tutorials build: StringLookup + Embedding
 towers, the history's item embeddings mean-pooled, no item features.
+
+Each model trains in one `fit` call; a callback times consecutive windows of
+`--steps` steps after the warm-up, so neither tracing nor `fit`'s start-up
+(which, for string-keyed data, takes seconds) is counted. Besides the full
+model, `--variants` times it with design elements switched off, which shows
+what each element costs per step.
 """
 
 import os
@@ -33,13 +39,27 @@ flags.DEFINE_integer("num_items", 1_000_000, "Catalogue size.")
 flags.DEFINE_integer("num_users", 100_000, "Users.")
 flags.DEFINE_integer("batch_size", 4096, "Batch size.")
 flags.DEFINE_integer("history_length", 50, "History items per example.")
-flags.DEFINE_integer("steps", 20, "Timed steps per repeat.")
-flags.DEFINE_integer("repeats", 3, "Timed repeats (the median is reported).")
-flags.DEFINE_list("history_dims", ["64"],
-                  "TowerConfig.history_dim of each timed variant of our model "
-                  "(0: pool the full item features, no projection).")
+flags.DEFINE_integer("steps", 10, "Steps per timed window.")
+flags.DEFINE_integer("repeats", 5, "Timed windows (the median is reported).")
+flags.DEFINE_enum("optimizer", "adagrad", ["adagrad", "adam"],
+                  "Optimizer of every model (the textbook setting is Adagrad; "
+                  "Keras's Adam updates its slots densely).")
+flags.DEFINE_integer("warmup_steps", 5, "Untimed steps before the first window.")
+flags.DEFINE_list("variants", None,
+                  "Variants of our model to time (default: all of VARIANTS).")
 flags.DEFINE_string("prepared_dir", None,
                     "Optional prepared data: also time the input pipeline.")
+
+# Variant of our model -> TowerConfig changes from the full model.
+VARIANTS = {
+    "all features": {},
+    "- history projection": {"history_dim": 0},
+    "- history": {"use_history": False},
+    "- audio, artist, album": {"use_audio": False, "use_artist_album": False},
+    "seed id only": {"use_history": False, "use_user_id": False,
+                     "use_audio": False, "use_artist_album": False,
+                     "use_example_age": False},
+}
 
 
 def synthetic_catalogue(num_items, num_users, rng) -> catalogue_lib.Catalogue:
@@ -108,16 +128,31 @@ def as_strings(batch):
           "item": tf.strings.as_string(batch[schema.TARGET_ITEM])}
 
 
-def examples_per_second(model, batches, steps, repeats, batch_size):
-  """Median examples/s of `fit` over repeats of `steps` steps each."""
+class _WindowTimer(tf.keras.callbacks.Callback):
+  """Times windows of `steps` steps after `warmup` untimed steps."""
+
+  def __init__(self, warmup: int, steps: int):
+    super().__init__()
+    self.warmup, self.steps = warmup, steps
+    self.window_seconds = []
+
+  def on_train_batch_end(self, batch, logs=None):
+    del logs  # The loss was fetched already: the step is complete.
+    if batch >= self.warmup and (batch - self.warmup) % self.steps == 0:
+      now = time.perf_counter()
+      if batch > self.warmup:
+        self.window_seconds.append(now - self._start)
+      self._start = now
+
+
+def examples_per_second(model, batches, steps, repeats, batch_size, warmup):
+  """Median examples/s over `repeats` windows of `steps` steps of one `fit`."""
   data = tf.data.Dataset.from_tensor_slices(
       {k: np.stack([b[k] for b in batches]) for k in batches[0]}).repeat()
-  model.fit(data, steps_per_epoch=3, epochs=1, verbose=0)  # trace + warm up
-  rates = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
-    rates.append(steps * batch_size / (time.perf_counter() - start))
+  timer = _WindowTimer(warmup, steps)
+  model.fit(data, steps_per_epoch=warmup + 1 + steps * repeats, epochs=1,
+            verbose=0, callbacks=[timer])
+  rates = [steps * batch_size / s for s in timer.window_seconds]
   return statistics.median(rates), rates
 
 
@@ -136,6 +171,12 @@ def pipeline_examples_per_second(prepared_dir, batch_size, history_length,
   return steps * batch_size / (time.perf_counter() - start)
 
 
+def _optimizer() -> tf.keras.optimizers.Optimizer:
+  if FLAGS.optimizer == "adam":
+    return tf.keras.optimizers.Adam(1e-3)
+  return tf.keras.optimizers.Adagrad(0.1)
+
+
 def main(argv):
   del argv
   rng = np.random.default_rng(0)
@@ -143,29 +184,32 @@ def main(argv):
   batches = synthetic_batches(catalogue, FLAGS.batch_size,
                               FLAGS.history_length, rng)
   print(f"{FLAGS.num_items} items, {FLAGS.num_users} users, batch "
-        f"{FLAGS.batch_size}, history {FLAGS.history_length}, Adagrad, "
-        f"{tf.config.threading.get_inter_op_parallelism_threads() or 'all'} "
-        f"threads, {os.cpu_count()} CPUs")
+        f"{FLAGS.batch_size}, history {FLAGS.history_length}, "
+        f"{FLAGS.optimizer}, "
+        f"{os.cpu_count()} CPUs; {FLAGS.repeats} windows of {FLAGS.steps} "
+        "steps per model", flush=True)
+  timing = (FLAGS.steps, FLAGS.repeats, FLAGS.batch_size, FLAGS.warmup_steps)
   rows = []
   tf.keras.utils.set_random_seed(0)
   textbook = TextbookModel(
       [str(i) for i in range(FLAGS.num_items)],
       [str(i) for i in range(FLAGS.num_users)])
-  textbook.compile(optimizer=tf.keras.optimizers.Adagrad(0.1))
+  textbook.compile(optimizer=_optimizer())
   rows.append(("textbook TFRS two-tower",) + examples_per_second(
-      textbook, [as_strings(b) for b in batches], FLAGS.steps, FLAGS.repeats,
-      FLAGS.batch_size))
-  for history_dim in FLAGS.history_dims:
-    ours = model_lib.TwoTowerModel(
-        catalogue, towers.TowerConfig(history_dim=int(history_dim)))
-    ours.compile(optimizer=tf.keras.optimizers.Adagrad(0.1))
-    rows.append((f"tfrs_yambda history_dim={history_dim}",) +
-                examples_per_second(ours, batches, FLAGS.steps, FLAGS.repeats,
-                                    FLAGS.batch_size))
-  print(f"\n{'model':<34}{'examples/s (median)':>20}  ratio  runs")
+      textbook, [as_strings(b) for b in batches], *timing))
+  for name in FLAGS.variants or VARIANTS:
+    ours = model_lib.TwoTowerModel(catalogue,
+                                   towers.TowerConfig(**VARIANTS[name]))
+    ours.compile(optimizer=_optimizer())
+    rows.append((f"tfrs_yambda, {name}",) +
+                examples_per_second(ours, batches, *timing))
+    print(f"  {rows[-1][0]}: {rows[-1][1]:,.0f} examples/s", flush=True)
+  print(f"\n| model | examples/s (median) | ms/step | x textbook | windows |")
+  print("|---|---|---|---|---|")
   for name, median, rates in rows:
-    print(f"{name:<34}{median:>20,.0f}  {median / rows[0][1]:5.2f}  " +
-          ", ".join(f"{r:,.0f}" for r in rates))
+    print(f"| {name} | {median:,.0f} | {1e3 * FLAGS.batch_size / median:.0f} "
+          f"| {median / rows[0][1]:.2f} | " +
+          " / ".join(f"{r:,.0f}" for r in rates) + " |")
   if FLAGS.prepared_dir:
     rate = pipeline_examples_per_second(FLAGS.prepared_dir, FLAGS.batch_size,
                                         FLAGS.history_length)
