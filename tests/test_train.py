@@ -41,7 +41,8 @@ def _total_steps(prepared, batch_size=256, epochs=2):
 def test_main_job_writes_results_logs_checkpoints_and_savedmodels(
     tiny_yambda, prepared, tmp_path):
   workdir = str(tmp_path)
-  subprocess.run(_train_command(workdir, tiny_yambda, prepared), cwd=_REPO,
+  subprocess.run(_train_command(workdir, tiny_yambda, prepared,
+                                "--profile_steps=3,4"), cwd=_REPO,
                  check=True, capture_output=True)
   results = _results(workdir)
   assert set(results) == {"model", "most_popular", "recent_popular",
@@ -50,6 +51,9 @@ def test_main_job_writes_results_logs_checkpoints_and_savedmodels(
   assert results["model"]["train_steps"] == _total_steps(prepared)
   assert glob.glob(os.path.join(workdir, "logs", "train", "events.out.*"))
   assert glob.glob(os.path.join(workdir, "logs", "metrics", "events.out.*"))
+  # The profiler's trace of steps 3-4, for TensorBoard's Profile tab.
+  assert glob.glob(os.path.join(workdir, "logs", "plugins", "profile",
+                                "*", "*.xplane.pb"))
   assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
   for kind in ("bruteforce", "scann"):
     assert os.path.exists(os.path.join(workdir, "export", f"yambda_{kind}",

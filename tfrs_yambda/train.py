@@ -87,6 +87,11 @@ flags.DEFINE_bool("eval_every_epoch", True,
                   "Evaluate the model after every epoch (TensorBoard).")
 flags.DEFINE_integer("checkpoint_every_steps", 500,
                      "Steps between backups an interrupted run resumes from.")
+flags.DEFINE_list("profile_steps", [],
+                  "Two step numbers FIRST,LAST: trace those training steps "
+                  "with TensorFlow's profiler into <workdir>/logs/plugins "
+                  "(TensorBoard's Profile tab, which needs "
+                  "`pip install tensorboard-plugin-profile`).")
 flags.DEFINE_bool("export", True, "Write the SavedModels after training.")
 flags.DEFINE_integer("export_k", 100, "Items returned by the SavedModels.")
 flags.DEFINE_string("model_name", "yambda", "Served model name prefix.")
@@ -188,6 +193,17 @@ class WarmupCosine(tf.keras.optimizers.schedules.LearningRateSchedule):
             "warmup_steps": self.warmup_steps}
 
 
+def _profile_batches():
+  """--profile_steps as TensorBoard's `profile_batch` (0: no profiling)."""
+  if not FLAGS.profile_steps:
+    return 0
+  steps = [int(step) for step in FLAGS.profile_steps]
+  if len(steps) != 2 or not 0 < steps[0] <= steps[1]:
+    raise app.UsageError(f"--profile_steps takes FIRST,LAST with 0 < FIRST "
+                         f"<= LAST, not {FLAGS.profile_steps}.")
+  return tuple(steps)
+
+
 def distribution_strategy() -> tf.distribute.Strategy:
   """MultiWorkerMirroredStrategy when TF_CONFIG names a cluster, else default."""
   cluster = json.loads(os.environ.get("TF_CONFIG", "{}")).get("cluster", {})
@@ -274,7 +290,8 @@ def train_and_evaluate():
       return {k: v for k, v in result.items() if k != "examples"}
 
     fit_callbacks += [
-        tf.keras.callbacks.TensorBoard(paths["logs"], update_freq=100),
+        tf.keras.callbacks.TensorBoard(paths["logs"], update_freq=100,
+                                       profile_batch=_profile_batches()),
         callbacks.ScalarLogger(
             os.path.join(paths["logs"], "metrics"),
             evaluate_model if FLAGS.eval_every_epoch else None,
