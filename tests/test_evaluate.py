@@ -1,4 +1,4 @@
-"""The Yambda protocol, coverage and popularity, the Recall@k plot, the projector."""
+"""Yambda protocol, coverage and popularity, Recall@k plot, projector."""
 
 import collections
 import glob
@@ -25,7 +25,7 @@ from tests.conftest import HISTORY_LENGTH
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-# --- Metrics over relevant sets ------------------------------------------------
+# --- Metrics over relevant sets ---------------------------------------------
 
 
 def test_set_metrics_on_known_lists():
@@ -95,7 +95,7 @@ def test_recall_curve_from_ranks():
       [1 / 3, 1 / 3, 2 / 3, 1])
 
 
-# --- The Yambda protocol's users, relevant sets and queries --------------------
+# --- The Yambda protocol's users, relevant sets and queries -----------------
 
 
 def test_relevant_sets_keep_only_users_seen_in_training():

@@ -64,7 +64,7 @@ def ranks_from_scores(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def recall_curve_ks(max_k: int, points: int = 60) -> np.ndarray:
-  """About `points` integer cut-offs from 1 to `max_k`, evenly spaced in log k."""
+  """About `points` integer cut-offs from 1 to `max_k`, even in log k."""
   max_k = max(int(max_k), 1)
   ks = np.round(np.logspace(0.0, np.log10(max_k), points)).astype(np.int64)
   return np.unique(np.clip(ks, 1, max_k))

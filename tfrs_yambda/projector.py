@@ -101,13 +101,14 @@ def write(model, catalogue: catalogue_lib.Catalogue, logs_dir: str,
   embedding.tensor_name = TENSOR_NAME
   embedding.metadata_path = "metadata.tsv"  # relative to the config file
   tb_projector.visualize_embeddings(tmp, config)
+  num_cold = int(np.sum(catalogue.item_train_count[indices] == 0))
   writer = tf.summary.create_file_writer(tmp)
   with writer.as_default(step=0):
     tf.summary.text("projector/selection", (
         f"{len(indices)} of {catalogue.num_items} catalogue items: the most "
         f"popular, plus up to {COLD_SHARE:.0%} of the slots for items never "
-        f"seen in training ({int(np.sum(catalogue.item_train_count[indices] == 0))} "
-        "shown). Colour by popularity_decile or cold."))
+        f"seen in training ({num_cold} shown). Colour by popularity_decile "
+        "or cold."))
   writer.close()
   shutil.rmtree(final, ignore_errors=True)
   os.replace(tmp, final)
