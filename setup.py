@@ -27,6 +27,8 @@ setuptools.setup(
         "pyarrow>=14",
         "numpy>=1.26",
         "absl-py>=2.0",
+        # eval/recall_at_k.png (Agg backend: no display needed).
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8"],

@@ -46,6 +46,44 @@ def test_model_ranks_match_numpy_ranks():
   np.testing.assert_array_equal(actual, expected)
 
 
+def test_model_top_k_comes_from_the_same_scores_as_the_ranks():
+  rng = np.random.default_rng(1)
+  queries = rng.normal(size=(6, 4)).astype(np.float32)
+  candidates = rng.normal(size=(30, 4)).astype(np.float32)
+  candidates[7] = candidates[3]  # a tie: the lower index comes first
+  targets = np.array([1, 3, 7, 29, 2, 5])
+  ranks, top = evaluate._ranks(tf.constant(queries), tf.constant(candidates),
+                               tf.constant(targets, tf.int64), 5)
+  np.testing.assert_array_equal(
+      ranks.numpy(), metrics.ranks_from_scores(queries @ candidates.T, targets))
+  scores = queries @ candidates.T
+  scores[:, 0] = -np.inf
+  expected = np.stack([np.lexsort((np.arange(30), -row))[:5] for row in scores])
+  np.testing.assert_array_equal(top.numpy(), expected)
+
+
+def _assert_top_k_agrees_with_ranks(baseline, seeds, k):
+  """Item j of a seed's top list must be the item that baseline ranks j + 1."""
+  top = np.asarray(baseline.top_k(seeds, k))
+  assert top.shape == (len(seeds), k)
+  for seed, items in zip(seeds, top):
+    np.testing.assert_array_equal(
+        baseline.ranks(np.full(k, seed), items), np.arange(1, k + 1))
+
+
+def test_baseline_top_k_lists_follow_their_ranks():
+  targets = np.array([1, 1, 1, 1, 3, 3, 3, 2, 5, 5])
+  ages = np.array([60, 60, 60, 60, 1, 1, 1, 2, 3, 3], np.float64)
+  seeds = np.array([2, 2, 2, 3, 1, 1, 5, 5, 1, 6])
+  for baseline in (baselines.MostPopular(8, targets),
+                   baselines.RecentPopular(8, targets, ages),
+                   baselines.SeedCooccurrence(8, seeds, targets)):
+    _assert_top_k_agrees_with_ranks(baseline, np.array([1, 2, 5, 7]), 7)
+  co = baselines.SeedCooccurrence(8, seeds, targets)
+  # After seed 1: 3 (twice), 5 (once), then by index 1, 2, 4.
+  np.testing.assert_array_equal(co.top_k(np.array([1]), 5), [[3, 5, 1, 2, 4]])
+
+
 def test_most_popular_and_recent_popular():
   # 5 indices (0 is unknown). Item 1 popular long ago, item 3 popular now.
   targets = np.array([1, 1, 1, 1, 3, 3, 3, 2])
@@ -79,3 +117,11 @@ def test_format_table_lists_every_retriever():
   assert table.splitlines()[1].split()[:3] == ["model", "0.5000", "1.0000"]
   cold = evaluate.format_table({"model": row}, (10, 100), prefix="cold_target_")
   assert cold.splitlines()[1].split()[:3] == ["model", "0.0000", "0.0000"]
+
+
+def test_format_table_marks_missing_values_and_skips_sections():
+  results = {"model": {"coverage@10": 0.25}, "oracle": {"recall@10": 0.5},
+             "recall_curve": {"k": [1]}, "test_targets": {"coverage": 0.1}}
+  table = evaluate.format_table(results, (10,), columns=["coverage@10"])
+  assert [line.split() for line in table.splitlines()] == [
+      ["retriever", "coverage@10"], ["model", "0.2500"], ["oracle", "-"]]

@@ -45,9 +45,22 @@ def test_main_job_writes_results_logs_checkpoints_and_savedmodels(
                                 "--profile_steps=3,4"), cwd=_REPO,
                  check=True, capture_output=True)
   results = _results(workdir)
-  assert set(results) == {"model", "most_popular", "recent_popular",
-                          "seed_cooccurrence", "oracle"}
+  retrievers = {"model", "most_popular", "recent_popular",
+                "seed_cooccurrence", "oracle"}
+  assert set(results) == retrievers | {"recall_curve", "test_targets",
+                                       "yambda_protocol"}
   assert results["model"]["recall@100"] > results["most_popular"]["recall@100"]
+  assert 0 < results["model"]["coverage@100"] <= 1
+  assert set(results["recall_curve"]) == retrievers | {"k"}
+  protocol = results["yambda_protocol"]
+  assert set(protocol["retrievers"]) == retrievers - {"oracle"}
+  assert protocol["users"] > 0 and protocol["ks"] == [10, 50, 100]
+  assert (protocol["retrievers"]["model"]["recall@100"] >
+          protocol["retrievers"]["most_popular"]["recall@100"])
+  with open(os.path.join(workdir, "eval", "recall_at_k.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  for name in ("projector_config.pbtxt", "metadata.tsv", "checkpoint"):
+    assert os.path.exists(os.path.join(workdir, "logs", "projector", name))
   assert results["model"]["train_steps"] == _total_steps(prepared)
   assert glob.glob(os.path.join(workdir, "logs", "train", "events.out.*"))
   assert glob.glob(os.path.join(workdir, "logs", "metrics", "events.out.*"))

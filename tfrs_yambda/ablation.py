@@ -81,7 +81,9 @@ def main(argv):
   for name in names:
     results = run_variant(name)
     rows[name] = results["model"]
-    baselines = {k: v for k, v in results.items() if k != "model"}
+    # Retriever rows only (results.json also holds other sections).
+    baselines = {k: v for k, v in results.items()
+                 if k != "model" and "mrr" in v}
   rows.update(baselines)  # the same test examples: one row each suffices
   os.makedirs(FLAGS.ablation_dir, exist_ok=True)
   path = os.path.join(FLAGS.ablation_dir, "ablation.json")

@@ -2,7 +2,8 @@
 
 Each baseline is fitted on the training examples (seed, target, example age)
 and returns, for test (seed, target) pairs, the rank of the target over the
-whole catalogue. Ties are broken by catalogue index, i.e. by popularity.
+whole catalogue, and for seeds, the top-k items of that same ordering. Ties
+are broken by catalogue index, i.e. by popularity.
 """
 
 import numpy as np
@@ -24,12 +25,19 @@ class MostPopular:
   name = "most_popular"
 
   def __init__(self, num_indices: int, train_targets: np.ndarray):
-    counts = np.bincount(train_targets, minlength=num_indices)
-    self._rank = _rank_of_each_item(counts)
+    self._set_scores(np.bincount(train_targets, minlength=num_indices))
+
+  def _set_scores(self, scores: np.ndarray) -> None:
+    self._rank = _rank_of_each_item(scores)
+    self._by_rank = np.argsort(self._rank)  # index 0 last
 
   def ranks(self, seeds: np.ndarray, targets: np.ndarray) -> np.ndarray:
     del seeds
     return self._rank[targets]
+
+  def top_k(self, seeds: np.ndarray, k: int) -> np.ndarray:
+    """The same k best items for every seed, int [len(seeds), k] (a view)."""
+    return np.broadcast_to(self._by_rank[:k], (len(seeds), k))
 
 
 class RecentPopular(MostPopular):
@@ -41,7 +49,7 @@ class RecentPopular(MostPopular):
                train_age_days: np.ndarray, half_life_days: float = 7.0):
     # pylint: disable=super-init-not-called
     decay = np.power(0.5, train_age_days / half_life_days)
-    self._rank = _rank_of_each_item(
+    self._set_scores(
         np.bincount(train_targets, weights=decay, minlength=num_indices))
 
 
@@ -59,6 +67,30 @@ class SeedCooccurrence:
     self._n = np.int64(num_indices)
     keys = train_seeds.astype(np.int64) * self._n + train_targets
     self._keys, self._counts = np.unique(keys, return_counts=True)
+
+  def _row(self, seed: int):
+    """The items played after `seed` and their counts (items ascending)."""
+    start, stop = np.searchsorted(self._keys, [seed * self._n,
+                                               (seed + 1) * self._n])
+    return self._keys[start:stop] - seed * self._n, self._counts[start:stop]
+
+  def top_k(self, seeds: np.ndarray, k: int) -> np.ndarray:
+    """The k best items after each seed, int [len(seeds), k].
+
+    Co-occurring items by count (ties by index), then the others by index,
+    as `ranks` orders them; each distinct seed's list is built once.
+    """
+    unique, inverse = np.unique(np.asarray(seeds, np.int64),
+                                return_inverse=True)
+    lists = np.empty((len(unique), k), np.int64)
+    for row, seed in enumerate(unique):
+      items, counts = self._row(int(seed))
+      listed = items[np.lexsort((items, -counts))][:k]
+      # Fill from indices 1.. in order, skipping those already listed.
+      fill = np.arange(1, k + len(items) + 1)
+      fill = fill[~np.isin(fill, items)][:k - len(listed)]
+      lists[row] = np.concatenate([listed, fill])
+    return lists[inverse.reshape(-1)]
 
   def ranks(self, seeds: np.ndarray, targets: np.ndarray) -> np.ndarray:
     seeds = seeds.astype(np.int64)

@@ -2,12 +2,19 @@
 
 All retrievers are scored on the very same test examples (every positive
 listen in the test window that has a seed), by the rank of the true next
-track among all catalogue items; see `tfrs_yambda.metrics`.
+track among all catalogue items; see `tfrs_yambda.metrics`. The model and the
+baselines also report what they retrieve: Coverage@k and the mean popularity
+percentile of their top-k items, beside the same for the test targets, so a
+popularity bias is visible. The Yambda authors' protocol (one query per user,
+all test-day listens relevant) is `tfrs_yambda.yambda_protocol`.
+
+`evaluate` returns one row per retriever plus the sections named in
+`SECTIONS`; `retrievers` picks the rows.
 """
 
 import json
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,6 +28,17 @@ from tfrs_yambda import schema
 
 # Bound on the scores matrix of one query batch (floats), to cap memory.
 _MAX_SCORES_PER_BATCH = 1 << 25
+# Queries per baseline top-k call (their lists are int64 [batch, k]).
+_BASELINE_BATCH = 4096
+# Results entries that are not retrievers.
+SECTIONS = ("recall_curve", "test_targets", "yambda_protocol")
+# Largest k of the Recall@k curve (capped at the catalogue size).
+CURVE_MAX_K = 1000
+
+
+def retrievers(results: Dict[str, Dict]) -> Dict[str, Dict]:
+  """The retriever rows of `evaluate`'s results (without `SECTIONS`)."""
+  return {k: v for k, v in results.items() if k not in SECTIONS}
 
 
 def collect(dataset: tf.data.Dataset, keys: Sequence[str]) -> Dict[str, np.ndarray]:
@@ -39,29 +57,80 @@ def candidate_embeddings(model, num_indices: int,
   return tf.concat([model.candidate_tower(b) for b in items], axis=0)
 
 
-@tf.function(reduce_retracing=True)
-def _ranks(queries: tf.Tensor, candidates: tf.Tensor,
-           targets: tf.Tensor) -> tf.Tensor:
+def _scores(queries: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:
+  """Query-candidate scores, [batch, num_indices]; index 0 is never a hit."""
   scores = tf.matmul(queries, candidates, transpose_b=True)
+  index = tf.range(tf.shape(candidates)[0])
+  return tf.where(index[tf.newaxis, :] == 0, -np.inf, scores)
+
+
+@tf.function(reduce_retracing=True)
+def _ranks(queries: tf.Tensor, candidates: tf.Tensor, targets: tf.Tensor,
+           k: int = 0):
+  """Ranks of `targets`, and with k > 0 also the top-k indices, [batch, k].
+
+  Ties rank by index in both, so the top k are the items of ranks 1..k.
+  """
+  scores = _scores(queries, candidates)
   index = tf.range(tf.shape(candidates)[0], dtype=targets.dtype)
-  scores = tf.where(index[tf.newaxis, :] == 0, -np.inf, scores)
   target_scores = tf.gather(scores, targets, batch_dims=1)[:, tf.newaxis]
   ahead = (scores > target_scores) | ((scores == target_scores) & (
       index[tf.newaxis, :] < targets[:, tf.newaxis]))
-  return 1 + tf.reduce_sum(tf.cast(ahead, tf.int64), axis=1)
+  ranks = 1 + tf.reduce_sum(tf.cast(ahead, tf.int64), axis=1)
+  if not k:
+    return ranks
+  return ranks, tf.math.top_k(scores, k, sorted=True).indices
 
 
-def model_ranks(model, test: Dict[str, np.ndarray],
-                candidates: tf.Tensor) -> np.ndarray:
-  """Rank of each test example's target under the model's scores."""
-  batch_size = max(1, min(4096, _MAX_SCORES_PER_BATCH // candidates.shape[0]))
+@tf.function(reduce_retracing=True)
+def _top_k(queries: tf.Tensor, candidates: tf.Tensor, k: int) -> tf.Tensor:
+  return tf.math.top_k(_scores(queries, candidates), k, sorted=True).indices
+
+
+def _query_batch_size(num_indices: int) -> int:
+  return max(1, min(4096, _MAX_SCORES_PER_BATCH // num_indices))
+
+
+def model_ranks(model, test: Dict[str, np.ndarray], candidates: tf.Tensor,
+                retrieved: Optional[metrics.RetrievedItemStats] = None
+                ) -> np.ndarray:
+  """Rank of each test example's target under the model's scores.
+
+  With `retrieved`, each batch's top-max(k) lists are added to it, from the
+  same scores (one matrix product per batch either way).
+  """
   features = {k: test[k] for k in schema.QUERY_FEATURES}
   features[schema.TARGET_ITEM] = test[schema.TARGET_ITEM]
+  k = retrieved.ks[-1] if retrieved else 0
   ranks = []
-  for batch in tf.data.Dataset.from_tensor_slices(features).batch(batch_size):
+  for batch in tf.data.Dataset.from_tensor_slices(features).batch(
+      _query_batch_size(candidates.shape[0])):
     queries = model.query_tower(batch)
-    ranks.append(_ranks(queries, candidates, batch[schema.TARGET_ITEM]).numpy())
+    out = _ranks(queries, candidates, batch[schema.TARGET_ITEM], k)
+    if retrieved:
+      out, top = out
+      retrieved.add(top.numpy())
+    ranks.append(out.numpy())
   return np.concatenate(ranks) if ranks else np.zeros([0], np.int64)
+
+
+def model_top_k(model, queries: Dict[str, np.ndarray], candidates: tf.Tensor,
+                k: int) -> np.ndarray:
+  """The model's top-k catalogue indices for each query, int [n, k]."""
+  top = []
+  for batch in tf.data.Dataset.from_tensor_slices(queries).batch(
+      _query_batch_size(candidates.shape[0])):
+    top.append(_top_k(model.query_tower(batch), candidates, k).numpy())
+  return (np.concatenate(top).astype(np.int64) if top
+          else np.zeros([0, k], np.int64))
+
+
+def baseline_retrieved(baseline, seeds: np.ndarray,
+                       retrieved: metrics.RetrievedItemStats) -> None:
+  """Adds a baseline's top lists for `seeds` to `retrieved`, in batches."""
+  for start in range(0, len(seeds), _BASELINE_BATCH):
+    retrieved.add(baseline.top_k(seeds[start:start + _BASELINE_BATCH],
+                                 retrieved.ks[-1]))
 
 
 def oracle_path(catalogue: catalogue_lib.Catalogue) -> Optional[str]:
@@ -99,60 +168,138 @@ def load_examples(prepared_dir: str, split: str, history_length: int,
   return collect(dataset, keys or list(schema.example_spec(1)))
 
 
-def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
-             history_length: int, rule: input_pipeline.ExampleRule,
-             ks: Sequence[int] = metrics.DEFAULT_KS,
-             with_baselines: bool = True,
-             recent_half_life_days: float = 7.0) -> Dict[str, Dict]:
-  """Metrics for the model and (optionally) the baselines and the oracle."""
-  test = load_examples(prepared_dir, "test", history_length, rule)
+def fit_baselines(catalogue: catalogue_lib.Catalogue, prepared_dir: str,
+                  history_length: int, rule: input_pipeline.ExampleRule,
+                  recent_half_life_days: float = 7.0) -> List:
+  """The baselines, fitted on the training examples (one pass over them)."""
   num_indices = catalogue.num_items + 1
-  # Targets never seen in training are retrievable only by content features.
-  cold = catalogue.item_train_count[test[schema.TARGET_ITEM]] == 0
-
-  def scored(ranks, keep=None):
-    keep = np.ones(len(ranks), bool) if keep is None else keep
-    result = metrics.rank_metrics(ranks[keep], ks)
-    for name, value in metrics.rank_metrics(ranks[keep & cold], ks).items():
-      result[f"cold_target_{name}"] = value
-    return result
-
-  results = {"model": scored(
-      model_ranks(model, test, candidate_embeddings(model, num_indices)))}
-  if not with_baselines:
-    return results
-
   train = load_examples(prepared_dir, "train", history_length, rule,
                         age_reference=catalogue.metadata["train_end"],
                         keys=[schema.SEED_ITEM, schema.TARGET_ITEM,
                               schema.EXAMPLE_AGE])
-  seeds, targets = test[schema.SEED_ITEM], test[schema.TARGET_ITEM]
-  for baseline in (
+  return [
       baselines.MostPopular(num_indices, train[schema.TARGET_ITEM]),
       baselines.RecentPopular(num_indices, train[schema.TARGET_ITEM],
                               train[schema.EXAMPLE_AGE],
                               recent_half_life_days),
       baselines.SeedCooccurrence(num_indices, train[schema.SEED_ITEM],
-                                 train[schema.TARGET_ITEM])):
-    results[baseline.name] = scored(baseline.ranks(seeds, targets))
+                                 train[schema.TARGET_ITEM]),
+  ]
 
-  path = oracle_path(catalogue)
-  if path:
-    ranks = oracle_ranks(path, catalogue, test)
-    known = ranks > 0
-    results["oracle"] = scored(ranks, keep=known)
-    results["oracle"]["coverage_of_test_examples"] = float(known.mean())
+
+def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
+             history_length: int, rule: input_pipeline.ExampleRule,
+             ks: Sequence[int] = metrics.DEFAULT_KS,
+             with_baselines: bool = True,
+             recent_half_life_days: float = 7.0,
+             fitted_baselines: Optional[Sequence] = None) -> Dict[str, Dict]:
+  """Metrics for the model and (optionally) the baselines and the oracle.
+
+  Returns:
+    One row per retriever ("model", each baseline's name, "oracle" on
+    generated data): Recall@k, NDCG@k, MRR, the same on cold targets
+    ("cold_target_" + name), and, except for the oracle (which has ranks but
+    no lists), "coverage@k" and "popularity@k" (see
+    `metrics.RetrievedItemStats`). Sections: "test_targets" (the targets'
+    own coverage and mean popularity percentile) and "recall_curve" ({"k":
+    cut-offs from 1 to CURVE_MAX_K, retriever: Recall@k at each}).
+  """
+  test = load_examples(prepared_dir, "test", history_length, rule)
+  num_indices = catalogue.num_items + 1
+  # Targets never seen in training are retrievable only by content features.
+  cold = catalogue.item_train_count[test[schema.TARGET_ITEM]] == 0
+  popularity = metrics.popularity_percentile(catalogue.item_train_count)
+  list_ks = [min(k, catalogue.num_items) for k in ks]
+  curve_ks = metrics.recall_curve_ks(min(CURVE_MAX_K, catalogue.num_items))
+  curves = {"k": curve_ks.tolist()}
+
+  def scored(name, ranks, retrieved=None, keep=None):
+    keep = np.ones(len(ranks), bool) if keep is None else keep
+    result = metrics.rank_metrics(ranks[keep], ks)
+    for metric, value in metrics.rank_metrics(ranks[keep & cold], ks).items():
+      result[f"cold_target_{metric}"] = value
+    if retrieved:
+      result.update(_named_by_ks(retrieved.result(), list_ks, ks))
+    curves[name] = metrics.recall_curve(ranks[keep], curve_ks).tolist()
+    return result
+
+  retrieved = metrics.RetrievedItemStats(list_ks, popularity)
+  results = {"model": scored("model", model_ranks(
+      model, test, candidate_embeddings(model, num_indices), retrieved),
+                             retrieved)}
+  if with_baselines:
+    if fitted_baselines is None:
+      fitted_baselines = fit_baselines(catalogue, prepared_dir,
+                                       history_length, rule,
+                                       recent_half_life_days)
+    seeds, targets = test[schema.SEED_ITEM], test[schema.TARGET_ITEM]
+    for baseline in fitted_baselines:
+      retrieved = metrics.RetrievedItemStats(list_ks, popularity)
+      baseline_retrieved(baseline, seeds, retrieved)
+      results[baseline.name] = scored(
+          baseline.name, baseline.ranks(seeds, targets), retrieved)
+
+    path = oracle_path(catalogue)
+    if path:
+      ranks = oracle_ranks(path, catalogue, test)
+      known = ranks > 0
+      results["oracle"] = scored("oracle", ranks, keep=known)
+      results["oracle"]["coverage_of_test_examples"] = float(known.mean())
+  targets = test[schema.TARGET_ITEM]
+  results["test_targets"] = {
+      "examples": int(len(targets)),
+      "distinct_items": int(len(np.unique(targets))),
+      "coverage": float(len(np.unique(targets))) / max(catalogue.num_items, 1),
+      "popularity": float(popularity[targets].mean()) if len(targets)
+                    else float("nan"),
+  }
+  results["recall_curve"] = curves
   return results
 
 
+def _named_by_ks(values: Dict[str, float], list_ks: Sequence[int],
+                 ks: Sequence[int]) -> Dict[str, float]:
+  """Renames "metric@<capped k>" to "metric@<requested k>"."""
+  out = {}
+  for capped, k in zip(list_ks, ks):
+    for metric in ("coverage", "popularity"):
+      out[f"{metric}@{k}"] = values[f"{metric}@{capped}"]
+  return out
+
+
+def retrieved_table(results: Dict[str, Dict], ks: Sequence[int]) -> str:
+  """Coverage@k and popularity@k of each retriever, then the test targets."""
+  table = format_table(
+      results, ks, columns=[f"coverage@{k}" for k in ks] +
+      [f"popularity@{k}" for k in ks])
+  targets = results.get("test_targets")
+  if targets:
+    table += (f"\ntest targets: {targets['distinct_items']} distinct items "
+              f"in {targets['examples']} examples (coverage "
+              f"{targets['coverage']:.4f}), mean popularity percentile "
+              f"{targets['popularity']:.4f}")
+  return table
+
+
 def format_table(results: Dict[str, Dict], ks: Sequence[int],
-                 prefix: str = "") -> str:
-  """A text table of the retrievers' metrics (those named `prefix` + metric)."""
-  columns = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
-  lines = ["{:<20}".format("retriever") + "".join(f"{c:>11}" for c in columns)]
-  for name, row in results.items():
-    lines.append("{:<20}".format(name) + "".join(
-        f"{row.get(prefix + c, float('nan')):>11.4f}" for c in columns))
+                 prefix: str = "", columns: Sequence[str] = None) -> str:
+  """A text table of the retrievers' metrics (those named `prefix` + metric).
+
+  Columns default to Recall@k, NDCG@k and MRR; a retriever without a value
+  (e.g. the oracle's coverage) shows "-".
+  """
+  columns = columns or ([f"recall@{k}" for k in ks] +
+                        [f"ndcg@{k}" for k in ks] + ["mrr"])
+  width = max(11, max(len(c) for c in columns) + 2)
+  lines = ["{:<20}".format("retriever") + "".join(
+      f"{c:>{width}}" for c in columns)]
+  for name, row in retrievers(results).items():
+    cells = []
+    for c in columns:
+      value = row.get(prefix + c)
+      cells.append(f"{value:>{width}.4f}" if value is not None
+                   else f"{'-':>{width}}")
+    lines.append("{:<20}".format(name) + "".join(cells))
   return "\n".join(lines)
 
 

@@ -5,9 +5,13 @@ r"""The main job: (generate) -> prep -> train -> evaluate -> export.
 Everything is written under --workdir (or the explicit paths):
   <workdir>/yambda/      the generated dataset (only with --generate)
   <workdir>/prepared/    catalogue + TFRecords (reused when up to date)
-  <workdir>/logs/        TensorBoard: loss, learning rate, eval Recall@k
+  <workdir>/logs/        TensorBoard: loss, learning rate, eval Recall@k,
+                         logs/projector/: item embeddings for the Projector
   <workdir>/checkpoints/ the trained weights
-  <workdir>/eval/results.json  Recall@k / NDCG@k / MRR of model and baselines
+  <workdir>/eval/results.json  next-track Recall@k / NDCG@k / MRR, coverage
+                         and popularity of model and baselines; the Yambda
+                         protocol's metrics ("yambda_protocol")
+  <workdir>/eval/recall_at_k.png  Recall@k against k for every retriever
   <workdir>/export/      SavedModels (BruteForce and ScaNN) for TF Serving
 """
 
@@ -31,7 +35,10 @@ from tfrs_yambda import evaluate
 from tfrs_yambda import input_pipeline
 from tfrs_yambda import metrics
 from tfrs_yambda import model as model_lib
+from tfrs_yambda import plots
+from tfrs_yambda import projector
 from tfrs_yambda import towers
+from tfrs_yambda import yambda_protocol
 
 FLAGS = flags.FLAGS
 
@@ -83,6 +90,15 @@ flags.DEFINE_bool("use_example_weights", True,
 flags.DEFINE_list("eval_ks", ["10", "100", "500"], "Recall@k cut-offs.")
 flags.DEFINE_float("recent_half_life_days", 7.0,
                    "Half-life of the recent-popularity baseline.")
+flags.DEFINE_bool("yambda_protocol", True,
+                  "Also score the Yambda authors' protocol: one query per "
+                  "user from their state at the end of training, all their "
+                  "test-window Listen+ items relevant.")
+flags.DEFINE_list("protocol_ks", [str(k) for k in yambda_protocol.DEFAULT_KS],
+                  "Cut-offs of the Yambda protocol (its top list is max k).")
+flags.DEFINE_integer("projector_items", 20_000,
+                     "Items written for TensorBoard's embedding projector "
+                     "(most popular first, up to a tenth cold); 0: none.")
 flags.DEFINE_bool("eval_every_epoch", True,
                   "Evaluate the model after every epoch (TensorBoard).")
 flags.DEFINE_integer("checkpoint_every_steps", 500,
@@ -311,22 +327,32 @@ def train_and_evaluate():
   manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
                                        paths["checkpoints"], max_to_keep=3)
   manager.save(checkpoint_number=steps)
+  fitted_baselines = evaluate.fit_baselines(
+      catalogue, paths["prepared"], history_length, rule,
+      FLAGS.recent_half_life_days)
   results = evaluate.evaluate(model, catalogue, paths["prepared"],
                               history_length, rule, ks,
-                              recent_half_life_days=FLAGS.recent_half_life_days)
+                              fitted_baselines=fitted_baselines)
   callbacks.log_final_metrics(os.path.join(paths["logs"], "metrics"), steps,
                               results["model"])
   results["model"]["train_steps"] = steps
   results["model"]["resumed_from_step"] = progress.first_step
   results["model"]["train_seconds_this_run"] = round(train_seconds, 1)
+  if FLAGS.yambda_protocol:
+    results["yambda_protocol"] = yambda_protocol.evaluate(
+        model, catalogue, paths["prepared"], history_length, rule,
+        fitted_baselines, [int(k) for k in FLAGS.protocol_ks])
   evaluate.write_json(results, os.path.join(paths["eval"], "results.json"))
-  print("\nNext-track retrieval over the whole catalogue "
-        f"({catalogue.num_items} items, "
-        f"{results['model']['examples']} test examples):")
-  print(evaluate.format_table(results, ks))
-  print(f"\nTargets never seen in training "
-        f"({results['model']['cold_target_examples']} test examples):")
-  print(evaluate.format_table(results, ks, prefix="cold_target_"))
+  plot_path = os.path.join(paths["eval"], "recall_at_k.png")
+  plots.write_recall_plot(
+      results["recall_curve"], plot_path,
+      title=f"Next-track Recall@k over {catalogue.num_items} items")
+  print_results(results, ks, catalogue.num_items)
+  print(f"\nRecall@k plot: {plot_path}")
+  if FLAGS.projector_items > 0:
+    folder = projector.write(model, catalogue, paths["logs"],
+                             FLAGS.projector_items)
+    print(f"Item embeddings for TensorBoard's Projector tab: {folder}")
 
   if not FLAGS.export:
     return results, {}
@@ -337,6 +363,28 @@ def train_and_evaluate():
     print(f"SavedModel ({kind}): {path}")
   print(f"TensorBoard: tensorboard --logdir {paths['logs']}")
   return results, exported
+
+
+def print_results(results, ks, num_items) -> None:
+  """Prints the evaluation tables."""
+  print(f"\nNext-track retrieval over the whole catalogue ({num_items} "
+        f"items, {results['model']['examples']} test examples):")
+  print(evaluate.format_table(results, ks))
+  print(f"\nTargets never seen in training "
+        f"({results['model']['cold_target_examples']} test examples):")
+  print(evaluate.format_table(results, ks, prefix="cold_target_"))
+  print("\nWhat each retriever retrieves: coverage@k (distinct items in all "
+        "top-k lists / catalogue)\nand popularity@k (mean training-count "
+        "percentile of the top-k items; 1 = most played):")
+  print(evaluate.retrieved_table(results, ks))
+  protocol = results.get("yambda_protocol")
+  if protocol:
+    print(f"\nYambda protocol: {protocol['users']} users seen in training, "
+          f"one query each from their state at the end of training, "
+          f"{protocol['mean_relevant_items']:.1f} relevant items on average "
+          f"({protocol['users_unseen_in_training']} users unseen in training "
+          "left out):")
+    print(yambda_protocol.format_table(protocol))
 
 
 def main(argv):
