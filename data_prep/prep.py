@@ -93,6 +93,8 @@ _EXECUTION_FIELDS = ("num_workers", "runner", "read_batch_rows")
 _DENSE_ID_LIMIT = 1 << 28
 # Rows per batch of audio embeddings (128 floats each).
 _AUDIO_BATCH_ROWS = 65536
+# Bucket (item, length) keys merged into the catalogue in one sort, at least.
+_MERGE_MIN_KEYS = 4_000_000
 
 
 class PrepConfig:
@@ -615,20 +617,35 @@ def stats_unit(work_root: str, split: Dict[str, int], config: PrepConfig,
 
 
 def _merge_stats(work: _Work, num_buckets: int):
-  """Merges all bucket stats; memory grows with items and users, not events."""
+  """Merges all bucket stats; memory grows with items and users, not events.
+
+  Bucket keys wait in a batch until they outnumber the keys merged so far
+  (or _MERGE_MIN_KEYS): each sort then at least halves what it reads again,
+  so the merge costs O(total keys log) rather than one full sort per bucket,
+  which at hundreds of buckets would dominate the pass.
+  """
   keys = np.zeros(0, np.uint64)
   key_listens = key_train = np.zeros(0, np.int64)
+  pending, pending_keys = [], 0
   uids, user_train, counts = [], [], {}
+
+  def merged():
+    parts = [(keys, key_listens, key_train)] + pending
+    return _reduce_keys(*(np.concatenate(column) for column in zip(*parts)))
+
   for bucket in range(num_buckets):
     with np.load(work.bucket_stats(bucket)) as z:
-      keys, key_listens, key_train = _reduce_keys(
-          np.concatenate([keys, z["keys"]]),
-          np.concatenate([key_listens, z["key_listens"]]),
-          np.concatenate([key_train, z["key_train"]]))
+      pending.append((z["keys"], z["key_listens"], z["key_train"]))
+      pending_keys += len(z["keys"])
       uids.append(z["uids"])  # a user lives in one bucket
       user_train.append(z["user_train"])
       for k, v in json.loads(str(z["counts"])).items():
         counts[k] = counts.get(k, 0) + v
+    if pending_keys >= max(len(keys), _MERGE_MIN_KEYS):
+      keys, key_listens, key_train = merged()
+      pending, pending_keys = [], 0
+  if pending:
+    keys, key_listens, key_train = merged()
   return (keys, key_listens, key_train, np.concatenate(uids),
           np.concatenate(user_train), counts)
 

@@ -163,6 +163,30 @@ def test_shards_run_stage_by_stage_give_the_same_examples(
   _assert_same_examples(out, prepared, catalogue)
 
 
+def test_catalogue_merge_in_batches_equals_one_sort(
+    tiny_yambda, prep_config, tmp_path, monkeypatch):
+  config = _small_units(prep_config)
+  out = str(tmp_path / "out")
+  for stage in ("scan", "stats"):
+    for shard in range(config.num_shards):
+      prep.prepare(tiny_yambda, "tiny", out, config, stage=stage,
+                   shard_index=shard)
+  work = prep._Work(out)
+  with open(work.job) as f:
+    num_buckets = json.load(f)["num_buckets"]
+  assert num_buckets >= 4
+  buckets = [np.load(work.bucket_stats(b)) for b in range(num_buckets)]
+  one_sort = prep._reduce_keys(
+      *(np.concatenate([z[k] for z in buckets])
+        for k in ("keys", "key_listens", "key_train")))
+  # Merging after every bucket, in a few batches, and once at the end.
+  for min_keys in (0, 300, 10**9):
+    monkeypatch.setattr(prep, "_MERGE_MIN_KEYS", min_keys)
+    merged = prep._merge_stats(work, num_buckets)
+    for got, want in zip(merged[:3], one_sort):
+      np.testing.assert_array_equal(got, want)
+
+
 def test_encoded_examples_parse_as_tf_examples():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   values = np.array([0, 1, 127, 128, 300, 2**31, 2**40, 5], np.int64)
