@@ -125,3 +125,28 @@ def test_format_table_marks_missing_values_and_skips_sections():
   table = evaluate.format_table(results, (10,), columns=["coverage@10"])
   assert [line.split() for line in table.splitlines()] == [
       ["retriever", "coverage@10"], ["model", "0.2500"], ["oracle", "-"]]
+
+
+def test_training_counts_added_in_batches_equal_the_array_baselines(
+    monkeypatch):
+  rng = np.random.default_rng(3)
+  n = 40
+  seeds, targets = rng.integers(1, n, 500), rng.integers(1, n, 500)
+  ages = rng.uniform(0, 30, 500)
+  # Tiny merges, so that pending and merged pairs combine several times.
+  monkeypatch.setattr(baselines.TrainingCounts, "min_pending_pairs", 16)
+  counts = baselines.TrainingCounts(n, half_life_days=7)
+  for start in range(0, 500, 37):
+    part = slice(start, start + 37)
+    counts.add(seeds[part], targets[part], ages[part])
+  streamed = counts.baselines()
+  reference = [baselines.MostPopular(n, targets),
+               baselines.RecentPopular(n, targets, ages, half_life_days=7),
+               baselines.SeedCooccurrence(n, seeds, targets)]
+  query_seeds, query_targets = rng.integers(1, n, 200), rng.integers(1, n, 200)
+  for got, want in zip(streamed, reference):
+    assert got.name == want.name
+    np.testing.assert_array_equal(got.ranks(query_seeds, query_targets),
+                                  want.ranks(query_seeds, query_targets))
+    np.testing.assert_array_equal(got.top_k(query_seeds[:20], 10),
+                                  want.top_k(query_seeds[:20], 10))

@@ -19,6 +19,12 @@ def _rank_of_each_item(scores: np.ndarray) -> np.ndarray:
   return rank
 
 
+def pair_keys(num_indices: int, seeds: np.ndarray,
+              targets: np.ndarray) -> np.ndarray:
+  """One int64 per (seed, target) pair, ordered by seed, then target."""
+  return seeds.astype(np.int64) * np.int64(num_indices) + targets
+
+
 class MostPopular:
   """Global most-popular: training positives per item."""
 
@@ -26,6 +32,13 @@ class MostPopular:
 
   def __init__(self, num_indices: int, train_targets: np.ndarray):
     self._set_scores(np.bincount(train_targets, minlength=num_indices))
+
+  @classmethod
+  def from_scores(cls, scores: np.ndarray) -> "MostPopular":
+    """The baseline for per-index scores accumulated elsewhere."""
+    baseline = cls.__new__(cls)
+    baseline._set_scores(scores)  # pylint: disable=protected-access
+    return baseline
 
   def _set_scores(self, scores: np.ndarray) -> None:
     self._rank = _rank_of_each_item(scores)
@@ -65,8 +78,17 @@ class SeedCooccurrence:
   def __init__(self, num_indices: int, train_seeds: np.ndarray,
                train_targets: np.ndarray):
     self._n = np.int64(num_indices)
-    keys = train_seeds.astype(np.int64) * self._n + train_targets
-    self._keys, self._counts = np.unique(keys, return_counts=True)
+    self._keys, self._counts = np.unique(
+        pair_keys(num_indices, train_seeds, train_targets), return_counts=True)
+
+  @classmethod
+  def from_pair_counts(cls, num_indices: int, keys: np.ndarray,
+                       counts: np.ndarray) -> "SeedCooccurrence":
+    """The baseline for sorted distinct `pair_keys` and their counts."""
+    baseline = cls.__new__(cls)
+    baseline._n = np.int64(num_indices)  # pylint: disable=protected-access
+    baseline._keys, baseline._counts = keys, counts  # pylint: disable=protected-access
+    return baseline
 
   def _row(self, seed: int):
     """The items played after `seed` and their counts (items ascending)."""
@@ -111,3 +133,57 @@ class SeedCooccurrence:
         # is never a candidate).
         ranks[i] = 1 + len(items) + (target - 1) - np.sum(items < target)
     return ranks
+
+
+class TrainingCounts:
+  """What the baselines learn from training examples, added batch by batch.
+
+  Memory grows with the catalogue and the distinct (seed, target) pairs, not
+  with the examples: at hundreds of millions of examples, collecting their
+  seeds, targets and ages first would take gigabytes.
+  """
+
+  # Pair keys pending before a merge, at least (see `_merge_pairs`).
+  min_pending_pairs = 1 << 22
+
+  def __init__(self, num_indices: int, half_life_days: float = 7.0):
+    self.num_indices = num_indices
+    self.half_life_days = half_life_days
+    self.popularity = np.zeros(num_indices, np.int64)
+    self.decayed = np.zeros(num_indices, np.float64)
+    self._keys = np.zeros(0, np.int64)
+    self._counts = np.zeros(0, np.int64)
+    self._pending = []
+    self._pending_size = 0
+
+  def add(self, seeds: np.ndarray, targets: np.ndarray,
+          age_days: np.ndarray) -> None:
+    self.popularity += np.bincount(targets, minlength=self.num_indices)
+    self.decayed += np.bincount(
+        targets, weights=np.power(0.5, age_days / self.half_life_days),
+        minlength=self.num_indices)
+    self._pending.append(pair_keys(self.num_indices, seeds, targets))
+    self._pending_size += len(targets)
+    # Merge once the pending keys outnumber the merged ones: each sort then at
+    # least halves what it re-reads.
+    if self._pending_size >= max(len(self._keys), self.min_pending_pairs):
+      self._merge_pairs()
+
+  def _merge_pairs(self) -> None:
+    pending = np.concatenate(self._pending) if self._pending else np.zeros(
+        0, np.int64)
+    keys, inverse = np.unique(np.concatenate([self._keys, pending]),
+                              return_inverse=True)
+    weights = np.concatenate([self._counts, np.ones(len(pending), np.int64)])
+    self._counts = np.bincount(inverse.reshape(-1), weights=weights,
+                               minlength=len(keys)).astype(np.int64)
+    self._keys = keys
+    self._pending, self._pending_size = [], 0
+
+  def baselines(self) -> list:
+    """MostPopular, RecentPopular and SeedCooccurrence from the counts."""
+    self._merge_pairs()
+    return [MostPopular.from_scores(self.popularity),
+            RecentPopular.from_scores(self.decayed),
+            SeedCooccurrence.from_pair_counts(self.num_indices, self._keys,
+                                              self._counts)]

@@ -171,20 +171,17 @@ def load_examples(prepared_dir: str, split: str, history_length: int,
 def fit_baselines(catalogue: catalogue_lib.Catalogue, prepared_dir: str,
                   history_length: int, rule: input_pipeline.ExampleRule,
                   recent_half_life_days: float = 7.0) -> List:
-  """The baselines, fitted on the training examples (one pass over them)."""
-  num_indices = catalogue.num_items + 1
-  train = load_examples(prepared_dir, "train", history_length, rule,
-                        age_reference=catalogue.metadata["train_end"],
-                        keys=[schema.SEED_ITEM, schema.TARGET_ITEM,
-                              schema.EXAMPLE_AGE])
-  return [
-      baselines.MostPopular(num_indices, train[schema.TARGET_ITEM]),
-      baselines.RecentPopular(num_indices, train[schema.TARGET_ITEM],
-                              train[schema.EXAMPLE_AGE],
-                              recent_half_life_days),
-      baselines.SeedCooccurrence(num_indices, train[schema.SEED_ITEM],
-                                 train[schema.TARGET_ITEM]),
-  ]
+  """The baselines, fitted on the training examples in one streaming pass."""
+  counts = baselines.TrainingCounts(catalogue.num_items + 1,
+                                    recent_half_life_days)
+  pattern = os.path.join(prepared_dir, "records", "train-*.tfrecord")
+  for batch in input_pipeline.batches(
+      pattern, 8192, history_length, rule,
+      age_reference=catalogue.metadata["train_end"], training=False):
+    counts.add(batch[schema.SEED_ITEM].numpy(),
+               batch[schema.TARGET_ITEM].numpy(),
+               batch[schema.EXAMPLE_AGE].numpy())
+  return counts.baselines()
 
 
 def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
