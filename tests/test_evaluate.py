@@ -3,6 +3,7 @@
 import collections
 import glob
 import os
+import types
 
 from matplotlib import image as mpimg
 import numpy as np
@@ -14,6 +15,7 @@ from google.protobuf import text_format
 
 from data_prep import yambda
 from tfrs_yambda import baselines
+from tfrs_yambda import evaluate
 from tfrs_yambda import input_pipeline
 from tfrs_yambda import metrics
 from tfrs_yambda import plots
@@ -257,3 +259,31 @@ def test_projector_files_are_consistent(trained_model, catalogue, tmp_path):
   assert [int(r[1]) for r in rows] == catalogue.item_ids[indices].tolist()
   assert glob.glob(os.path.join(folder, "events.out.tfevents.*"))
   assert not os.path.exists(folder + ".tmp")
+
+
+def test_target_kinds_are_exclusive_and_in_order():
+  # Indices 1..6; items 1, 2 on album 1 of artist 1, item 3 on album 2 of
+  # artist 1, items 4, 5 on album 3 of artist 2; item 6 has none (0).
+  catalogue = types.SimpleNamespace(
+      item_album=np.array([0, 1, 1, 2, 3, 3, 0]),
+      item_artist=np.array([0, 1, 1, 1, 2, 2, 0]))
+  test = {
+      schema.SEED_ITEM: np.array([1, 1, 1, 1, 1, 6, 4]),
+      schema.TARGET_ITEM: np.array([1, 2, 3, 4, 2, 6, 5]),
+      schema.HISTORY_ITEMS: np.array([[0, 0], [0, 0], [0, 0], [0, 0], [2, 0],
+                                      [0, 0], [0, 0]]),
+  }
+  kinds = evaluate.target_kinds(test, catalogue)
+  assert list(kinds) == ["replay of the seed", "in the history",
+                         "seed's album", "seed's artist", "other"]
+  expected = ["replay of the seed", "seed's album", "seed's artist", "other",
+              "in the history", "replay of the seed", "seed's album"]
+  for i, kind in enumerate(expected):
+    assert [name for name, mask in kinds.items() if mask[i]] == [kind]
+  by_kind = evaluate.recall_by_target_kind(
+      {"r": (np.array([1, 5, 50, 200, 2, 1, 1]), np.ones(7, bool))}, kinds,
+      [10, 100])
+  assert by_kind["share"]["seed's album"] == 2 / 7
+  assert by_kind["r"]["seed's album"] == {"recall@10": 1.0, "recall@100": 1.0}
+  assert by_kind["r"]["seed's artist"] == {"recall@10": 0.0, "recall@100": 1.0}
+  assert by_kind["r"]["other"] == {"recall@10": 0.0, "recall@100": 0.0}

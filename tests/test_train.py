@@ -48,7 +48,10 @@ def test_main_job_writes_results_logs_checkpoints_and_savedmodels(
   retrievers = {"model", "most_popular", "recent_popular",
                 "seed_cooccurrence", "oracle"}
   assert set(results) == retrievers | {"recall_curve", "test_targets",
-                                       "yambda_protocol"}
+                                       "yambda_protocol", "by_target_kind"}
+  by_kind = results["by_target_kind"]
+  assert set(by_kind) == retrievers | {"share"}
+  assert abs(sum(by_kind["share"].values()) - 1) < 1e-6
   assert results["model"]["recall@100"] > results["most_popular"]["recall@100"]
   assert 0 < results["model"]["coverage@100"] <= 1
   assert set(results["recall_curve"]) == retrievers | {"k"}

@@ -31,7 +31,7 @@ _MAX_SCORES_PER_BATCH = 1 << 25
 # Queries per baseline top-k call (their lists are int64 [batch, k]).
 _BASELINE_BATCH = 4096
 # Results entries that are not retrievers.
-SECTIONS = ("recall_curve", "test_targets", "yambda_protocol")
+SECTIONS = ("recall_curve", "test_targets", "yambda_protocol", "by_target_kind")
 # Largest k of the Recall@k curve (capped at the catalogue size).
 CURVE_MAX_K = 1000
 
@@ -210,8 +210,11 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
   curve_ks = metrics.recall_curve_ks(min(CURVE_MAX_K, catalogue.num_items))
   curves = {"k": curve_ks.tolist()}
 
+  kept_ranks = {}
+
   def scored(name, ranks, retrieved=None, keep=None):
     keep = np.ones(len(ranks), bool) if keep is None else keep
+    kept_ranks[name] = (ranks, keep)
     result = metrics.rank_metrics(ranks[keep], ks)
     for metric, value in metrics.rank_metrics(ranks[keep & cold], ks).items():
       result[f"cold_target_{metric}"] = value
@@ -251,7 +254,59 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
                     else float("nan"),
   }
   results["recall_curve"] = curves
+  results["by_target_kind"] = recall_by_target_kind(
+      kept_ranks, target_kinds(test, catalogue), ks)
   return results
+
+
+def target_kinds(test: Dict[str, np.ndarray],
+                 catalogue: catalogue_lib.Catalogue) -> Dict[str, np.ndarray]:
+  """Each test example's kind of target, by its relation to the query.
+
+  Exclusive, in this order: the seed itself (a replay); a track in the
+  history (a return to it); the seed's album; the seed's artist; anything
+  else. They separate what a retriever remembers from what it generalises.
+  """
+  seed, target = test[schema.SEED_ITEM], test[schema.TARGET_ITEM]
+  in_history = (test[schema.HISTORY_ITEMS] == target[:, np.newaxis]).any(1)
+  album, artist = catalogue.item_album, catalogue.item_artist
+  # Index 0 is "no album/artist": not a shared one.
+  same_album = (album[target] == album[seed]) & (album[target] > 0)
+  same_artist = (artist[target] == artist[seed]) & (artist[target] > 0)
+  kinds = {"replay of the seed": target == seed}
+  left = ~kinds["replay of the seed"]
+  for name, mask in (("in the history", in_history),
+                     ("seed's album", same_album),
+                     ("seed's artist", same_artist)):
+    kinds[name] = left & mask
+    left &= ~mask
+  kinds["other"] = left
+  return kinds
+
+
+def recall_by_target_kind(kept_ranks: Dict[str, tuple],
+                          kinds: Dict[str, np.ndarray],
+                          ks: Sequence[int]) -> Dict[str, Dict]:
+  """{"share": {kind: share of examples}, retriever: {kind: {recall@k}}}."""
+  out = {"share": {kind: float(mask.mean()) if len(mask) else 0.0
+                   for kind, mask in kinds.items()}}
+  for name, (ranks, keep) in kept_ranks.items():
+    out[name] = {kind: {f"recall@{k}": float(np.mean(ranks[mask & keep] <= k))
+                        if np.any(mask & keep) else float("nan")
+                        for k in ks}
+                 for kind, mask in kinds.items()}
+  return out
+
+
+def target_kind_table(by_kind: Dict[str, Dict], k: int) -> str:
+  """Recall@k of every retriever (columns) per kind of target (rows)."""
+  names = [n for n in by_kind if n != "share"]
+  lines = ["{:<22}{:>7}".format("target", "share") +
+           "".join(f"{n[:18]:>20}" for n in names)]
+  for kind, share in by_kind["share"].items():
+    lines.append("{:<22}{:>7.3f}".format(kind, share) + "".join(
+        f"{by_kind[n][kind][f'recall@{k}']:>20.4f}" for n in names))
+  return "\n".join(lines)
 
 
 def _named_by_ks(values: Dict[str, float], list_ks: Sequence[int],

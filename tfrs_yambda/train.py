@@ -373,6 +373,10 @@ def print_results(results, ks, num_items) -> None:
   print(f"\nTargets never seen in training "
         f"({results['model']['cold_target_examples']} test examples):")
   print(evaluate.format_table(results, ks, prefix="cold_target_"))
+  k = 100 if 100 in ks else ks[len(ks) // 2]
+  print(f"\nRecall@{k} by kind of target (what a retriever remembers and "
+        "what it generalises):")
+  print(evaluate.target_kind_table(results["by_target_kind"], k))
   print("\nWhat each retriever retrieves: coverage@k (distinct items in all "
         "top-k lists / catalogue)\nand popularity@k (mean training-count "
         "percentile of the top-k items; 1 = most played):")
