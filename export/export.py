@@ -53,11 +53,13 @@ class ServingQueryModel(tf.keras.Model):
 
   def call(self, inputs: Dict[str, tf.Tensor]) -> tf.Tensor:
     history = tf.cast(inputs[schema.SERVING_HISTORY_ITEM_IDS], tf.int64)
-    # Drop padding (negative ids), keep the most recent N, re-pad with index 0.
+    # Drop padding (negative ids), keep the most recent N, and pad with index 0
+    # at the front as training does (oldest first, the latest last).
     history = tf.ragged.boolean_mask(history, history >= 0)
     history = history[:, -self.history_length:]
-    history = tf.ragged.map_flat_values(self.item_lookup, history).to_tensor(
-        default_value=0, shape=[None, self.history_length])
+    history = tf.reverse(tf.reverse(
+        tf.ragged.map_flat_values(self.item_lookup, history), axis=[1]
+    ).to_tensor(default_value=0, shape=[None, self.history_length]), axis=[1])
     user = tf.cast(inputs[schema.SERVING_USER_ID], tf.int64)
     return self.query_tower({
         schema.USER_ID: user,

@@ -148,3 +148,29 @@ def test_saved_model_cli_shows_and_runs_the_signature(exported):
        "history_item_ids=[[3,-1]]"],
       capture_output=True, text=True, check=True).stdout
   assert "item_ids" in ran and "scores" in ran
+
+
+def test_serving_history_is_laid_out_as_in_training(catalogue):
+  """Oldest first, the latest N kept, index 0 padding in front."""
+  seen = {}
+
+  class Capture(tf.keras.Model):
+
+    def call(self, features):
+      seen.update(features)
+      return tf.zeros([tf.shape(features[schema.USER_ID])[0], 2])
+
+  query_model = export.ServingQueryModel(Capture(), catalogue,
+                                         history_length=4)
+  ids = catalogue.item_ids
+  unknown = int(ids.max()) + 1
+  query_model({
+      schema.SERVING_USER_ID: tf.constant([1, 1, 1], tf.int64),
+      schema.SERVING_SEED_ITEM_ID: tf.constant([ids[1]] * 3, tf.int64),
+      schema.SERVING_HISTORY_ITEM_IDS: tf.constant(
+          [[-1, -1, -1, -1, ids[3], ids[5]],
+           [ids[1], ids[2], ids[3], ids[4], ids[5], ids[6]],
+           [-1, -1, -1, ids[2], unknown, ids[7]]], tf.int64),
+  })
+  np.testing.assert_array_equal(seen[schema.HISTORY_ITEMS].numpy(),
+                                [[0, 0, 3, 5], [3, 4, 5, 6], [0, 2, 0, 7]])

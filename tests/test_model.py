@@ -88,11 +88,16 @@ def test_unknown_and_uncommon_ids_share_the_unknown_row(catalogue):
 def test_pooled_history_is_the_mean_of_item_features(catalogue):
   encoder = towers.ItemEncoder(catalogue, towers.TowerConfig(**SMALL_TOWERS))
   history = tf.constant([[0, 0, 4, 9], [0, 0, 0, 0], [2, 2, 2, 7]], tf.int64)
-  pooled = encoder.pooled(history).numpy()
+  pooled, recent = (p.numpy() for p in encoder.pooled(history, recent=2))
   features = encoder(tf.constant([4, 9, 2, 7], tf.int64)).numpy()
   np.testing.assert_allclose(pooled[0], features[:2].mean(0), atol=1e-6)
   np.testing.assert_allclose(pooled[1], 0.0)
   np.testing.assert_allclose(pooled[2], (3 * features[2] + features[3]) / 4,
+                             atol=1e-6)
+  # The last two slots alone: histories are oldest first.
+  np.testing.assert_allclose(recent[0], features[:2].mean(0), atol=1e-6)
+  np.testing.assert_allclose(recent[1], 0.0)
+  np.testing.assert_allclose(recent[2], (features[2] + features[3]) / 2,
                              atol=1e-6)
 
 

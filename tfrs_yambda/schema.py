@@ -48,7 +48,7 @@ RECORD_FEATURES = {
 # Query side.
 USER_ID = "user_id"                # raw uid, int64 []
 SEED_ITEM = "seed_item"            # item index, int64 []
-HISTORY_ITEMS = "history_items"    # item indices, int64 [N], 0-padded, oldest first
+HISTORY_ITEMS = "history_items"    # item indices, int64 [N], oldest first, 0-padded in front
 EXAMPLE_AGE = "example_age_days"   # float32 []: train end - event time; 0 at serving
 # Candidate side / label.
 TARGET_ITEM = "target_item"        # item index, int64 []

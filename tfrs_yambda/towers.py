@@ -6,6 +6,7 @@ from tables built from the catalogue, so serving needs nothing but ids.
 """
 
 import dataclasses
+from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -22,6 +23,9 @@ class TowerConfig:
   album_dim: int = 32
   user_dim: int = 32
   history_dim: int = 64       # history item width before pooling; 0: all
+  # The latest this many history items are also pooled on their own (the
+  # listener's current mood next to the long-term mean); 0: not.
+  recent_history: int = 0
   hidden_dim: int = 256
   output_dim: int = 64
   # Ids with fewer training positives share the "unknown" row; their content
@@ -92,23 +96,31 @@ class ItemEncoder(tf.keras.layers.Layer):
             self.tables, self._indices(items))] +
         [tf.gather(self.content, items)], axis=-1)
 
-  def pooled(self, items: tf.Tensor, projection=None) -> tf.Tensor:
-    """[batch, n] item indices -> [batch, width], the mean over indices > 0.
+  def pooled(self, items: tf.Tensor, projection=None,
+             recent: int = 0) -> Sequence[tf.Tensor]:
+    """[batch, n] item indices -> [[batch, width]], the mean over indices > 0.
 
     Popular tracks recur across a batch's histories, so each distinct item is
     looked up (and projected, if `projection` is given) once; a sparse segment
     mean then pools the rows without building the [batch, n, width] tensor,
     and the tables' gradients have one row per distinct item. Rows with no
-    items pool to zeros.
+    items pool to zeros. With `recent` > 0, a second mean over the last
+    `recent` slots (histories are oldest first, padded at the front) follows.
     """
     valid = tf.where(items > 0)
     distinct, position = tf.unique(tf.gather_nd(items, valid))
     features = self(distinct)
     if projection is not None:
       features = projection(features)
-    return tf.sparse.segment_mean(
-        features, position, valid[:, 0],
-        num_segments=tf.shape(items, out_type=tf.int64)[0])
+    rows = tf.shape(items, out_type=tf.int64)[0]
+    pooled = [tf.sparse.segment_mean(features, position, valid[:, 0],
+                                     num_segments=rows)]
+    if recent:
+      latest = valid[:, 1] >= tf.shape(items, out_type=tf.int64)[1] - recent
+      pooled.append(tf.sparse.segment_mean(
+          features, tf.boolean_mask(position, latest),
+          tf.boolean_mask(valid[:, 0], latest), num_segments=rows))
+    return pooled
 
 
 def _dense_item_features(catalogue: catalogue_lib.Catalogue,
@@ -169,8 +181,9 @@ class QueryTower(tf.keras.Model):
       # Padding and unknown items (index 0) neither count nor dilute the mean.
       count = tf.reduce_sum(tf.cast(history > 0, tf.float32), axis=1,
                             keepdims=True)
-      parts += [self.item_encoder.pooled(history, self.history_projection),
-                tf.math.log1p(count)]
+      parts += self.item_encoder.pooled(history, self.history_projection,
+                                        config.recent_history)
+      parts.append(tf.math.log1p(count))
     if config.use_example_age:
       age = tf.cast(features[schema.EXAMPLE_AGE], tf.float32)[:, tf.newaxis]
       parts += [age / self.age_scale, tf.math.log1p(age)]

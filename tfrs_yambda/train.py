@@ -71,6 +71,9 @@ flags.DEFINE_integer("album_dim", 32, "Album embedding width.")
 flags.DEFINE_integer("user_dim", 32, "User embedding width.")
 flags.DEFINE_integer("hidden_dim", 256, "Hidden layer width of each tower.")
 flags.DEFINE_integer("output_dim", 64, "Query / candidate embedding width.")
+flags.DEFINE_integer("recent_history", 0,
+                     "Also pool the latest this many history items on their "
+                     "own (0: only the whole history's mean).")
 flags.DEFINE_integer("min_item_count", 1,
                      "Items with fewer training positives share one id row.")
 flags.DEFINE_integer("min_user_count", 1,
@@ -168,6 +171,7 @@ def tower_config() -> towers.TowerConfig:
       item_id_dim=FLAGS.item_id_dim, artist_dim=FLAGS.artist_dim,
       album_dim=FLAGS.album_dim, user_dim=FLAGS.user_dim,
       hidden_dim=FLAGS.hidden_dim, output_dim=FLAGS.output_dim,
+      recent_history=FLAGS.recent_history,
       min_item_count=FLAGS.min_item_count,
       min_user_count=FLAGS.min_user_count,
       use_user_id=FLAGS.use_user_id, use_seed=FLAGS.use_seed,
@@ -181,7 +185,8 @@ _HPARAM_FLAGS = ("batch_size", "epochs", "optimizer", "learning_rate",
                  "temperature", "logq_correction", "use_example_weights",
                  "use_user_id", "use_seed", "use_history", "use_audio",
                  "use_artist_album", "use_example_age", "min_item_count",
-                 "min_user_count", "history_length", "output_dim")
+                 "min_user_count", "history_length", "output_dim",
+                 "recent_history")
 
 
 def hparams():
