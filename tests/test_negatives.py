@@ -212,7 +212,8 @@ def test_estimator_state_is_checkpointed_with_the_model(prepared, catalogue,
     model.train_step(batch)
   path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
   restored = _model(catalogue, sampling_probability="streaming")
-  tf.train.Checkpoint(model=restored).restore(path).assert_existing_objects_matched()
+  tf.train.Checkpoint(model=restored).restore(
+      path).assert_existing_objects_matched()
   saved, loaded = model.frequency_estimator, restored.frequency_estimator
   assert int(loaded.step.numpy()) == 3
   assert np.count_nonzero(loaded.last_seen.numpy()) > 0
@@ -230,5 +231,6 @@ def test_ablation_variants_and_hparams_name_train_flags():
     for flag in variant:
       name = flag.lstrip("-").split("=")[0]
       assert name in flags.FLAGS, flag
+  hparam_flags = set(train._HPARAM_FLAGS)  # pylint: disable=protected-access
   assert {"uniform_negatives", "sampling_probability", "frequency_alpha",
-          "frequency_buckets"} <= set(train._HPARAM_FLAGS)  # pylint: disable=protected-access
+          "frequency_buckets"} <= hparam_flags
