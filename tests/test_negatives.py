@@ -222,15 +222,3 @@ def test_estimator_state_is_checkpointed_with_the_model(prepared, catalogue,
   np.testing.assert_array_equal(loaded.interval.numpy(),
                                 saved.interval.numpy())
 
-
-def test_ablation_variants_and_hparams_name_train_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from tfrs_yambda import ablation  # pylint: disable=g-import-not-at-top
-  from tfrs_yambda import train  # pylint: disable=g-import-not-at-top
-  for variant in ablation.VARIANTS.values():
-    for flag in variant:
-      name = flag.lstrip("-").split("=")[0]
-      assert name in flags.FLAGS, flag
-  hparam_flags = set(train._HPARAM_FLAGS)  # pylint: disable=protected-access
-  assert {"uniform_negatives", "sampling_probability", "frequency_alpha",
-          "frequency_buckets"} <= hparam_flags
