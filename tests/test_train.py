@@ -116,6 +116,9 @@ def _free_ports(n):
 
 def test_two_workers_train_with_multi_worker_mirrored_strategy(
     tiny_yambda, prepared, tmp_path):
+  # With the streaming frequency estimate and uniform negatives, whose
+  # variables and random draws are the parts with distribution-specific
+  # behaviour; the default configuration differs only by not using them.
   workdir = str(tmp_path)
   cluster = {"worker": [f"localhost:{p}" for p in _free_ports(2)]}
   workers = []
@@ -124,7 +127,9 @@ def test_two_workers_train_with_multi_worker_mirrored_strategy(
         {"cluster": cluster, "task": {"type": "worker", "index": index}}))
     workers.append(subprocess.Popen(
         _train_command(workdir, tiny_yambda, prepared, "--epochs=1",
-                       "--eval_every_epoch=false"),
+                       "--eval_every_epoch=false",
+                       "--sampling_probability=streaming",
+                       "--uniform_negatives=64"),
         cwd=_REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True))
   logs = [w.communicate(timeout=420)[0] for w in workers]
@@ -133,6 +138,12 @@ def test_two_workers_train_with_multi_worker_mirrored_strategy(
   for log in logs:
     assert "on 2 replica(s)" in log
     assert f"Trained to step {steps} of {steps}" in log
+  # The chief's estimate was updated once per step and checkpointed.
+  checkpoint = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+  estimator = "model/frequency_estimator/{}/.ATTRIBUTES/VARIABLE_VALUE"
+  assert tf.train.load_variable(checkpoint, estimator.format("step")) == steps
+  assert np.any(tf.train.load_variable(checkpoint,
+                                       estimator.format("interval")) > 0)
   serve = tf.saved_model.load(os.path.join(
       workdir, "export", "yambda_bruteforce", "1")).signatures[
           "serving_default"]

@@ -1,9 +1,10 @@
-r"""Ablations: train once per switched-off design element, compare in one table.
+r"""Ablations: train once per switched design element, compare in one table.
 
   python -m tfrs_yambda.ablation --base_flagfile=configs/demo.cfg \
       --ablation_dir=/tmp/tfrs_yambda/ablation
 
-Every variant is the base configuration with one element off, trained by
+Every variant is the base configuration with one element off (or, for the
+negatives and the frequency estimate, one option on), trained by
 `tfrs_yambda.train` in its own process on the same prepared data (the first
 variant generates and prepares it). Each run logs its flags to TensorBoard's
 HParams dashboard (`tensorboard --logdir <ablation_dir>`); the table of
@@ -26,7 +27,7 @@ flags.DEFINE_string("ablation_dir", "/tmp/tfrs_yambda/ablation",
                     "Where the variants' runs and the table go.")
 flags.DEFINE_list("variants", None, "Subset of VARIANTS to run (default all).")
 
-# Variant -> the train flags that switch one design element off.
+# Variant -> the train flags that switch one design element off or on.
 VARIANTS = {
     "full model": [],
     "- history features": ["--use_history=false"],
@@ -37,6 +38,9 @@ VARIANTS = {
     "- example age": ["--use_example_age=false"],
     "- logQ correction": ["--logq_correction=false"],
     "- example weights": ["--use_example_weights=false"],
+    "+ mixed negatives (M=1024)": ["--uniform_negatives=1024"],
+    "+ mixed negatives (M=4096)": ["--uniform_negatives=4096"],
+    "streaming frequency estimate": ["--sampling_probability=streaming"],
 }
 COLUMNS = ("recall@10", "recall@100", "recall@500", "ndcg@100")
 

@@ -1,37 +1,102 @@
-"""The two-tower `tfrs.Model`: in-batch softmax with logQ correction."""
+"""The two-tower `tfrs.Model`: sampled softmax with logQ correction."""
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from tfrs_yambda import catalogue as catalogue_lib
+from tfrs_yambda import frequency
 from tfrs_yambda import schema
 from tfrs_yambda import towers
+
+# Where the logQ correction's target frequencies come from.
+SAMPLING_PROBABILITIES = ("counts", "streaming")
+
+
+def mixed_sampling_probability(in_batch_count: tf.Tensor, batch_size,
+                               num_uniform: int, num_items: int) -> tf.Tensor:
+  """Probability that a candidate column is each item, under mixed sampling.
+
+  A step's candidates are its B targets (in-batch negatives), each drawn from
+  the target distribution p, plus M items drawn uniformly from the n items of
+  the catalogue (Yang et al. 2020). Item j is then expected in B p_j + M / n
+  of the B + M columns, so a column taken at random is j with probability
+      q_j = (B p_j + M / n) / (B + M),
+  which is p_j for M = 0 and 1 / n for B = 0. Duplicate columns are kept as
+  negatives, as sampled softmax with expected-count correction assumes.
+
+  Args:
+    in_batch_count: B p_j for each column, the item's expected count among
+      the batch's targets.
+    batch_size: B, the batch's targets.
+    num_uniform: M, the uniformly drawn negatives.
+    num_items: n, the catalogue size.
+  """
+  batch_size = tf.cast(batch_size, tf.float32)
+  return ((in_batch_count + num_uniform / num_items) /
+          (batch_size + num_uniform))
 
 
 class TwoTowerModel(tfrs.Model):
   """Query and candidate towers trained with `tfrs.tasks.Retrieval`.
 
-  The loss is a softmax over the batch's own targets (in-batch negatives).
-  Popular tracks appear as negatives more often than they would under uniform
-  sampling, so each score is corrected by the log of the candidate's sampling
-  probability (Yi et al. 2019) from the catalogue's training frequencies.
-  A batch often holds the same track for several queries; with accidental-hit
-  removal those copies are not counted as negatives of each other.
+  The loss is a softmax over the batch's own targets (in-batch negatives) and,
+  with `uniform_negatives` = M > 0, M more items drawn uniformly from the
+  catalogue at each step and shared by all queries (mixed negative sampling,
+  Yang et al. 2020): in-batch negatives are mostly popular tracks, so the
+  uniform ones show the model the long tail it must also rank below the
+  target. Sampled negatives are not drawn uniformly, so each score is
+  corrected by the log of its candidate's sampling probability (Yi et al.
+  2019), see `mixed_sampling_probability`. The target frequencies behind it
+  are the catalogue's training counts (`sampling_probability="counts"`) or
+  estimated while training (`"streaming"`, `frequency.
+  StreamingFrequencyEstimator`). A candidate with the same id as a query's
+  target (a popular track twice in a batch, a uniform draw of the target) is
+  not counted as a negative of that query (accidental-hit removal).
   """
 
   def __init__(self, catalogue: catalogue_lib.Catalogue,
                config: towers.TowerConfig = towers.TowerConfig(),
-               temperature: float = 0.05, logq_correction: bool = True):
+               temperature: float = 0.05, logq_correction: bool = True,
+               uniform_negatives: int = 0,
+               sampling_probability: str = "counts",
+               frequency_alpha: float = 0.01, frequency_buckets: int = 0):
+    """See the class docstring.
+
+    Args:
+      catalogue: items and users.
+      config: tower sizes and switches.
+      temperature: softmax temperature of the unit-length embeddings' scores.
+      logq_correction: correct scores by log sampling probability.
+      uniform_negatives: M, negatives per step drawn uniformly from indices
+        1..num_items (0 is unknown / padding), shared by the batch's queries.
+      sampling_probability: "counts" or "streaming", see the class docstring.
+      frequency_alpha: the streaming estimate's moving-average rate.
+      frequency_buckets: the streaming estimate's hash buckets; 0: one per
+        catalogue index (no collisions).
+    """
     super().__init__()
+    if sampling_probability not in SAMPLING_PROBABILITIES:
+      raise ValueError(f"sampling_probability must be one of "
+                       f"{SAMPLING_PROBABILITIES}, got {sampling_probability}")
+    if uniform_negatives < 0:
+      raise ValueError(f"uniform_negatives must be >= 0, got "
+                       f"{uniform_negatives}")
     item_encoder = towers.ItemEncoder(catalogue, config, name="item_encoder")
     self.query_tower = towers.QueryTower(catalogue, item_encoder, config,
                                          name="query_tower")
     self.candidate_tower = towers.CandidateTower(item_encoder, config,
                                                  name="candidate_tower")
     self.logq_correction = logq_correction
+    self.num_items = catalogue.num_items
+    self.uniform_negatives = uniform_negatives
     self.sampling_probability = tf.Variable(
         catalogue.sampling_probability(), trainable=False,
         name="sampling_probability")
+    self.frequency_estimator = None
+    if sampling_probability == "streaming":
+      self.frequency_estimator = frequency.StreamingFrequencyEstimator(
+          frequency_buckets or catalogue.num_items + 1, frequency_alpha,
+          name="frequency_estimator")
     # Per-example losses, averaged over the global batch in compute_loss: the
     # loss and learning rate then do not scale with the batch size, and the
     # gradients summed across replicas are those of the global mean.
@@ -50,16 +115,50 @@ class TwoTowerModel(tfrs.Model):
             self.candidate_tower(features[schema.TARGET_ITEM],
                                  training=training))
 
+  def sample_uniform_negatives(self) -> tf.Tensor:
+    """[uniform_negatives] item indices, uniform over 1..num_items."""
+    return tf.random.uniform([self.uniform_negatives], minval=1,
+                             maxval=self.num_items + 1, dtype=tf.int64)
+
+  def candidate_probability(self, targets: tf.Tensor,
+                            candidate_ids: tf.Tensor,
+                            training=False) -> tf.Tensor:
+    """Each candidate column's sampling probability, up to a common factor.
+
+    With the streaming estimate, a training call first records `targets`.
+    """
+    batch_size = tf.shape(targets)[0]
+    if self.frequency_estimator is not None:
+      count = self.frequency_estimator(targets, candidate_ids,
+                                       training=training)
+    else:
+      count = tf.cast(batch_size, tf.float32) * tf.gather(
+          self.sampling_probability, candidate_ids)
+    q = mixed_sampling_probability(count, batch_size, self.uniform_negatives,
+                                   self.num_items)
+    # A factor common to all columns cancels in the softmax. Dividing by the
+    # largest keeps the ratios intact where TFRS clips to [1e-6, 1]: on a
+    # catalogue of millions, rare items' raw probabilities fall below 1e-6.
+    return q / tf.reduce_max(q)
+
   def compute_loss(self, features, training=False) -> tf.Tensor:
     targets = features[schema.TARGET_ITEM]
-    probability = (tf.gather(self.sampling_probability, targets)
+    candidate_ids = targets
+    if self.uniform_negatives:
+      candidate_ids = tf.concat([targets, self.sample_uniform_negatives()],
+                                axis=0)
+    # The first len(targets) columns are the queries' positives (TFRS labels
+    # are eye(queries, candidates)); the rest are negatives for every query.
+    queries = self.query_tower(features, training=training)
+    candidates = self.candidate_tower(candidate_ids, training=training)
+    probability = (self.candidate_probability(targets, candidate_ids,
+                                              training=training)
                    if self.logq_correction else None)
-    queries, candidates = self(features, training=training)
     return tf.nn.compute_average_loss(self.task(
         queries, candidates,
         sample_weight=features[schema.WEIGHT],
         candidate_sampling_probability=probability,
-        candidate_ids=targets,
+        candidate_ids=candidate_ids,
         compute_metrics=False))
 
 

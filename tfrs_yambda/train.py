@@ -64,6 +64,20 @@ flags.DEFINE_float("warmup_fraction", 0.05,
 flags.DEFINE_float("temperature", 0.05, "Softmax temperature (unit vectors).")
 flags.DEFINE_bool("logq_correction", True,
                   "Correct in-batch scores by log sampling probability.")
+flags.DEFINE_integer("uniform_negatives", 0,
+                     "Negatives per step drawn uniformly from the catalogue "
+                     "besides the in-batch ones (mixed negative sampling); "
+                     "0: in-batch only.")
+flags.DEFINE_enum("sampling_probability", "counts",
+                  list(model_lib.SAMPLING_PROBABILITIES),
+                  "Target frequencies of the logQ correction: the prepared "
+                  "training counts, or estimated while training (Yi et al. "
+                  "2019).")
+flags.DEFINE_float("frequency_alpha", 0.01,
+                   "Moving-average rate of the streaming frequency estimate.")
+flags.DEFINE_integer("frequency_buckets", 0,
+                     "Hash buckets of the streaming frequency estimate "
+                     "(item index mod buckets); 0: one per item.")
 flags.DEFINE_integer("shuffle_buffer", 100_000, "Examples in the shuffle buffer.")
 flags.DEFINE_integer("item_id_dim", 64, "Item id embedding width.")
 flags.DEFINE_integer("artist_dim", 32, "Artist embedding width.")
@@ -182,7 +196,9 @@ def tower_config() -> towers.TowerConfig:
 
 # Flags recorded in TensorBoard's HParams dashboard, to compare runs.
 _HPARAM_FLAGS = ("batch_size", "epochs", "optimizer", "learning_rate",
-                 "temperature", "logq_correction", "use_example_weights",
+                 "temperature", "logq_correction", "uniform_negatives",
+                 "sampling_probability", "frequency_alpha",
+                 "frequency_buckets", "use_example_weights",
                  "use_user_id", "use_seed", "use_history", "use_audio",
                  "use_artist_album", "use_example_age", "min_item_count",
                  "min_user_count", "history_length", "output_dim",
@@ -279,9 +295,13 @@ def train_and_evaluate():
       age_reference=catalogue.metadata["train_end"], training=True,
       shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed)
   with strategy.scope():
-    model = model_lib.TwoTowerModel(catalogue, tower_config(),
-                                    temperature=FLAGS.temperature,
-                                    logq_correction=FLAGS.logq_correction)
+    model = model_lib.TwoTowerModel(
+        catalogue, tower_config(), temperature=FLAGS.temperature,
+        logq_correction=FLAGS.logq_correction,
+        uniform_negatives=FLAGS.uniform_negatives,
+        sampling_probability=FLAGS.sampling_probability,
+        frequency_alpha=FLAGS.frequency_alpha,
+        frequency_buckets=FLAGS.frequency_buckets)
     schedule = WarmupCosine(FLAGS.learning_rate, total_steps,
                             int(FLAGS.warmup_fraction * total_steps))
     optimizer = (tf.keras.optimizers.Adam(schedule)
