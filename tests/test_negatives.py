@@ -222,3 +222,16 @@ def test_estimator_state_is_checkpointed_with_the_model(prepared, catalogue,
   np.testing.assert_array_equal(loaded.interval.numpy(),
                                 saved.interval.numpy())
 
+
+
+def test_trained_pool_draws_only_items_with_their_own_id_row(catalogue):
+  model = _model(catalogue, uniform_negatives=5000, uniform_pool="trained")
+  vocabulary = model.query_tower.item_encoder.id_vocabulary_size
+  assert vocabulary - 1 < catalogue.num_items  # the tiny data has cold items
+  draws = model.sample_uniform_negatives().numpy()
+  assert draws.min() >= 1 and draws.max() == vocabulary - 1
+  # A cold item is never drawn uniformly: its column has no M / n term.
+  q = model_lib.mixed_sampling_probability(
+      tf.constant([0.0, 0.0]), 4, 2, vocabulary - 1,
+      tf.constant([True, False])).numpy()
+  np.testing.assert_allclose(q, [2 / (vocabulary - 1) / 6, 0.0], rtol=1e-6)

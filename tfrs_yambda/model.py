@@ -10,10 +10,14 @@ from tfrs_yambda import towers
 
 # Where the logQ correction's target frequencies come from.
 SAMPLING_PROBABILITIES = ("counts", "streaming")
+# Which items uniform negatives are drawn from: all catalogue items, or those
+# with an id row of their own (the rest share the "unknown" row).
+UNIFORM_POOLS = ("all", "trained")
 
 
 def mixed_sampling_probability(in_batch_count: tf.Tensor, batch_size,
-                               num_uniform: int, num_items: int) -> tf.Tensor:
+                               num_uniform: int, num_items: int,
+                               in_pool=None) -> tf.Tensor:
   """Probability that a candidate column is each item, under mixed sampling.
 
   A step's candidates are its B targets (in-batch negatives), each drawn from
@@ -29,11 +33,15 @@ def mixed_sampling_probability(in_batch_count: tf.Tensor, batch_size,
       the batch's targets.
     batch_size: B, the batch's targets.
     num_uniform: M, the uniformly drawn negatives.
-    num_items: n, the catalogue size.
+    num_items: n, the items the uniform draws come from.
+    in_pool: optional bool per column, whether its item is among those n
+      (others are never drawn uniformly: their M / n term is 0).
   """
   batch_size = tf.cast(batch_size, tf.float32)
-  return ((in_batch_count + num_uniform / num_items) /
-          (batch_size + num_uniform))
+  uniform = tf.fill(tf.shape(in_batch_count), num_uniform / num_items)
+  if in_pool is not None:
+    uniform = tf.where(in_pool, uniform, 0.0)
+  return (in_batch_count + uniform) / (batch_size + num_uniform)
 
 
 class TwoTowerModel(tfrs.Model):
@@ -57,7 +65,7 @@ class TwoTowerModel(tfrs.Model):
   def __init__(self, catalogue: catalogue_lib.Catalogue,
                config: towers.TowerConfig = towers.TowerConfig(),
                temperature: float = 0.05, logq_correction: bool = True,
-               uniform_negatives: int = 0,
+               uniform_negatives: int = 0, uniform_pool: str = "all",
                sampling_probability: str = "counts",
                frequency_alpha: float = 0.01, frequency_buckets: int = 0):
     """See the class docstring.
@@ -69,6 +77,9 @@ class TwoTowerModel(tfrs.Model):
       logq_correction: correct scores by log sampling probability.
       uniform_negatives: M, negatives per step drawn uniformly from indices
         1..num_items (0 is unknown / padding), shared by the batch's queries.
+      uniform_pool: "all" items, or only "trained" ones, those with an id row
+        of their own: the others share the "unknown" row, which uniform draws
+        of them would teach to mean "negative".
       sampling_probability: "counts" or "streaming", see the class docstring.
       frequency_alpha: the streaming estimate's moving-average rate.
       frequency_buckets: the streaming estimate's hash buckets; 0: one per
@@ -78,6 +89,9 @@ class TwoTowerModel(tfrs.Model):
     if sampling_probability not in SAMPLING_PROBABILITIES:
       raise ValueError(f"sampling_probability must be one of "
                        f"{SAMPLING_PROBABILITIES}, got {sampling_probability}")
+    if uniform_pool not in UNIFORM_POOLS:
+      raise ValueError(f"uniform_pool must be one of {UNIFORM_POOLS}, got "
+                       f"{uniform_pool}")
     if uniform_negatives < 0:
       raise ValueError(f"uniform_negatives must be >= 0, got "
                        f"{uniform_negatives}")
@@ -89,6 +103,12 @@ class TwoTowerModel(tfrs.Model):
     self.logq_correction = logq_correction
     self.num_items = catalogue.num_items
     self.uniform_negatives = uniform_negatives
+    # Indices 1..pool_size are drawn: items are indexed by training count,
+    # so those with an id row of their own come first.
+    self.pool_size = (item_encoder.id_vocabulary_size - 1
+                      if uniform_pool == "trained" else catalogue.num_items)
+    if uniform_negatives and self.pool_size < 1:
+      raise ValueError("No items to draw uniform negatives from.")
     self.sampling_probability = tf.Variable(
         catalogue.sampling_probability(), trainable=False,
         name="sampling_probability")
@@ -116,9 +136,9 @@ class TwoTowerModel(tfrs.Model):
                                  training=training))
 
   def sample_uniform_negatives(self) -> tf.Tensor:
-    """[uniform_negatives] item indices, uniform over 1..num_items."""
+    """[uniform_negatives] item indices, uniform over 1..pool_size."""
     return tf.random.uniform([self.uniform_negatives], minval=1,
-                             maxval=self.num_items + 1, dtype=tf.int64)
+                             maxval=self.pool_size + 1, dtype=tf.int64)
 
   def candidate_probability(self, targets: tf.Tensor,
                             candidate_ids: tf.Tensor,
@@ -135,7 +155,8 @@ class TwoTowerModel(tfrs.Model):
       count = tf.cast(batch_size, tf.float32) * tf.gather(
           self.sampling_probability, candidate_ids)
     q = mixed_sampling_probability(count, batch_size, self.uniform_negatives,
-                                   self.num_items)
+                                   self.pool_size,
+                                   candidate_ids <= self.pool_size)
     # A factor common to all columns cancels in the softmax. Dividing by the
     # largest keeps the ratios intact where TFRS clips to [1e-6, 1]: on a
     # catalogue of millions, rare items' raw probabilities fall below 1e-6.

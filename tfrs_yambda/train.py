@@ -68,6 +68,9 @@ flags.DEFINE_integer("uniform_negatives", 0,
                      "Negatives per step drawn uniformly from the catalogue "
                      "besides the in-batch ones (mixed negative sampling); "
                      "0: in-batch only.")
+flags.DEFINE_enum("uniform_pool", "all", list(model_lib.UNIFORM_POOLS),
+                  "Draw uniform negatives from all items, or only those with "
+                  "an id row of their own ('trained').")
 flags.DEFINE_enum("sampling_probability", "counts",
                   list(model_lib.SAMPLING_PROBABILITIES),
                   "Target frequencies of the logQ correction: the prepared "
@@ -197,6 +200,7 @@ def tower_config() -> towers.TowerConfig:
 # Flags recorded in TensorBoard's HParams dashboard, to compare runs.
 _HPARAM_FLAGS = ("batch_size", "epochs", "optimizer", "learning_rate",
                  "temperature", "logq_correction", "uniform_negatives",
+                 "uniform_pool",
                  "sampling_probability", "frequency_alpha",
                  "frequency_buckets", "use_example_weights",
                  "use_user_id", "use_seed", "use_history", "use_audio",
@@ -299,6 +303,7 @@ def train_and_evaluate():
         catalogue, tower_config(), temperature=FLAGS.temperature,
         logq_correction=FLAGS.logq_correction,
         uniform_negatives=FLAGS.uniform_negatives,
+        uniform_pool=FLAGS.uniform_pool,
         sampling_probability=FLAGS.sampling_probability,
         frequency_alpha=FLAGS.frequency_alpha,
         frequency_buckets=FLAGS.frequency_buckets)
