@@ -95,7 +95,7 @@ def test_estimator_reports_zero_for_items_never_seen():
 
 def test_uniform_draws_cover_the_catalogue_and_never_the_unknown_index(
     catalogue):
-  model = _model(catalogue, uniform_negatives=20_000)
+  model = _model(catalogue, uniform_negatives=20_000, uniform_pool="all")
   draws = model.sample_uniform_negatives().numpy()
   assert draws.shape == (20_000,)
   assert draws.min() >= 1 and draws.max() <= catalogue.num_items
@@ -142,6 +142,7 @@ def test_mixed_negatives_loss_is_over_batch_and_uniform_columns(
   # twice, and two more.
   sampled = np.array([targets[0], 5, 5, catalogue.num_items], np.int64)
   model = _model(catalogue, uniform_negatives=len(sampled),
+                 uniform_pool="all",
                  sampling_probability=sampling_probability)
   model.sample_uniform_negatives = lambda: tf.constant(sampled)
   loss = float(model.compute_loss(batch, training=True))
@@ -225,7 +226,7 @@ def test_estimator_state_is_checkpointed_with_the_model(prepared, catalogue,
 
 
 def test_trained_pool_draws_only_items_with_their_own_id_row(catalogue):
-  model = _model(catalogue, uniform_negatives=5000, uniform_pool="trained")
+  model = _model(catalogue, uniform_negatives=5000)  # the default pool
   vocabulary = model.query_tower.item_encoder.id_vocabulary_size
   assert vocabulary - 1 < catalogue.num_items  # the tiny data has cold items
   draws = model.sample_uniform_negatives().numpy()

@@ -38,8 +38,12 @@ VARIANTS = {
     "- example age": ["--use_example_age=false"],
     "- logQ correction": ["--logq_correction=false"],
     "- example weights": ["--use_example_weights=false"],
-    "+ mixed negatives (M=1024)": ["--uniform_negatives=1024"],
-    "+ mixed negatives (M=4096)": ["--uniform_negatives=4096"],
+    "+ mixed negatives (M=1024, all items)": ["--uniform_negatives=1024",
+                                              "--uniform_pool=all"],
+    "+ mixed negatives (M=4096, all items)": ["--uniform_negatives=4096",
+                                              "--uniform_pool=all"],
+    "+ mixed negatives (M=4096, trained items)": ["--uniform_negatives=4096",
+                                                  "--uniform_pool=trained"],
     "streaming frequency estimate": ["--sampling_probability=streaming"],
 }
 COLUMNS = ("recall@10", "recall@100", "recall@500", "ndcg@100")

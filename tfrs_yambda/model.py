@@ -65,7 +65,7 @@ class TwoTowerModel(tfrs.Model):
   def __init__(self, catalogue: catalogue_lib.Catalogue,
                config: towers.TowerConfig = towers.TowerConfig(),
                temperature: float = 0.05, logq_correction: bool = True,
-               uniform_negatives: int = 0, uniform_pool: str = "all",
+               uniform_negatives: int = 0, uniform_pool: str = "trained",
                sampling_probability: str = "counts",
                frequency_alpha: float = 0.01, frequency_buckets: int = 0):
     """See the class docstring.

@@ -68,7 +68,7 @@ flags.DEFINE_integer("uniform_negatives", 0,
                      "Negatives per step drawn uniformly from the catalogue "
                      "besides the in-batch ones (mixed negative sampling); "
                      "0: in-batch only.")
-flags.DEFINE_enum("uniform_pool", "all", list(model_lib.UNIFORM_POOLS),
+flags.DEFINE_enum("uniform_pool", "trained", list(model_lib.UNIFORM_POOLS),
                   "Draw uniform negatives from all items, or only those with "
                   "an id row of their own ('trained').")
 flags.DEFINE_enum("sampling_probability", "counts",
