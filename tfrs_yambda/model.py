@@ -21,8 +21,8 @@ def mixed_sampling_probability(in_batch_count: tf.Tensor, batch_size,
   """Probability that a candidate column is each item, under mixed sampling.
 
   A step's candidates are its B targets (in-batch negatives), each drawn from
-  the target distribution p, plus M items drawn uniformly from the n items of
-  the catalogue (Yang et al. 2020). Item j is then expected in B p_j + M / n
+  the target distribution p, plus M items drawn uniformly from n items of the
+  catalogue (Yang et al. 2020). Item j is then expected in B p_j + M / n
   of the B + M columns, so a column taken at random is j with probability
       q_j = (B p_j + M / n) / (B + M),
   which is p_j for M = 0 and 1 / n for B = 0. Duplicate columns are kept as
@@ -75,8 +75,9 @@ class TwoTowerModel(tfrs.Model):
       config: tower sizes and switches.
       temperature: softmax temperature of the unit-length embeddings' scores.
       logq_correction: correct scores by log sampling probability.
-      uniform_negatives: M, negatives per step drawn uniformly from indices
-        1..num_items (0 is unknown / padding), shared by the batch's queries.
+      uniform_negatives: M, negatives per step drawn uniformly from the
+        `uniform_pool` (never index 0, unknown / padding), shared by the
+        batch's queries.
       uniform_pool: "all" items, or only "trained" ones, those with an id row
         of their own: the others share the "unknown" row, which uniform draws
         of them would teach to mean "negative".
