@@ -131,3 +131,21 @@ def test_each_design_element_can_be_switched_off(prepared, catalogue, switch):
         "album_dim"]
   else:
     assert width == full_width
+
+
+def test_memory_estimate_adds_up(catalogue):
+  config = towers.TowerConfig(**SMALL_TOWERS)
+  adam = model_lib.memory_estimate(catalogue, config, optimizer_slots=2)
+  assert adam["optimizer_slots"] == 2 * adam["embeddings"]
+  assert adam["frequency_estimate"] == 0
+  streaming = model_lib.memory_estimate(catalogue, config, optimizer_slots=1,
+                                        frequency_buckets=1000)
+  assert streaming["frequency_estimate"] == 12 * 1000
+  assert streaming["total"] == (2 * streaming["embeddings"] +
+                                streaming["catalogue_tables"] + 12 * 1000)
+  # The embeddings term is the model's own trainable tables, in bytes.
+  query_tower = model_lib.TwoTowerModel(catalogue, config).query_tower
+  query_tower.user_embedding(tf.constant([0], tf.int64))  # builds the table
+  tables = query_tower.item_encoder.tables + [
+      query_tower.user_embedding.embeddings]
+  assert sum(4 * int(np.prod(t.shape)) for t in tables) == adam["embeddings"]

@@ -185,8 +185,8 @@ class TwoTowerModel(tfrs.Model):
 
 
 def memory_estimate(catalogue: catalogue_lib.Catalogue,
-                    config: towers.TowerConfig,
-                    optimizer_slots: int) -> dict:
+                    config: towers.TowerConfig, optimizer_slots: int,
+                    frequency_buckets: int = 0) -> dict:
   """Bytes of the model's tables for this catalogue; see `table_bytes`."""
   return table_bytes(
       num_items=catalogue.num_items,
@@ -196,23 +196,29 @@ def memory_estimate(catalogue: catalogue_lib.Catalogue,
                                                   config.min_user_count),
       num_artists=len(catalogue.artist_ids), num_albums=len(catalogue.album_ids),
       audio_dim=catalogue.audio_dim, config=config,
-      optimizer_slots=optimizer_slots)
+      optimizer_slots=optimizer_slots, frequency_buckets=frequency_buckets)
 
 
 def table_bytes(num_items: int, item_vocab: int, user_vocab: int,
                 num_artists: int, num_albums: int, audio_dim: int,
-                config: towers.TowerConfig, optimizer_slots: int) -> dict:
+                config: towers.TowerConfig, optimizer_slots: int,
+                frequency_buckets: int = 0) -> dict:
   """Bytes of embedding tables, their optimizer slots and catalogue tables.
 
   Trainable embedding tables carry `optimizer_slots` copies of themselves in
   the optimizer (Adam 2, Adagrad 1); the catalogue tables (audio and length
   features, artist and album of each item, sampling probability) are constant.
+  The streaming frequency estimate, if used, keeps a last step (int64) and an
+  interval (float32) per bucket.
   """
   embeddings = 4 * (item_vocab * config.item_id_dim +
                     num_artists * config.artist_dim +
                     num_albums * config.album_dim + user_vocab * config.user_dim)
   content = (num_items + 1) * (4 * (audio_dim + 3) + 8 * 2 + 4)
+  frequency_estimate = 12 * frequency_buckets
   return {"embeddings": embeddings,
           "optimizer_slots": embeddings * optimizer_slots,
           "catalogue_tables": content,
-          "total": embeddings * (1 + optimizer_slots) + content}
+          "frequency_estimate": frequency_estimate,
+          "total": embeddings * (1 + optimizer_slots) + content +
+                   frequency_estimate}

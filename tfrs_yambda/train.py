@@ -289,7 +289,9 @@ def train_and_evaluate():
                len(catalogue.user_ids) - 1, total_steps, FLAGS.batch_size,
                strategy.num_replicas_in_sync)
   memory = model_lib.memory_estimate(
-      catalogue, tower_config(), 2 if FLAGS.optimizer == "adam" else 1)
+      catalogue, tower_config(), 2 if FLAGS.optimizer == "adam" else 1,
+      frequency_buckets=(FLAGS.frequency_buckets or catalogue.num_items + 1
+                         if FLAGS.sampling_probability == "streaming" else 0))
   logging.info("Model memory estimate: %s", ", ".join(
       f"{k} {v / 2**20:.0f} MiB" for k, v in memory.items()))
 
