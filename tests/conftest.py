@@ -8,7 +8,11 @@ import pytest  # pylint: disable=g-import-not-at-top
 
 from data_prep import generate  # pylint: disable=g-import-not-at-top
 from data_prep import prep  # pylint: disable=g-import-not-at-top
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import catalogue as catalogue_lib  # pylint: disable=g-import-not-at-top
+from tfrs_yambda import input_pipeline  # pylint: disable=g-import-not-at-top
+from tfrs_yambda import model as model_lib  # pylint: disable=g-import-not-at-top
+from tfrs_yambda import towers  # pylint: disable=g-import-not-at-top
 
 HISTORY_LENGTH = 20
 EXPORT_K = 20
@@ -92,3 +96,20 @@ def exported(trained_model, catalogue, tmp_path_factory):
   paths = export.export_all(trained_model, catalogue, HISTORY_LENGTH,
                             export_dir, k=EXPORT_K)
   return export_dir, paths
+
+
+def train_batch(prepared, catalogue, size=256):
+  """One shuffled batch of training examples from the prepared data."""
+  dataset = input_pipeline.batches(
+      os.path.join(prepared, "records", "train-*.tfrecord"), size,
+      HISTORY_LENGTH, input_pipeline.ExampleRule(),
+      catalogue.metadata["train_end"], training=True, shuffle_buffer=5000,
+      seed=0)
+  return next(iter(dataset))
+
+
+def small_model(catalogue, **kwargs):
+  """A seeded TwoTowerModel with SMALL_TOWERS (kwargs: model options)."""
+  tf.keras.utils.set_random_seed(1)
+  return model_lib.TwoTowerModel(
+      catalogue, towers.TowerConfig(**SMALL_TOWERS), **kwargs)

@@ -7,13 +7,11 @@ import types
 
 from matplotlib import image as mpimg
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 from tensorboard.plugins import projector as tb_projector
 from google.protobuf import text_format
 
-from data_prep import yambda
 from tfrs_yambda import baselines
 from tfrs_yambda import evaluate
 from tfrs_yambda import input_pipeline
@@ -23,6 +21,7 @@ from tfrs_yambda import projector
 from tfrs_yambda import schema
 from tfrs_yambda import yambda_protocol
 from tests.conftest import HISTORY_LENGTH
+from tests.test_prep import reference_listens
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -135,25 +134,9 @@ def test_record_end_states_stop_before_the_cut():
 
 def _reference_states(root, catalogue, uids):
   """Seed and history at train_end, computed row by row from the raw parquet."""
-  events = pq.read_table(yambda.multi_event_path(root, "tiny")).to_pandas()
-  events["event_type"] = events["event_type"].astype(str)
-  events["order"] = (events["event_type"] != "listen").astype(int)
-  events = events.sort_values(["uid", "timestamp", "order"], kind="stable")
-  feedback_of = {"like": schema.FEEDBACK_LIKED,
-                 "dislike": schema.FEEDBACK_DISLIKED,
-                 "unlike": schema.FEEDBACK_NONE,
-                 "undislike": schema.FEEDBACK_NONE}
   train_end = catalogue.metadata["train_end"]
   expected = {}
-  for uid, rows in events[events["uid"].isin(uids)].groupby("uid"):
-    listens, last_listen = [], {}
-    for row in rows.itertuples():
-      if row.event_type == "listen":
-        last_listen[row.item_id] = len(listens)
-        listens.append([row.timestamp, row.item_id, row.played_ratio_pct,
-                        schema.FEEDBACK_NONE])
-      elif row.item_id in last_listen:
-        listens[last_listen[row.item_id]][3] = feedback_of[row.event_type]
+  for uid, listens in reference_listens(root, uids).items():
     before = [l for l in listens if l[0] < train_end]
     positives = [item for _, item, ratio, fb in before
                  if round(ratio) >= catalogue.metadata["min_played_ratio"]

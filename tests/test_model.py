@@ -1,7 +1,5 @@
 """The two-tower model: the loss goes down, logQ and accidental hits are used."""
 
-import os
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -14,26 +12,13 @@ from tfrs_yambda import schema
 from tfrs_yambda import towers
 from tests.conftest import HISTORY_LENGTH
 from tests.conftest import SMALL_TOWERS
-
-
-def _batch(prepared, catalogue, size=256):
-  dataset = input_pipeline.batches(
-      os.path.join(prepared, "records", "train-*.tfrecord"), size,
-      HISTORY_LENGTH, input_pipeline.ExampleRule(),
-      catalogue.metadata["train_end"], training=True, shuffle_buffer=5000,
-      seed=0)
-  return next(iter(dataset))
-
-
-def _model(catalogue, **kwargs):
-  tf.keras.utils.set_random_seed(1)
-  return model_lib.TwoTowerModel(
-      catalogue, towers.TowerConfig(**SMALL_TOWERS), **kwargs)
+from tests.conftest import small_model
+from tests.conftest import train_batch
 
 
 def test_training_steps_lower_the_loss_on_a_batch(prepared, catalogue):
-  batch = _batch(prepared, catalogue)
-  model = _model(catalogue)
+  batch = train_batch(prepared, catalogue)
+  model = small_model(catalogue)
   model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
   before = float(model.compute_loss(batch))
   for _ in range(10):
@@ -43,9 +28,9 @@ def test_training_steps_lower_the_loss_on_a_batch(prepared, catalogue):
 
 
 def test_logq_correction_uses_the_catalogue_probabilities(prepared, catalogue):
-  batch = _batch(prepared, catalogue)
-  with_logq = _model(catalogue, logq_correction=True)
-  without = _model(catalogue, logq_correction=False)
+  batch = train_batch(prepared, catalogue)
+  with_logq = small_model(catalogue, logq_correction=True)
+  without = small_model(catalogue, logq_correction=False)
   # Same initial weights (same seed), so only the correction differs.
   assert float(with_logq.compute_loss(batch)) != float(
       without.compute_loss(batch))
@@ -56,7 +41,7 @@ def test_logq_correction_uses_the_catalogue_probabilities(prepared, catalogue):
 def test_accidental_hits_are_not_negatives(catalogue):
   # Every query's target is the same track: with accidental-hit removal the
   # only candidate left per row is the positive, so the loss is ~0.
-  model = _model(catalogue)
+  model = small_model(catalogue)
   n = 8
   batch = {
       schema.USER_ID: tf.constant(catalogue.user_ids[1:n + 1]),
@@ -116,7 +101,7 @@ def test_trained_model_beats_most_popular(trained_model, prepared, catalogue):
                                     "use_audio", "use_artist_album",
                                     "use_example_age"])
 def test_each_design_element_can_be_switched_off(prepared, catalogue, switch):
-  batch = _batch(prepared, catalogue, size=64)
+  batch = train_batch(prepared, catalogue, size=64)
   full = towers.ItemEncoder(catalogue, towers.TowerConfig(**SMALL_TOWERS))
   config = towers.TowerConfig(**{**SMALL_TOWERS, switch: False})
   model = model_lib.TwoTowerModel(catalogue, config)

@@ -1,33 +1,15 @@
 """Mixed negative sampling and the streaming frequency estimate."""
 
-import os
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tfrs_yambda import frequency
-from tfrs_yambda import input_pipeline
 from tfrs_yambda import model as model_lib
 from tfrs_yambda import schema
-from tfrs_yambda import towers
 from tests.conftest import HISTORY_LENGTH
-from tests.conftest import SMALL_TOWERS
-
-
-def _batch(prepared, catalogue, size=64):
-  dataset = input_pipeline.batches(
-      os.path.join(prepared, "records", "train-*.tfrecord"), size,
-      HISTORY_LENGTH, input_pipeline.ExampleRule(),
-      catalogue.metadata["train_end"], training=True, shuffle_buffer=5000,
-      seed=0)
-  return next(iter(dataset))
-
-
-def _model(catalogue, **kwargs):
-  tf.keras.utils.set_random_seed(1)
-  return model_lib.TwoTowerModel(
-      catalogue, towers.TowerConfig(**SMALL_TOWERS), **kwargs)
+from tests.conftest import small_model
+from tests.conftest import train_batch
 
 
 def _sequential_algorithm_2(stream, num_buckets, alpha):
@@ -95,7 +77,7 @@ def test_estimator_reports_zero_for_items_never_seen():
 
 def test_uniform_draws_cover_the_catalogue_and_never_the_unknown_index(
     catalogue):
-  model = _model(catalogue, uniform_negatives=20_000, uniform_pool="all")
+  model = small_model(catalogue, uniform_negatives=20_000, uniform_pool="all")
   draws = model.sample_uniform_negatives().numpy()
   assert draws.shape == (20_000,)
   assert draws.min() >= 1 and draws.max() <= catalogue.num_items
@@ -136,12 +118,12 @@ def _reference_loss(model, batch, sampled, probability):
 @pytest.mark.parametrize("sampling_probability", ["counts", "streaming"])
 def test_mixed_negatives_loss_is_over_batch_and_uniform_columns(
     prepared, catalogue, sampling_probability):
-  batch = _batch(prepared, catalogue, size=32)
+  batch = train_batch(prepared, catalogue, size=32)
   targets = batch[schema.TARGET_ITEM].numpy()
   # A uniform draw equal to query 0's target (an accidental hit), one drawn
   # twice, and two more.
   sampled = np.array([targets[0], 5, 5, catalogue.num_items], np.int64)
-  model = _model(catalogue, uniform_negatives=len(sampled),
+  model = small_model(catalogue, uniform_negatives=len(sampled),
                  uniform_pool="all",
                  sampling_probability=sampling_probability)
   model.sample_uniform_negatives = lambda: tf.constant(sampled)
@@ -174,7 +156,7 @@ def test_uniform_draws_of_the_target_are_no_negatives(catalogue):
       schema.TARGET_ITEM: tf.fill([n], tf.constant(3, tf.int64)),
       schema.WEIGHT: tf.ones([n]),
   }
-  model = _model(catalogue, uniform_negatives=3, logq_correction=False)
+  model = small_model(catalogue, uniform_negatives=3, logq_correction=False)
   model.sample_uniform_negatives = lambda: tf.constant([3, 7, 3], tf.int64)
   queries = model.query_tower(batch).numpy()
   items = model.candidate_tower(tf.constant([3, 7], tf.int64)).numpy()
@@ -191,8 +173,8 @@ def test_uniform_draws_of_the_target_are_no_negatives(catalogue):
 ])
 def test_training_with_each_option_lowers_the_loss(prepared, catalogue,
                                                    options):
-  batch = _batch(prepared, catalogue, size=256)
-  model = _model(catalogue, **options)
+  batch = train_batch(prepared, catalogue, size=256)
+  model = small_model(catalogue, **options)
   model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
   model.train_step(batch)  # the streaming estimate's first sighting
   tf.random.set_seed(2)
@@ -206,13 +188,13 @@ def test_training_with_each_option_lowers_the_loss(prepared, catalogue,
 
 def test_estimator_state_is_checkpointed_with_the_model(prepared, catalogue,
                                                         tmp_path):
-  batch = _batch(prepared, catalogue)
-  model = _model(catalogue, sampling_probability="streaming")
+  batch = train_batch(prepared, catalogue, size=64)
+  model = small_model(catalogue, sampling_probability="streaming")
   model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
   for _ in range(3):
     model.train_step(batch)
   path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
-  restored = _model(catalogue, sampling_probability="streaming")
+  restored = small_model(catalogue, sampling_probability="streaming")
   tf.train.Checkpoint(model=restored).restore(
       path).assert_existing_objects_matched()
   saved, loaded = model.frequency_estimator, restored.frequency_estimator
@@ -226,7 +208,7 @@ def test_estimator_state_is_checkpointed_with_the_model(prepared, catalogue,
 
 
 def test_trained_pool_draws_only_items_with_their_own_id_row(catalogue):
-  model = _model(catalogue, uniform_negatives=5000)  # the default pool
+  model = small_model(catalogue, uniform_negatives=5000)  # the default pool
   vocabulary = model.query_tower.item_encoder.id_vocabulary_size
   assert vocabulary - 1 < catalogue.num_items  # the tiny data has cold items
   draws = model.sample_uniform_negatives().numpy()

@@ -128,9 +128,13 @@ def test_sampling_probability_is_training_frequency(catalogue):
   assert p[seen].sum() == pytest.approx(1.0, abs=1e-5)
 
 
-def _reference_examples(root, metadata, split):
-  """The expected examples, computed row by row from the raw parquet."""
+def reference_listens(root, uids=None):
+  """{uid: [[timestamp, item_id, played ratio, feedback], ...]} in time order,
+  computed row by row from the raw parquet: feedback attaches to the user's
+  latest earlier listen of the track, the last one winning."""
   events = pq.read_table(yambda.multi_event_path(root, "tiny")).to_pandas()
+  if uids is not None:
+    events = events[events["uid"].isin(uids)]
   events["event_type"] = events["event_type"].astype(str)
   events["order"] = (events["event_type"] != "listen").astype(int)
   events = events.sort_values(["uid", "timestamp", "order"], kind="stable")
@@ -138,11 +142,7 @@ def _reference_examples(root, metadata, split):
                  "dislike": schema.FEEDBACK_DISLIKED,
                  "unlike": schema.FEEDBACK_NONE,
                  "undislike": schema.FEEDBACK_NONE}
-  if split == "train":
-    lo, hi = 0, metadata["train_end"]
-  else:
-    lo, hi = metadata["test_start"], metadata["last_timestamp"]
-  expected = collections.Counter()
+  by_user = {}
   for uid, rows in events.groupby("uid", sort=True):
     listens, last_listen = [], {}
     for row in rows.itertuples():
@@ -152,6 +152,18 @@ def _reference_examples(root, metadata, split):
                         schema.FEEDBACK_NONE])
       elif row.item_id in last_listen:
         listens[last_listen[row.item_id]][3] = feedback_of[row.event_type]
+    by_user[uid] = listens
+  return by_user
+
+
+def _reference_examples(root, metadata, split):
+  """The expected examples, computed row by row from the raw parquet."""
+  if split == "train":
+    lo, hi = 0, metadata["train_end"]
+  else:
+    lo, hi = metadata["test_start"], metadata["last_timestamp"]
+  expected = collections.Counter()
+  for uid, listens in reference_listens(root).items():
     positives = []
     for i, (ts, item, ratio, fb) in enumerate(listens):
       positive = ratio >= metadata["min_played_ratio"] and (

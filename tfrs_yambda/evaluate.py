@@ -189,8 +189,11 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
              ks: Sequence[int] = metrics.DEFAULT_KS,
              with_baselines: bool = True,
              recent_half_life_days: float = 7.0,
-             fitted_baselines: Optional[Sequence] = None) -> Dict[str, Dict]:
+             fitted_baselines: Optional[Sequence] = None,
+             test: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, Dict]:
   """Metrics for the model and (optionally) the baselines and the oracle.
+
+  `test`: the test examples (`load_examples`), if the caller has them already.
 
   Returns:
     One row per retriever ("model", each baseline's name, "oracle" on
@@ -201,7 +204,8 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
     own coverage and mean popularity percentile) and "recall_curve" ({"k":
     cut-offs from 1 to CURVE_MAX_K, retriever: Recall@k at each}).
   """
-  test = load_examples(prepared_dir, "test", history_length, rule)
+  if test is None:
+    test = load_examples(prepared_dir, "test", history_length, rule)
   num_indices = catalogue.num_items + 1
   # Targets never seen in training are retrievable only by content features.
   cold = catalogue.item_train_count[test[schema.TARGET_ITEM]] == 0

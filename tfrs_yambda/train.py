@@ -327,6 +327,7 @@ def train_and_evaluate():
       progress,
   ]
   if chief:
+    # Loaded once: per-epoch evaluation, the final one and the protocol.
     test = evaluate.load_examples(paths["prepared"], "test", history_length,
                                   rule)
 
@@ -364,7 +365,7 @@ def train_and_evaluate():
       FLAGS.recent_half_life_days)
   results = evaluate.evaluate(model, catalogue, paths["prepared"],
                               history_length, rule, ks,
-                              fitted_baselines=fitted_baselines)
+                              fitted_baselines=fitted_baselines, test=test)
   callbacks.log_final_metrics(os.path.join(paths["logs"], "metrics"), steps,
                               results["model"])
   results["model"]["train_steps"] = steps
@@ -373,7 +374,7 @@ def train_and_evaluate():
   if FLAGS.yambda_protocol:
     results["yambda_protocol"] = yambda_protocol.evaluate(
         model, catalogue, paths["prepared"], history_length, rule,
-        fitted_baselines, [int(k) for k in FLAGS.protocol_ks])
+        fitted_baselines, [int(k) for k in FLAGS.protocol_ks], test=test)
   evaluate.write_json(results, os.path.join(paths["eval"], "results.json"))
   plot_path = os.path.join(paths["eval"], "recall_at_k.png")
   plots.write_recall_plot(

@@ -32,7 +32,7 @@ query), and seed co-occurrence from the same end-of-training seed.
 """
 
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -211,17 +211,22 @@ def queries(uids: np.ndarray, states: pd.DataFrame,
 def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
              history_length: int, rule: input_pipeline.ExampleRule,
              fitted_baselines: Sequence = (),
-             ks: Sequence[int] = DEFAULT_KS) -> Dict:
+             ks: Sequence[int] = DEFAULT_KS,
+             test: Optional[Dict[str, np.ndarray]] = None) -> Dict:
   """The protocol's metrics for the model and the given baselines.
+
+  `test`: the test examples (`evaluate.load_examples`), if the caller has
+  them already; only their user ids and targets are read.
 
   Returns:
     {"users": evaluated users, "users_unseen_in_training": left out,
      "mean_relevant_items": mean |relevant|, "ks": ks,
      "retrievers": {name: metrics.set_metrics(...)}}.
   """
-  test = evaluate_lib.load_examples(prepared_dir, "test", history_length,
-                                    rule,
-                                    keys=[schema.USER_ID, schema.TARGET_ITEM])
+  if test is None:
+    test = evaluate_lib.load_examples(
+        prepared_dir, "test", history_length, rule,
+        keys=[schema.USER_ID, schema.TARGET_ITEM])
   uids, relevant, unseen = relevant_sets(test, catalogue.user_ids[1:])
   states = user_states(prepared_dir, catalogue.metadata["train_end"],
                        history_length, rule)
