@@ -11,15 +11,22 @@ The generative model, per user and listen:
     with audio embeddings that are a noisy projection of the track latent.
     Popularity is long-tailed and drifts: each album has a release day (some
     within the timeline) and each track a freshness that decays after release.
-  * Next listen = a per-user mixture of seven components:
+  * Next listen = a per-user mixture of eight components:
       album      the next track of the seed's album,
       artist     a track of the seed's artist (by current popularity),
       neighbour  a track of an artist similar to the seed's artist,
       fav_track  one of the user's favourite tracks,
       fav_artist a track of one of the user's favourite artists,
       repeat     a uniform pick from the user's last `repeat_window` listens,
-      trending   one of the `trend_k` most popular tracks of the period.
+      trending   one of the `trend_k` most popular tracks of the period,
+      explore    any released track, uniformly (autoplay discovery): noise.
     The first listen of a session ignores the seed (no album/artist/neighbour).
+  * The played ratio depends on the user's affinity to the track: tracks far
+    from their taste (most explore listens) are skipped or played partly,
+    tracks close to it are played through, replayed and liked. So the ratio
+    (the example weight) tells signal from noise, as it should for weights
+    to matter; and the strong popularity drift (short freshness, many
+    releases) is what example age is for.
 
 Usage:
   python -m data_prep.generate --size=demo --output_dir=/tmp/gen_demo [--seed=0]
@@ -42,16 +49,23 @@ DAY = 86400
 
 # Mixture components, in this order everywhere.
 COMPONENTS = ("album", "artist", "neighbour", "fav_track", "fav_artist",
-              "repeat", "trending")
-ALBUM, ARTIST, NEIGHBOUR, FAV_TRACK, FAV_ARTIST, REPEAT, TRENDING = range(7)
-_SEEDED = np.array([True, True, True, False, False, False, False])
+              "repeat", "trending", "explore")
+(ALBUM, ARTIST, NEIGHBOUR, FAV_TRACK, FAV_ARTIST, REPEAT, TRENDING,
+ EXPLORE) = range(len(COMPONENTS))
 # Mean mixture weights; each user's weights are a Dirichlet draw around them.
-_BASE_MIX = np.array([0.15, 0.15, 0.18, 0.10, 0.15, 0.11, 0.16])
+_BASE_MIX = np.array([0.14, 0.13, 0.16, 0.09, 0.13, 0.10, 0.13, 0.12])
 _MIX_CONCENTRATION = 12.0
-# Recommendation surfaces (neighbour, trending) are mostly non-organic.
-_ORGANIC_PROB = np.array([0.92, 0.85, 0.15, 0.9, 0.8, 0.9, 0.1])
+# Recommendation surfaces (neighbour, trending, explore) are mostly
+# non-organic.
+_ORGANIC_PROB = np.array([0.92, 0.85, 0.15, 0.9, 0.8, 0.9, 0.1, 0.05])
 
-_FRESH_FLOOR = 0.2       # freshness of an old track, relative to 1 at release
+_FRESH_FLOOR = 0.05      # freshness of an old track, relative to 1 at release
+_NEW_ALBUM_SHARE = 0.4   # albums released within the timeline
+_LIFETIME_DIVISOR = 10.0  # mean freshness lifetime = days / this
+# Affinity at which half of the listens that are not skipped are played
+# through, and how sharply the share rises around it.
+_RATIO_MIDPOINT = 0.35
+_RATIO_SLOPE = 10.0
 _FAV_ARTIST_SLOTS = 8
 _FAV_TRACK_SLOTS = 16
 _UID_RANGE = 1_000_000
@@ -108,6 +122,8 @@ ORACLE_SCHEMA = pa.schema([
     ("item_id", pa.uint32()),
     ("oracle_rank", pa.int32()),
     ("oracle_prob", pa.float32()),
+    # The mixture component the listen was drawn from (one of COMPONENTS).
+    ("component", pa.dictionary(pa.int8(), pa.string())),
 ])
 
 
@@ -249,10 +265,11 @@ def _make_catalogue(rng: np.random.Generator, p: SizeParams) -> _Catalogue:
   base = artist_pop[artist] * rel
 
   # Release days per album: most before the timeline, the rest during it.
-  new = rng.random(n_albums) < 0.25
+  new = rng.random(n_albums) < _NEW_ALBUM_SHARE
   album_release = np.where(new, rng.uniform(0, p.days, n_albums),
                            -rng.uniform(0, 2 * p.days, n_albums))
-  album_life = rng.lognormal(np.log(p.days / 6.0), 0.5, n_albums)
+  album_life = rng.lognormal(np.log(p.days / _LIFETIME_DIVISOR), 0.5,
+                             n_albums)
   release = album_release[album]
   lifetime = album_life[album] * rng.lognormal(0, 0.3, n)
   release_period = np.floor(release / p.period_days).astype(np.int64)
@@ -297,6 +314,8 @@ class _Timeline:
   trend_items: np.ndarray  # (P, K) item indices
   trend_prob: np.ndarray   # (P, K) their probabilities, rows sum to 1
   trend_flat_cdf: np.ndarray  # row p's cdf plus p, flattened (increasing)
+  by_release: np.ndarray   # item indices ordered by release period
+  n_released: np.ndarray   # (P,) items released by each period: a prefix
 
 
 def _make_timeline(cat: _Catalogue, p: SizeParams) -> _Timeline:
@@ -320,8 +339,12 @@ def _make_timeline(cat: _Catalogue, p: SizeParams) -> _Timeline:
   cdf = np.cumsum(t_prob, axis=1)
   cdf[:, -1] = 1.0
   flat = (cdf + np.arange(n_periods)[:, None]).ravel()
+  by_release = np.argsort(cat.release_period, kind="stable")
+  n_released = np.searchsorted(cat.release_period[by_release],
+                               np.arange(n_periods), "right")
   return _Timeline(z=z, gmax=gmax, trend_items=t_items, trend_prob=t_prob,
-                   trend_flat_cdf=flat)
+                   trend_flat_cdf=flat, by_release=by_release,
+                   n_released=n_released)
 
 
 # ----------------------------------------------------------------------------
@@ -337,7 +360,7 @@ class _Users:
   fav_tracks: np.ndarray   # (n, FT) item indices
   ft_w: np.ndarray         # (n, FT)
   vec: np.ndarray          # (n, d) taste vector, unit length
-  mix: np.ndarray          # (n, 7) mixture weights
+  mix: np.ndarray          # (n, len(COMPONENTS)) mixture weights
   start: np.ndarray        # first event time, seconds
   session_gap: np.ndarray  # mean gap between sessions, seconds
   max_events: np.ndarray
@@ -446,10 +469,11 @@ def _fav_track_weights(cat: _Catalogue, users: _Users, u: np.ndarray,
 def _mixture(cat: _Catalogue, tl: _Timeline, users: _Users, u: np.ndarray,
              seeds: np.ndarray, per: np.ndarray, first: np.ndarray,
              hist_len: np.ndarray) -> np.ndarray:
-  """(m, 7) normalised component weights, zero where a component is empty."""
+  """(m, len(COMPONENTS)) normalised component weights, zero where a
+  component is empty."""
   has_seed = (seeds >= 0) & ~first
   s = np.maximum(seeds, 0)
-  avail = np.ones((len(u), 7), bool)
+  avail = np.ones((len(u), len(COMPONENTS)), bool)
   avail[:, ALBUM] = has_seed & (cat.next_in_album[s] >= 0)
   avail[:, ARTIST] = has_seed
   avail[:, NEIGHBOUR] = has_seed & (
@@ -457,6 +481,7 @@ def _mixture(cat: _Catalogue, tl: _Timeline, users: _Users, u: np.ndarray,
   avail[:, FAV_TRACK] = _fav_track_weights(cat, users, u, per).sum(1) > 0
   avail[:, FAV_ARTIST] = _fav_artist_weights(users, tl, u, per).sum(1) > 0
   avail[:, REPEAT] = hist_len > 0
+  avail[:, EXPLORE] = tl.n_released[per] > 0
   w = users.mix[u] * avail
   return w / w.sum(1, keepdims=True)
 
@@ -538,6 +563,12 @@ def _sample_next(rng: np.random.Generator, cat: _Catalogue, tl: _Timeline,
                           "right")
     pos = np.clip(pos, per[i] * k, per[i] * k + k - 1)
     item[i] = tl.trend_items.ravel()[pos]
+
+  i = np.nonzero(comp == EXPLORE)[0]
+  if len(i):
+    n = tl.n_released[per[i]]
+    item[i] = tl.by_release[np.minimum(
+        (rng.random(len(i)) * n).astype(np.int64), n - 1)]
   return item, comp
 
 
@@ -557,6 +588,7 @@ class _Snapshots:
   mix: np.ndarray
   hist: np.ndarray
   hist_len: np.ndarray
+  comp: np.ndarray     # the component the target was drawn from
 
 
 def _expand_artists(cat: _Catalogue, tl: _Timeline, ev: np.ndarray,
@@ -618,19 +650,45 @@ def _oracle_batch(cat: _Catalogue, tl: _Timeline, users: _Users,
   keep = w > 0
   key = e[keep].astype(np.int64) * cat.n_items + it[keep]
   uniq, inv = np.unique(key, return_inverse=True)
-  prob = np.bincount(inv, weights=w[keep])
-  tgt = sn.target[lo:hi]
-  pos = np.searchsorted(uniq, ev * cat.n_items + tgt)
-  if np.any(pos >= len(uniq)) or np.any(
-      uniq[np.minimum(pos, len(uniq) - 1)] != ev * cat.n_items + tgt):
-    raise AssertionError("oracle: a listened item has probability 0")
-  pt = prob[pos]
   ue, ui = uniq // cat.n_items, uniq % cat.n_items
+  # Explore gives every released item the same probability: added to the
+  # listed items here, and counted for all the others below.
+  n_rel = tl.n_released[per]
+  explore = mix[:, EXPLORE] / np.maximum(n_rel, 1)
+  released = cat.release_period[ui] <= per[ue]
+  prob = np.bincount(inv, weights=w[keep]) + np.where(released,
+                                                      explore[ue], 0.0)
+  tgt = sn.target[lo:hi]
+  tgt_key = ev * cat.n_items + tgt
+  pos = np.minimum(np.searchsorted(uniq, tgt_key), len(uniq) - 1)
+  listed = uniq[pos] == tgt_key
+  pt = np.where(listed, prob[pos], explore)
+  if np.any(pt <= 0):
+    raise AssertionError("oracle: a listened item has probability 0")
   # Ties are broken pessimistically by raw item id (a fixed item order).
-  better = (prob > pt[ue]) | ((prob == pt[ue]) & (
-      cat.item_ids[ui] < cat.item_ids[tgt][ue]))
+  tgt_id = cat.item_ids[tgt]
+  smaller = cat.item_ids[ui] < tgt_id[ue]
+  better = (prob > pt[ue]) | ((prob == pt[ue]) & smaller)
   rank = 1 + np.bincount(ue, weights=better, minlength=m).astype(np.int64)
+  # A target with explore probability only ties with every unlisted released
+  # item (listed ones have more); those with a smaller raw id rank ahead.
+  tie = np.nonzero(~listed)[0]
+  if len(tie):
+    listed_smaller = np.bincount(ue, weights=released & smaller, minlength=m)
+    rank[tie] += (_released_with_smaller_id(cat, tl, per[tie], tgt_id[tie]) -
+                  listed_smaller[tie].astype(np.int64))
   return rank, pt
+
+
+def _released_with_smaller_id(cat: _Catalogue, tl: _Timeline,
+                              per: np.ndarray, ids: np.ndarray) -> np.ndarray:
+  """How many items released by period per[i] have a raw id below ids[i]."""
+  out = np.zeros(len(per), np.int64)
+  for p in np.unique(per):
+    rows = np.nonzero(per == p)[0]
+    released = np.sort(cat.item_ids[tl.by_release[:tl.n_released[p]]])
+    out[rows] = np.searchsorted(released, ids[rows], "left")
+  return out
 
 
 def _oracle(cat: _Catalogue, tl: _Timeline, users: _Users, p: SizeParams,
@@ -664,13 +722,17 @@ class _ChunkEvents:
 
 def _played_ratio(rng: np.random.Generator, affinity: np.ndarray
                   ) -> np.ndarray:
-  """Percent played: skips for low affinity, otherwise ~100, some replays."""
+  """Percent played, by affinity: the further from the user's taste, the more
+  often skipped (< 31) or played partly (31-99); the closer, the more often
+  played through (100) or replayed (101-300)."""
   m = len(affinity)
   p_skip = 0.04 + 0.7 / (1.0 + np.exp(6.0 * (affinity - 0.25)))
+  p_full = 1.0 / (1.0 + np.exp(-_RATIO_SLOPE * (affinity - _RATIO_MIDPOINT)))
   skip = rng.random(m) < p_skip
-  r = rng.random(m)
-  ratio = np.where(r < 0.72, 100, np.where(r < 0.9, rng.integers(31, 100, m),
-                                           rng.integers(101, 301, m)))
+  full = rng.random(m) < p_full
+  replay = full & (rng.random(m) < 0.3 * p_full)
+  ratio = np.where(replay, rng.integers(101, 301, m),
+                   np.where(full, 100, rng.integers(31, 100, m)))
   return np.where(skip, rng.integers(1, 31, m), ratio)
 
 
@@ -693,7 +755,7 @@ def _listen_outcome(rng: np.random.Generator, cat: _Catalogue,
                       ).any(1)
   ratio = _played_ratio(rng, affinity)
   skip = ratio <= 30
-  like = ~skip & (rng.random(m) < 0.15 * np.clip(affinity - 0.3, 0, 1))
+  like = ~skip & (rng.random(m) < 0.25 * np.clip(affinity - 0.3, 0, 1))
   dislike = skip & (rng.random(m) < 0.1 * np.clip(0.6 - affinity, 0, 1))
 
   # Within a session the next listen starts when this one stops playing.
@@ -728,7 +790,7 @@ def _simulate_chunk(rng: np.random.Generator, cat: _Catalogue, tl: _Timeline,
   out = {k: [] for k in ("user", "ts", "item", "organic", "ratio", "like",
                          "dislike", "gap")}
   snaps = {k: [] for k in ("user", "ts", "target", "seed", "per", "mix",
-                           "hist", "hist_len")}
+                           "hist", "hist_len", "comp")}
   active = np.nonzero(t < end)[0]
   while len(active):
     a = active
@@ -743,7 +805,8 @@ def _simulate_chunk(rng: np.random.Generator, cat: _Catalogue, tl: _Timeline,
       w = np.nonzero(in_window)[0]
       for k, v in (("user", u[w]), ("ts", t[a][w]), ("target", item[w]),
                    ("seed", seed[a][w]), ("per", per[w]), ("mix", mix[w]),
-                   ("hist", hist[a][w]), ("hist_len", hist_len[a][w])):
+                   ("hist", hist[a][w]), ("hist_len", hist_len[a][w]),
+                   ("comp", comp[w])):
         snaps[k].append(v)
 
     organic, ratio, like, dislike, gap, ends_session = _listen_outcome(
@@ -768,9 +831,9 @@ def _simulate_chunk(rng: np.random.Generator, cat: _Catalogue, tl: _Timeline,
   if snaps["user"]:
     sn = _Snapshots(**{k: np.concatenate(v) for k, v in snaps.items()})
   else:
-    sn = _Snapshots(
-        **{k: np.zeros((0, 7) if k == "mix" else (0, H) if k == "hist" else 0,
-                       np.int64) for k in snaps})
+    shapes = {"mix": (0, len(COMPONENTS)), "hist": (0, H)}
+    sn = _Snapshots(**{k: np.zeros(shapes.get(k, 0), np.int64)
+                       for k in snaps})
   return events, sn
 
 
@@ -975,6 +1038,9 @@ def _oracle_table(cat: _Catalogue, tl: _Timeline, users: _Users,
       pa.array(cat.item_ids[sn.target], pa.uint32()),
       pa.array(rank.astype(np.int32), pa.int32()),
       pa.array(prob.astype(np.float32), pa.float32()),
+      pa.DictionaryArray.from_arrays(
+          pa.array(sn.comp.astype(np.int8), pa.int8()),
+          pa.array(COMPONENTS)),
   ], schema=ORACLE_SCHEMA)
 
 

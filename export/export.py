@@ -66,8 +66,6 @@ class ServingQueryModel(tf.keras.Model):
         schema.SEED_ITEM: self.item_lookup(
             tf.cast(inputs[schema.SERVING_SEED_ITEM_ID], tf.int64)),
         schema.HISTORY_ITEMS: history,
-        # Serving asks what is relevant now: example age 0.
-        schema.EXAMPLE_AGE: tf.zeros(tf.shape(user), tf.float32),
     })
 
 

@@ -188,6 +188,26 @@ def test_protocol_scores_model_and_baselines(trained_model, prepared,
                                                 "recall@100"]
 
 
+def test_weighted_metrics_count_each_test_example_at_its_weight(
+    trained_model, prepared, catalogue):
+  # Training without weights must not change what weighted metrics mean.
+  unweighted = input_pipeline.ExampleRule(use_weights=False)
+  results = evaluate.evaluate(trained_model, catalogue, prepared,
+                              HISTORY_LENGTH, unweighted, ks=(10, 100),
+                              with_baselines=False)
+  test = evaluate.load_examples(prepared, "test", HISTORY_LENGTH,
+                                input_pipeline.ExampleRule())
+  weights = test[schema.WEIGHT]
+  assert weights.min() < 1 < weights.max()
+  ranks = evaluate.model_ranks(trained_model, test,
+                               evaluate.candidate_embeddings(
+                                   trained_model, catalogue.num_items + 1))
+  hit = ranks <= 100
+  assert results["model"]["weighted_recall@100"] == pytest.approx(
+      np.sum(weights * hit) / weights.sum())
+  assert results["model"]["recall@100"] == pytest.approx(hit.mean())
+
+
 # --- Plot and projector -------------------------------------------------------
 
 

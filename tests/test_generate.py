@@ -112,6 +112,8 @@ def test_oracle_ranks(oracle, events):
   rec = generate.oracle_recall(ranks)
   assert rec["recall@10"] <= rec["recall@100"] <= rec["recall@500"]
   assert rec["recall@100"] > 0.3
+  components = oracle["component"].combine_chunks().dictionary_decode()
+  assert set(components.to_pylist()) == set(generate.COMPONENTS)
   # Every oracle row is a listen event (joinable on uid, timestamp, item_id).
   listen = events.filter(events["played_ratio_pct"].is_valid())
   keys = set(zip(listen["uid"].to_pylist(), listen["timestamp"].to_pylist(),
@@ -137,3 +139,95 @@ def test_same_seed_same_files(root, tmp_path):
     other = os.path.join(again, os.path.relpath(path, root))
     with open(path, "rb") as a, open(other, "rb") as b:
       assert a.read() == b.read(), path
+
+
+@pytest.fixture(scope="module")
+def world():
+  """The tiny size's catalogue, timeline, users and oracle-window snapshots."""
+  p = generate.SIZES[SIZE]
+  cat_rng, user_rng, sim_rng = np.random.default_rng(0).spawn(3)
+  cat = generate._make_catalogue(cat_rng, p)
+  tl = generate._make_timeline(cat, p)
+  users = generate._make_users(user_rng, cat, p)
+  _, snapshots = generate._simulate_chunk(sim_rng, cat, tl, users, p, 0,
+                                          p.n_users)
+  return p, cat, tl, users, snapshots
+
+
+def _dense_next_probs(world, i):
+  """P(next item) of snapshot i over the whole catalogue, written out
+  component by component: the reference for the oracle and the sampler."""
+  p, cat, tl, users, sn = world
+  u, seed, per, mix = sn.user[i], sn.seed[i], sn.per[i], sn.mix[i]
+  items = np.arange(cat.n_items)
+  fresh = generate._freshness(cat, items, np.full(cat.n_items, per),
+                              p.period_days)
+  probs = np.zeros(cat.n_items)
+
+  def add_artist(artist, weight):
+    w = np.where(cat.artist == artist, cat.base * fresh, 0.0)
+    probs[:] += weight * w / w.sum()
+
+  def normalised(w):
+    return w / w.sum() if w.sum() > 0 else w
+
+  if mix[generate.ALBUM] > 0:
+    probs[cat.next_in_album[seed]] += mix[generate.ALBUM]
+  if mix[generate.ARTIST] > 0:
+    add_artist(cat.artist[seed], mix[generate.ARTIST])
+  if mix[generate.NEIGHBOUR] > 0:
+    neighbours = cat.neighbours[cat.artist[seed]]
+    w = normalised(cat.neighbour_w[cat.artist[seed]] *
+                   (tl.z[per, neighbours] > 0))
+    for artist, weight in zip(neighbours, w):
+      if weight > 0:
+        add_artist(artist, mix[generate.NEIGHBOUR] * weight)
+  w = normalised(users.ft_w[u] *
+                 (cat.release_period[users.fav_tracks[u]] <= per))
+  np.add.at(probs, users.fav_tracks[u], mix[generate.FAV_TRACK] * w)
+  w = normalised(users.fa_w[u] * (tl.z[per, users.fav_artists[u]] > 0))
+  for artist, weight in zip(users.fav_artists[u], w):
+    if weight > 0:
+      add_artist(artist, mix[generate.FAV_ARTIST] * weight)
+  n = sn.hist_len[i]
+  if n:
+    np.add.at(probs, sn.hist[i, :n], mix[generate.REPEAT] / n)
+  np.add.at(probs, tl.trend_items[per],
+            mix[generate.TRENDING] * tl.trend_prob[per])
+  released = cat.release_period <= per
+  probs[released] += mix[generate.EXPLORE] / released.sum()
+  return probs
+
+
+def test_oracle_equals_the_dense_distribution(world):
+  p, cat, tl, users, sn = world
+  ranks, target_probs = generate._oracle(cat, tl, users, p, sn)
+  rows = np.random.default_rng(1).choice(len(sn.user), 60, replace=False)
+  # Targets drawn by explore alone tie with every other such item.
+  explore_only = 0
+  for i in rows:
+    probs = _dense_next_probs(world, i)
+    np.testing.assert_allclose(probs.sum(), 1.0, rtol=1e-9)
+    target = sn.target[i]
+    pt = probs[target]
+    np.testing.assert_allclose(target_probs[i], pt, rtol=1e-9)
+    close = np.abs(probs - pt) <= 1e-9 * pt
+    smaller = cat.item_ids < cat.item_ids[target]
+    expected = 1 + np.sum(probs > pt * (1 + 1e-9)) + np.sum(close & smaller)
+    assert ranks[i] == expected, i
+    explore_only += close.sum() > 10
+  assert explore_only > 0
+
+
+def test_sampler_follows_the_dense_distribution(world):
+  p, cat, tl, users, sn = world
+  i = int(np.argmax(sn.hist_len))  # a context with every component
+  n = 400_000
+  rep = np.full(n, i)
+  items, _ = generate._sample_next(
+      np.random.default_rng(2), cat, tl, users, p, sn.user[rep],
+      sn.seed[rep], sn.per[rep], sn.mix[rep], sn.hist[rep], sn.hist_len[rep])
+  probs = _dense_next_probs(world, i)
+  assert np.all(probs[items] > 0)
+  empirical = np.bincount(items, minlength=cat.n_items) / n
+  assert 0.5 * np.abs(empirical - probs).sum() < 0.03

@@ -54,6 +54,37 @@ def test_accidental_hits_are_not_negatives(catalogue):
   assert float(model.compute_loss(batch)) < 1e-4
 
 
+def test_example_age_scores_through_item_trends_and_vanishes_at_age_0(
+    prepared, catalogue):
+  batch = train_batch(prepared, catalogue, size=64)
+  model = small_model(catalogue)
+  encoder = model.item_encoder
+  item_trend, album_trend = encoder.trend_tables
+  at_age_0 = {**batch, schema.EXAMPLE_AGE: tf.zeros_like(
+      batch[schema.EXAMPLE_AGE])}
+  loss_without_trends = float(model.compute_loss(at_age_0))
+  rng = np.random.default_rng(0)
+  item_trend.assign(rng.normal(size=item_trend.shape))
+  album_trend.assign(rng.normal(size=album_trend.shape))
+  # At age 0 (serving's "now") the trends add nothing to any score ...
+  np.testing.assert_allclose(float(model.compute_loss(at_age_0)),
+                             loss_without_trends, rtol=1e-5)
+  # ... at the examples' own ages they do.
+  assert abs(float(model.compute_loss(batch)) - loss_without_trends) > 1e-3
+  # An item's trend is its id row's (row 0 for cold ids) plus its album's.
+  cold = np.flatnonzero(np.arange(catalogue.num_items + 1) >=
+                        encoder.id_vocabulary_size)[:2]
+  items = np.r_[1, 2, cold]
+  rows = np.where(items < encoder.id_vocabulary_size, items, 0)
+  np.testing.assert_allclose(
+      encoder.trend(tf.constant(items, tf.int64)).numpy(),
+      item_trend.numpy()[rows] +
+      album_trend.numpy()[catalogue.item_album[items]], rtol=1e-6)
+  np.testing.assert_allclose(
+      towers.age_features(tf.constant([0.0, 3.0]), 30.0).numpy(),
+      [[0.0, 0.0], [0.1, np.log1p(3.0)]], rtol=1e-6)
+
+
 def test_unknown_and_uncommon_ids_share_the_unknown_row(catalogue):
   config = towers.TowerConfig(**{**SMALL_TOWERS, "min_item_count": 5})
   encoder = towers.ItemEncoder(catalogue, config)
@@ -131,6 +162,7 @@ def test_memory_estimate_adds_up(catalogue):
   # The embeddings term is the model's own trainable tables, in bytes.
   query_tower = model_lib.TwoTowerModel(catalogue, config).query_tower
   query_tower.user_embedding(tf.constant([0], tf.int64))  # builds the table
-  tables = query_tower.item_encoder.tables + [
-      query_tower.user_embedding.embeddings]
+  tables = (query_tower.item_encoder.tables +
+            query_tower.item_encoder.trend_tables +
+            [query_tower.user_embedding.embeddings])
   assert sum(4 * int(np.prod(t.shape)) for t in tables) == adam["embeddings"]

@@ -208,7 +208,8 @@ def test_estimator_state_is_checkpointed_with_the_model(prepared, catalogue,
 
 
 def test_trained_pool_draws_only_items_with_their_own_id_row(catalogue):
-  model = small_model(catalogue, uniform_negatives=5000)  # the default pool
+  # Enough draws that missing the last id row is a e^-17 event.
+  model = small_model(catalogue, uniform_negatives=50_000)  # default pool
   vocabulary = model.query_tower.item_encoder.id_vocabulary_size
   assert vocabulary - 1 < catalogue.num_items  # the tiny data has cold items
   draws = model.sample_uniform_negatives().numpy()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from data_prep import generate
 from tests.conftest import HISTORY_LENGTH
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,10 +49,17 @@ def test_main_job_writes_results_logs_checkpoints_and_savedmodels(
   retrievers = {"model", "most_popular", "recent_popular",
                 "seed_cooccurrence", "oracle"}
   assert set(results) == retrievers | {"recall_curve", "test_targets",
-                                       "yambda_protocol", "by_target_kind"}
+                                       "yambda_protocol", "by_target_kind",
+                                       "by_component"}
   by_kind = results["by_target_kind"]
   assert set(by_kind) == retrievers | {"share"}
   assert abs(sum(by_kind["share"].values()) - 1) < 1e-6
+  # Every test target has the generator's component (the oracle covers all).
+  by_component = results["by_component"]
+  assert set(by_component["share"]) == set(generate.COMPONENTS)
+  assert abs(sum(by_component["share"].values()) - 1) < 1e-6
+  oracle = by_component["oracle"]
+  assert oracle["album"]["recall@10"] > oracle["explore"]["recall@10"]
   assert results["model"]["recall@100"] > results["most_popular"]["recall@100"]
   assert 0 < results["model"]["coverage@100"] <= 1
   assert set(results["recall_curve"]) == retrievers | {"k"}

@@ -8,7 +8,7 @@ negatives and the frequency estimate, one option on), trained by
 `tfrs_yambda.train` in its own process on the same prepared data (the first
 variant generates and prepares it). Each run logs its flags to TensorBoard's
 HParams dashboard (`tensorboard --logdir <ablation_dir>`); the table of
-Recall@10/100/500 and NDCG@100 is printed and written to
+Recall@10/100/500, NDCG@100 and weighted Recall@100 is printed and written to
 <ablation_dir>/ablation.json. Finished variants are not rerun.
 """
 
@@ -46,7 +46,8 @@ VARIANTS = {
                                                   "--uniform_pool=trained"],
     "streaming frequency estimate": ["--sampling_probability=streaming"],
 }
-COLUMNS = ("recall@10", "recall@100", "recall@500", "ndcg@100")
+COLUMNS = ("recall@10", "recall@100", "recall@500", "ndcg@100",
+           "weighted_recall@100")
 
 
 def _run_dir(name: str) -> str:
@@ -71,10 +72,12 @@ def run_variant(name: str) -> dict:
 
 
 def table(rows: dict) -> str:
-  lines = [f"{'variant':<28}" + "".join(f"{c:>12}" for c in COLUMNS)]
+  widths = [max(12, len(c) + 2) for c in COLUMNS]
+  lines = [f"{'variant':<28}" +
+           "".join(f"{c:>{w}}" for c, w in zip(COLUMNS, widths))]
   for name, metrics in rows.items():
-    lines.append(f"{name:<28}" +
-                 "".join(f"{metrics[c]:>12.4f}" for c in COLUMNS))
+    lines.append(f"{name:<28}" + "".join(
+        f"{metrics[c]:>{w}.4f}" for c, w in zip(COLUMNS, widths)))
   return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ all test-day listens relevant) is `tfrs_yambda.yambda_protocol`.
 `SECTIONS`; `retrievers` picks the rows.
 """
 
+import dataclasses
 import json
 import os
 from typing import Dict, List, Optional, Sequence
@@ -31,7 +32,8 @@ _MAX_SCORES_PER_BATCH = 1 << 25
 # Queries per baseline top-k call (their lists are int64 [batch, k]).
 _BASELINE_BATCH = 4096
 # Results entries that are not retrievers.
-SECTIONS = ("recall_curve", "test_targets", "yambda_protocol", "by_target_kind")
+SECTIONS = ("recall_curve", "test_targets", "yambda_protocol", "by_target_kind",
+            "by_component")
 # Largest k of the Recall@k curve (capped at the catalogue size).
 CURVE_MAX_K = 1000
 
@@ -144,10 +146,13 @@ def oracle_path(catalogue: catalogue_lib.Catalogue) -> Optional[str]:
 
 
 def oracle_ranks(path: str, catalogue: catalogue_lib.Catalogue,
-                 test: Dict[str, np.ndarray]) -> np.ndarray:
-  """The oracle's rank of each test target (-1 where the oracle has none)."""
+                 test: Dict[str, np.ndarray]) -> pd.DataFrame:
+  """Per test example, the oracle's rank of its target ("oracle_rank", -1
+  where the oracle has none) and the generator's mixture component it was
+  drawn from ("component", "" where none)."""
   oracle = pd.read_parquet(path, columns=["uid", "timestamp", "item_id",
-                                          "oracle_rank"])
+                                          "oracle_rank", "component"])
+  oracle["component"] = oracle["component"].astype(str)
   keys = pd.DataFrame({
       "uid": test[schema.USER_ID].astype(np.int64),
       "timestamp": test[schema.TIMESTAMP].astype(np.int64),
@@ -156,7 +161,9 @@ def oracle_ranks(path: str, catalogue: catalogue_lib.Catalogue,
   oracle = oracle.astype({"uid": np.int64, "timestamp": np.int64,
                           "item_id": np.int64})
   joined = keys.merge(oracle, how="left", on=["uid", "timestamp", "item_id"])
-  return joined["oracle_rank"].fillna(-1).to_numpy(np.int64)
+  return pd.DataFrame({
+      "oracle_rank": joined["oracle_rank"].fillna(-1).to_numpy(np.int64),
+      "component": joined["component"].fillna("").to_numpy(str)})
 
 
 def load_examples(prepared_dir: str, split: str, history_length: int,
@@ -166,6 +173,12 @@ def load_examples(prepared_dir: str, split: str, history_length: int,
   dataset = input_pipeline.batches(pattern, 8192, history_length, rule,
                                    age_reference, training=False)
   return collect(dataset, keys or list(schema.example_spec(1)))
+
+
+def test_rule(rule: input_pipeline.ExampleRule) -> input_pipeline.ExampleRule:
+  """The rule test examples are loaded with: weights on, even when training
+  ignores them, so that weighted metrics mean the same in every run."""
+  return dataclasses.replace(rule, use_weights=True)
 
 
 def fit_baselines(catalogue: catalogue_lib.Catalogue, prepared_dir: str,
@@ -198,17 +211,22 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
   Returns:
     One row per retriever ("model", each baseline's name, "oracle" on
     generated data): Recall@k, NDCG@k, MRR, the same on cold targets
-    ("cold_target_" + name), and, except for the oracle (which has ranks but
+    ("cold_target_" + name), the same with each test example counted at its
+    weight ("weighted_" + name; the test examples' weights, so `test` is
+    loaded with the weight rule on), and, except for the oracle (which has
+    ranks but
     no lists), "coverage@k" and "popularity@k" (see
     `metrics.RetrievedItemStats`). Sections: "test_targets" (the targets'
     own coverage and mean popularity percentile) and "recall_curve" ({"k":
     cut-offs from 1 to CURVE_MAX_K, retriever: Recall@k at each}).
   """
   if test is None:
-    test = load_examples(prepared_dir, "test", history_length, rule)
+    test = load_examples(prepared_dir, "test", history_length,
+                         test_rule(rule))
   num_indices = catalogue.num_items + 1
   # Targets never seen in training are retrievable only by content features.
   cold = catalogue.item_train_count[test[schema.TARGET_ITEM]] == 0
+  weights = test[schema.WEIGHT]
   popularity = metrics.popularity_percentile(catalogue.item_train_count)
   list_ks = [min(k, catalogue.num_items) for k in ks]
   curve_ks = metrics.recall_curve_ks(min(CURVE_MAX_K, catalogue.num_items))
@@ -222,6 +240,10 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
     result = metrics.rank_metrics(ranks[keep], ks)
     for metric, value in metrics.rank_metrics(ranks[keep & cold], ks).items():
       result[f"cold_target_{metric}"] = value
+    for metric, value in metrics.rank_metrics(ranks[keep], ks,
+                                              weights[keep]).items():
+      if metric != "examples":
+        result[f"weighted_{metric}"] = value
     if retrieved:
       result.update(_named_by_ks(retrieved.result(), list_ks, ks))
     curves[name] = metrics.recall_curve(ranks[keep], curve_ks).tolist()
@@ -245,10 +267,16 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
 
     path = oracle_path(catalogue)
     if path:
-      ranks = oracle_ranks(path, catalogue, test)
+      oracle = oracle_ranks(path, catalogue, test)
+      ranks = oracle["oracle_rank"].to_numpy()
       known = ranks > 0
       results["oracle"] = scored("oracle", ranks, keep=known)
       results["oracle"]["coverage_of_test_examples"] = float(known.mean())
+      components = oracle["component"].to_numpy()
+      # Where the generator's truth says each target came from.
+      results["by_component"] = recall_by_target_kind(
+          kept_ranks, {c: components == c for c in sorted(set(components))
+                       if c}, ks)
   targets = test[schema.TARGET_ITEM]
   results["test_targets"] = {
       "examples": int(len(targets)),

@@ -97,6 +97,10 @@ class TwoTowerModel(tfrs.Model):
       raise ValueError(f"uniform_negatives must be >= 0, got "
                        f"{uniform_negatives}")
     item_encoder = towers.ItemEncoder(catalogue, config, name="item_encoder")
+    self.item_encoder = item_encoder
+    self.age_scale_days = (config.example_age_scale_days
+                           if config.use_example_age else None)
+    self.temperature = temperature
     self.query_tower = towers.QueryTower(catalogue, item_encoder, config,
                                          name="query_tower")
     self.candidate_tower = towers.CandidateTower(item_encoder, config,
@@ -173,6 +177,14 @@ class TwoTowerModel(tfrs.Model):
     # are eye(queries, candidates)); the rest are negatives for every query.
     queries = self.query_tower(features, training=training)
     candidates = self.candidate_tower(candidate_ids, training=training)
+    if self.age_scale_days:
+      # Concatenation adds age_features · trend to every score; times the
+      # temperature, as the task divides all scores by it, so that the trend
+      # is in logits and its learning rate is not multiplied by 1 / T.
+      queries = tf.concat([queries, self.temperature * towers.age_features(
+          features[schema.EXAMPLE_AGE], self.age_scale_days)], axis=-1)
+      candidates = tf.concat(
+          [candidates, self.item_encoder.trend(candidate_ids)], axis=-1)
     probability = (self.candidate_probability(targets, candidate_ids,
                                               training=training)
                    if self.logq_correction else None)
@@ -214,6 +226,8 @@ def table_bytes(num_items: int, item_vocab: int, user_vocab: int,
   embeddings = 4 * (item_vocab * config.item_id_dim +
                     num_artists * config.artist_dim +
                     num_albums * config.album_dim + user_vocab * config.user_dim)
+  if config.use_example_age:
+    embeddings += 4 * 2 * (item_vocab + num_albums)  # trend coefficients
   content = (num_items + 1) * (4 * (audio_dim + 3) + 8 * 2 + 4)
   frequency_estimate = 12 * frequency_buckets
   return {"embeddings": embeddings,

@@ -49,14 +49,16 @@ RECORD_FEATURES = {
 USER_ID = "user_id"                # raw uid, int64 []
 SEED_ITEM = "seed_item"            # item index, int64 []
 HISTORY_ITEMS = "history_items"    # item indices, int64 [N], oldest first, 0-padded in front
-EXAMPLE_AGE = "example_age_days"   # float32 []: train end - event time; 0 at serving
+# Training only: train end - event time, float32 []; scores through the items'
+# popularity trends (towers.age_features), which are 0 at age 0, i.e. serving.
+EXAMPLE_AGE = "example_age_days"
 # Candidate side / label.
 TARGET_ITEM = "target_item"        # item index, int64 []
 WEIGHT = "weight"                  # float32 [], the example's loss weight
 # Kept for evaluation joins (not model inputs).
 TIMESTAMP = "timestamp"            # int64 [], target event time in seconds
 
-QUERY_FEATURES = (USER_ID, SEED_ITEM, HISTORY_ITEMS, EXAMPLE_AGE)
+QUERY_FEATURES = (USER_ID, SEED_ITEM, HISTORY_ITEMS)
 
 
 def example_spec(history_length: int):

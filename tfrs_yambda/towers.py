@@ -3,6 +3,13 @@
 Both towers take catalogue item indices only: everything known about an item
 (artist, album, track length, audio embedding) is looked up inside the model
 from tables built from the catalogue, so serving needs nothing but ids.
+
+Example age is not a tower input. In training it adds a context-free term to
+each score, a per-item curve of popularity against age (`age_features` ·
+`ItemEncoder.trend`), which is 0 at age 0: serving's "now" is the towers'
+dot product itself. Fed into the query MLP instead (the YouTube way), age
+helped the trending tracks but cost the seed- and history-driven ones more
+(README, "Ablations").
 """
 
 import dataclasses
@@ -42,6 +49,16 @@ class TowerConfig:
   use_example_age: bool = True
 
 
+def age_features(age_days: tf.Tensor, scale_days: float) -> tf.Tensor:
+  """[batch] example ages -> [batch, 2]: [age / scale, log(1 + age)], 0 at 0.
+
+  Against an item's two trend coefficients, log-popularity can rise or fade
+  linearly in age and fast in the first days after a release.
+  """
+  age = tf.cast(age_days, tf.float32)
+  return tf.stack([age / scale_days, tf.math.log1p(age)], axis=-1)
+
+
 def _table(values: np.ndarray, name: str) -> tf.Variable:
   # Non-trainable variables rather than constants: they are saved in the
   # SavedModel's variables, so large tables do not hit the 2 GB graph limit.
@@ -75,19 +92,36 @@ class ItemEncoder(tf.keras.layers.Layer):
         for name, shape in shapes]
     self.artist = _table(catalogue.item_artist, "item_artist")
     self.album = _table(catalogue.item_album, "item_album")
+    # Trend coefficients (see `trend`): an album's tracks are released
+    # together, so rare tracks borrow their album's curve.
+    self.trend_tables = [
+        self.add_weight(name=name, shape=(rows, 2), initializer="zeros")
+        for name, rows in (("item_trend", self.id_vocabulary_size),
+                           ("album_trend", len(catalogue.album_ids)))
+    ] if config.use_example_age else []
     # Audio and length features in one table: one gather serves both.
     content = [_dense_item_features(catalogue, config.use_audio)]
     if config.use_audio:
       content.insert(0, catalogue.audio.astype(np.float32))
     self.content = _table(np.concatenate(content, axis=1), "item_content")
 
+  def _id_rows(self, items: tf.Tensor) -> tf.Tensor:
+    return tf.where(items < self.id_vocabulary_size, items,
+                    tf.zeros_like(items))
+
   def _indices(self, items: tf.Tensor):
     """Per embedding table, the row of each item."""
-    ids = tf.where(items < self.id_vocabulary_size, items,
-                   tf.zeros_like(items))
+    ids = self._id_rows(items)
     if not self.use_artist_album:
       return [ids]
     return [ids, tf.gather(self.artist, items), tf.gather(self.album, items)]
+
+  def trend(self, items: tf.Tensor) -> tf.Tensor:
+    """[batch] item indices -> [batch, 2] coefficients of the items'
+    log-popularity against `age_features` (the id's plus the album's)."""
+    item_trend, album_trend = self.trend_tables
+    return (tf.gather(item_trend, self._id_rows(items)) +
+            tf.gather(album_trend, tf.gather(self.album, items)))
 
   def call(self, items: tf.Tensor) -> tf.Tensor:
     """[batch] item indices -> [batch, width] features."""
@@ -146,7 +180,7 @@ def _mlp(config: TowerConfig, name: str) -> tf.keras.Sequential:
 
 
 class QueryTower(tf.keras.Model):
-  """(user, seed track, history, example age) -> query embedding."""
+  """(user, seed track, history) -> query embedding."""
 
   def __init__(self, catalogue: catalogue_lib.Catalogue,
                item_encoder: ItemEncoder, config: TowerConfig, **kwargs):
@@ -164,7 +198,6 @@ class QueryTower(tf.keras.Model):
     self.history_projection = tf.keras.layers.Dense(
         config.history_dim, use_bias=False,
         name="history_projection") if config.history_dim else None
-    self.age_scale = config.example_age_scale_days
     self.config = config
     self.mlp = _mlp(config, "query_mlp")
 
@@ -184,9 +217,6 @@ class QueryTower(tf.keras.Model):
       parts += self.item_encoder.pooled(history, self.history_projection,
                                         config.recent_history)
       parts.append(tf.math.log1p(count))
-    if config.use_example_age:
-      age = tf.cast(features[schema.EXAMPLE_AGE], tf.float32)[:, tf.newaxis]
-      parts += [age / self.age_scale, tf.math.log1p(age)]
     return self.mlp(tf.concat(parts, axis=-1))
 
 

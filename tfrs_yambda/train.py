@@ -329,7 +329,7 @@ def train_and_evaluate():
   if chief:
     # Loaded once: per-epoch evaluation, the final one and the protocol.
     test = evaluate.load_examples(paths["prepared"], "test", history_length,
-                                  rule)
+                                  evaluate.test_rule(rule))
 
     def evaluate_model():
       ranks = evaluate.model_ranks(
@@ -406,10 +406,17 @@ def print_results(results, ks, num_items) -> None:
   print(f"\nTargets never seen in training "
         f"({results['model']['cold_target_examples']} test examples):")
   print(evaluate.format_table(results, ks, prefix="cold_target_"))
+  print("\nEach test example counted at its weight (played ratio, likes): "
+        "how well a retriever finds what users play through:")
+  print(evaluate.format_table(results, ks, prefix="weighted_"))
   k = 100 if 100 in ks else ks[len(ks) // 2]
   print(f"\nRecall@{k} by kind of target (what a retriever remembers and "
         "what it generalises):")
   print(evaluate.target_kind_table(results["by_target_kind"], k))
+  if "by_component" in results:
+    print(f"\nRecall@{k} by the generator's mixture component that drew the "
+          "target (generated data only):")
+    print(evaluate.target_kind_table(results["by_component"], k))
   print("\nWhat each retriever retrieves: coverage@k (distinct items in all "
         "top-k lists / catalogue)\nand popularity@k (mean training-count "
         "percentile of the top-k items; 1 = most played):")

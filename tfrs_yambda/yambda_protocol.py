@@ -204,7 +204,6 @@ def queries(uids: np.ndarray, states: pd.DataFrame,
           [h if isinstance(h, np.ndarray) else empty
            for h in known["history"]]) if len(uids) else np.zeros(
                (0, history_length), np.int64),
-      schema.EXAMPLE_AGE: np.zeros(len(uids), np.float32),
   }
 
 
