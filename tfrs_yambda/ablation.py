@@ -25,7 +25,10 @@ flags.DEFINE_string("base_flagfile", "configs/demo.cfg",
                     "The configuration every variant starts from.")
 flags.DEFINE_string("ablation_dir", "/tmp/tfrs_yambda/ablation",
                     "Where the variants' runs and the table go.")
-flags.DEFINE_list("variants", None, "Subset of VARIANTS to run (default all).")
+# Repeated rather than a list: variant names contain commas.
+flags.DEFINE_multi_string("variant", None,
+                          "A variant of VARIANTS to run; repeat the flag for "
+                          "several (default: all).")
 
 # Variant -> the train flags that switch one design element off or on.
 VARIANTS = {
@@ -83,7 +86,7 @@ def table(rows: dict) -> str:
 
 def main(argv):
   del argv
-  names = FLAGS.variants or list(VARIANTS)
+  names = FLAGS.variant or list(VARIANTS)
   unknown = set(names) - set(VARIANTS)
   if unknown:
     raise app.UsageError(f"Unknown variants {sorted(unknown)}; known: "

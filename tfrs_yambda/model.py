@@ -59,7 +59,10 @@ class TwoTowerModel(tfrs.Model):
   estimated while training (`"streaming"`, `frequency.
   StreamingFrequencyEstimator`). A candidate with the same id as a query's
   target (a popular track twice in a batch, a uniform draw of the target) is
-  not counted as a negative of that query (accidental-hit removal).
+  not counted as a negative of that query (accidental-hit removal). Example
+  age enters the training scores only, through each candidate's popularity
+  trend (`towers.age_features`, `towers.ItemEncoder.trend`), and is 0 at
+  serving.
   """
 
   def __init__(self, catalogue: catalogue_lib.Catalogue,
