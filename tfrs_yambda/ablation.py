@@ -8,8 +8,9 @@ negatives and the frequency estimate, one option on), trained by
 `tfrs_yambda.train` in its own process on the same prepared data (the first
 variant generates and prepares it). Each run logs its flags to TensorBoard's
 HParams dashboard (`tensorboard --logdir <ablation_dir>`); the table of
-Recall@10/100/500, NDCG@100 and weighted Recall@100 is printed and written to
-<ablation_dir>/ablation.json. Finished variants are not rerun.
+Recall@10/100/500, NDCG@100, weighted Recall@100 and Recall@100 on cold
+targets is printed and written to <ablation_dir>/ablation.json. Finished
+variants are not rerun; `--variant=NAME` (repeatable) runs a subset.
 """
 
 import json
@@ -50,7 +51,7 @@ VARIANTS = {
     "streaming frequency estimate": ["--sampling_probability=streaming"],
 }
 COLUMNS = ("recall@10", "recall@100", "recall@500", "ndcg@100",
-           "weighted_recall@100")
+           "weighted_recall@100", "cold_target_recall@100")
 
 
 def _run_dir(name: str) -> str:
@@ -75,11 +76,12 @@ def run_variant(name: str) -> dict:
 
 
 def table(rows: dict) -> str:
+  first = max(len(name) for name in ["variant", *rows]) + 2
   widths = [max(12, len(c) + 2) for c in COLUMNS]
-  lines = [f"{'variant':<28}" +
+  lines = [f"{'variant':<{first}}" +
            "".join(f"{c:>{w}}" for c, w in zip(COLUMNS, widths))]
   for name, metrics in rows.items():
-    lines.append(f"{name:<28}" + "".join(
+    lines.append(f"{name:<{first}}" + "".join(
         f"{metrics[c]:>{w}.4f}" for c, w in zip(COLUMNS, widths)))
   return "\n".join(lines)
 
