@@ -7,11 +7,13 @@ import types
 
 from matplotlib import image as mpimg
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 from tensorboard.plugins import projector as tb_projector
 from google.protobuf import text_format
 
+from data_prep import generate
 from tfrs_yambda import baselines
 from tfrs_yambda import evaluate
 from tfrs_yambda import input_pipeline
@@ -206,6 +208,20 @@ def test_weighted_metrics_count_each_test_example_at_its_weight(
   assert results["model"]["weighted_recall@100"] == pytest.approx(
       np.sum(weights * hit) / weights.sum())
   assert results["model"]["recall@100"] == pytest.approx(hit.mean())
+
+
+def test_oracle_files_without_components_still_give_ranks(
+    prepared, catalogue, tmp_path):
+  path = evaluate.oracle_path(catalogue)
+  older = str(tmp_path / "oracle.parquet")  # as written before components
+  pq.write_table(pq.read_table(path).drop(["component"]), older)
+  test = evaluate.load_examples(prepared, "test", HISTORY_LENGTH,
+                                input_pipeline.ExampleRule())
+  new, old = (evaluate.oracle_ranks(p, catalogue, test) for p in (path, older))
+  np.testing.assert_array_equal(old["oracle_rank"], new["oracle_rank"])
+  assert (new["oracle_rank"] > 0).mean() > 0.99
+  assert set(old["component"]) == {""}
+  assert set(new["component"]) == set(generate.COMPONENTS)
 
 
 # --- Plot and projector -------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import tensorflow as tf
 
 from tfrs_yambda import baselines
@@ -149,10 +150,13 @@ def oracle_ranks(path: str, catalogue: catalogue_lib.Catalogue,
                  test: Dict[str, np.ndarray]) -> pd.DataFrame:
   """Per test example, the oracle's rank of its target ("oracle_rank", -1
   where the oracle has none) and the generator's mixture component it was
-  drawn from ("component", "" where none)."""
-  oracle = pd.read_parquet(path, columns=["uid", "timestamp", "item_id",
-                                          "oracle_rank", "component"])
-  oracle["component"] = oracle["component"].astype(str)
+  drawn from ("component", "" where none, or where the file predates it)."""
+  columns = ["uid", "timestamp", "item_id", "oracle_rank"]
+  has_component = "component" in pq.read_schema(path).names
+  oracle = pd.read_parquet(
+      path, columns=columns + ["component"] if has_component else columns)
+  oracle["component"] = (oracle["component"].astype(str) if has_component
+                         else "")
   keys = pd.DataFrame({
       "uid": test[schema.USER_ID].astype(np.int64),
       "timestamp": test[schema.TIMESTAMP].astype(np.int64),
@@ -273,10 +277,11 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
       results["oracle"] = scored("oracle", ranks, keep=known)
       results["oracle"]["coverage_of_test_examples"] = float(known.mean())
       components = oracle["component"].to_numpy()
-      # Where the generator's truth says each target came from.
-      results["by_component"] = recall_by_target_kind(
-          kept_ranks, {c: components == c for c in sorted(set(components))
-                       if c}, ks)
+      if np.any(components != ""):
+        # Where the generator's truth says each target came from.
+        results["by_component"] = recall_by_target_kind(
+            kept_ranks, {c: components == c for c in sorted(set(components))
+                         if c}, ks)
   targets = test[schema.TARGET_ITEM]
   results["test_targets"] = {
       "examples": int(len(targets)),
