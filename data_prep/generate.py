@@ -614,9 +614,14 @@ def _slot_entries(ev: np.ndarray, slots: np.ndarray, w: np.ndarray):
 
 
 def _oracle_batch(cat: _Catalogue, tl: _Timeline, users: _Users,
-                  p: SizeParams, sn: _Snapshots, lo: int, hi: int
+                  p: SizeParams, sn: _Snapshots, lo: int, hi: int,
+                  released_ids: Dict[int, np.ndarray]
                   ) -> Tuple[np.ndarray, np.ndarray]:
-  """Ranks and probabilities of the targets of snapshots [lo, hi)."""
+  """Ranks and probabilities of the targets of snapshots [lo, hi).
+
+  `released_ids`: per period of the snapshots, the sorted raw ids of the
+  items released by then (see `_released_ids`).
+  """
   m = hi - lo
   ev = np.arange(m)
   u, s, per = sn.user[lo:hi], np.maximum(sn.seed[lo:hi], 0), sn.per[lo:hi]
@@ -675,20 +680,20 @@ def _oracle_batch(cat: _Catalogue, tl: _Timeline, users: _Users,
   tie = np.nonzero(~listed)[0]
   if len(tie):
     listed_smaller = np.bincount(ue, weights=released & smaller, minlength=m)
-    rank[tie] += (_released_with_smaller_id(cat, tl, per[tie], tgt_id[tie]) -
-                  listed_smaller[tie].astype(np.int64))
+    smaller_released = np.zeros(len(tie), np.int64)
+    for q, ids in released_ids.items():
+      rows = per[tie] == q
+      smaller_released[rows] = np.searchsorted(ids, tgt_id[tie][rows], "left")
+    rank[tie] += smaller_released - listed_smaller[tie].astype(np.int64)
   return rank, pt
 
 
-def _released_with_smaller_id(cat: _Catalogue, tl: _Timeline,
-                              per: np.ndarray, ids: np.ndarray) -> np.ndarray:
-  """How many items released by period per[i] have a raw id below ids[i]."""
-  out = np.zeros(len(per), np.int64)
-  for p in np.unique(per):
-    rows = np.nonzero(per == p)[0]
-    released = np.sort(cat.item_ids[tl.by_release[:tl.n_released[p]]])
-    out[rows] = np.searchsorted(released, ids[rows], "left")
-  return out
+def _released_ids(cat: _Catalogue, tl: _Timeline,
+                  periods: np.ndarray) -> Dict[int, np.ndarray]:
+  """Per period, the sorted raw ids of the items released by then: explore
+  ties are broken by raw id. Built once per chunk, for its few periods."""
+  return {int(q): np.sort(cat.item_ids[tl.by_release[:tl.n_released[q]]])
+          for q in np.unique(periods)}
 
 
 def _oracle(cat: _Catalogue, tl: _Timeline, users: _Users, p: SizeParams,
@@ -697,8 +702,10 @@ def _oracle(cat: _Catalogue, tl: _Timeline, users: _Users, p: SizeParams,
   n = len(sn.user)
   ranks, probs = [np.zeros(0, np.int64)], [np.zeros(0)]
   batch = 4096
+  released_ids = _released_ids(cat, tl, sn.per)
   for lo in range(0, n, batch):
-    r, q = _oracle_batch(cat, tl, users, p, sn, lo, min(n, lo + batch))
+    r, q = _oracle_batch(cat, tl, users, p, sn, lo, min(n, lo + batch),
+                         released_ids)
     ranks.append(r)
     probs.append(q)
   return np.concatenate(ranks), np.concatenate(probs)

@@ -12,6 +12,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import catalogue as catalogue_lib  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import input_pipeline  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import model as model_lib  # pylint: disable=g-import-not-at-top
+from tfrs_yambda import schema  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import towers  # pylint: disable=g-import-not-at-top
 
 HISTORY_LENGTH = 20
@@ -106,6 +107,18 @@ def train_batch(prepared, catalogue, size=256):
       catalogue.metadata["train_end"], training=True, shuffle_buffer=5000,
       seed=0)
   return next(iter(dataset))
+
+
+def same_target_batch(catalogue, n=8, target=3):
+  """n queries of distinct users and seeds, all with the same target track."""
+  return {
+      schema.USER_ID: tf.constant(catalogue.user_ids[1:n + 1]),
+      schema.SEED_ITEM: tf.range(1, n + 1, dtype=tf.int64),
+      schema.HISTORY_ITEMS: tf.zeros([n, HISTORY_LENGTH], tf.int64),
+      schema.EXAMPLE_AGE: tf.zeros([n]),
+      schema.TARGET_ITEM: tf.fill([n], tf.constant(target, tf.int64)),
+      schema.WEIGHT: tf.ones([n]),
+  }
 
 
 def small_model(catalogue, **kwargs):

@@ -12,6 +12,7 @@ from tfrs_yambda import schema
 from tfrs_yambda import towers
 from tests.conftest import HISTORY_LENGTH
 from tests.conftest import SMALL_TOWERS
+from tests.conftest import same_target_batch
 from tests.conftest import small_model
 from tests.conftest import train_batch
 
@@ -42,15 +43,7 @@ def test_accidental_hits_are_not_negatives(catalogue):
   # Every query's target is the same track: with accidental-hit removal the
   # only candidate left per row is the positive, so the loss is ~0.
   model = small_model(catalogue)
-  n = 8
-  batch = {
-      schema.USER_ID: tf.constant(catalogue.user_ids[1:n + 1]),
-      schema.SEED_ITEM: tf.range(1, n + 1, dtype=tf.int64),
-      schema.HISTORY_ITEMS: tf.zeros([n, HISTORY_LENGTH], tf.int64),
-      schema.EXAMPLE_AGE: tf.zeros([n]),
-      schema.TARGET_ITEM: tf.fill([n], tf.constant(3, tf.int64)),
-      schema.WEIGHT: tf.ones([n]),
-  }
+  batch = same_target_batch(catalogue, n=8, target=3)
   assert float(model.compute_loss(batch)) < 1e-4
 
 

@@ -7,7 +7,7 @@ import tensorflow as tf
 from tfrs_yambda import frequency
 from tfrs_yambda import model as model_lib
 from tfrs_yambda import schema
-from tests.conftest import HISTORY_LENGTH
+from tests.conftest import same_target_batch
 from tests.conftest import small_model
 from tests.conftest import train_batch
 
@@ -147,15 +147,7 @@ def test_uniform_draws_of_the_target_are_no_negatives(catalogue):
   # Every query's target is track 3; so are all but one uniform draw. Only
   # the draw of track 7 is left as a negative, so each query's loss is the
   # two-way softmax of its positive against track 7.
-  n = 8
-  batch = {
-      schema.USER_ID: tf.constant(catalogue.user_ids[1:n + 1]),
-      schema.SEED_ITEM: tf.range(1, n + 1, dtype=tf.int64),
-      schema.HISTORY_ITEMS: tf.zeros([n, HISTORY_LENGTH], tf.int64),
-      schema.EXAMPLE_AGE: tf.zeros([n]),
-      schema.TARGET_ITEM: tf.fill([n], tf.constant(3, tf.int64)),
-      schema.WEIGHT: tf.ones([n]),
-  }
+  batch = same_target_batch(catalogue, n=8, target=3)
   model = small_model(catalogue, uniform_negatives=3, logq_correction=False)
   model.sample_uniform_negatives = lambda: tf.constant([3, 7, 3], tf.int64)
   queries = model.query_tower(batch).numpy()
