@@ -3,8 +3,34 @@
 The files it writes look like a Yambda download to the rest of the project
 (same paths, same schemas, sparse raw ids), and every listen is drawn from a
 known next-listen distribution P(next | user, seed track, time). For the last
-`oracle_days` days it also writes the exact rank of each listened item under
-that distribution (the "oracle"), an upper bound for any next-track model.
+`oracle_days` days (the validation and test days of the evaluation, and the
+gap before the validation window) it also writes, per listen, the exact rank
+of the listened item under that distribution (the "oracle") and under the
+next-POSITIVE-listen distribution (the "positive oracle").
+
+Why two oracles. The evaluation's targets are not next listens but next
+positive listens: played at least LISTEN_PLUS_RATIO percent (Yambda's
+Listen+) and not disliked. Here the played ratio depends on the user's
+affinity to the track, so positivity is informative: a model of the
+evaluated target should rank a track the user will likely play through above
+an equally likely listen they will likely skip. The listen oracle ignores
+that, so it is not a ceiling for the evaluated metric; the positive oracle
+is. Given the state before a listen, P(it is item i | it is positive) is
+proportional to P(next listen = i) * P(positive | user, i), and P(positive |
+user, i) = positive_prob(affinity(user, i)) = (1 - p_skip) * (p_full +
+(1 - p_full) * 50/69): not skipped, then played through (or replayed), or
+played partly with a uniform ratio in 31..99, 50 of whose 69 values reach 50
+(dislikes only follow skips, so a listen that reaches it is positive). The
+sampler draws ratios from the same `_ratio_probs` and `_affinity`. The
+positive oracle's rank is exact (ties broken pessimistically by raw item id,
+as for the listen oracle); its probability is to float32 precision. Its rank
+is written for every listen (only positive listens are targets). For the
+`large` size (1M items) it is computed for a seeded sample of users only,
+about `positive_oracle_sample` (20K) listens in all, -1 (probability NaN)
+elsewhere: the rank needs P(positive) of every released item for each user
+(explore gives every item listen probability, and each has its own
+P(positive)), about 70 ms per user at 1M items, so ranking all ~500K oracle
+listens (~30K users) would add the better part of an hour.
 
 The generative model, per user and listen:
   * Catalogue: genres -> artists (latent taste vectors) -> albums -> tracks,
@@ -66,6 +92,17 @@ _LIFETIME_DIVISOR = 10.0  # mean freshness lifetime = days / this
 # through, and how sharply the share rises around it.
 _RATIO_MIDPOINT = 0.35
 _RATIO_SLOPE = 10.0
+# Played ratios (percent) the sampler draws: [lo, hi) ranges.
+_SKIP_RATIOS = (1, 31)
+_PARTIAL_RATIOS = (31, 100)
+_FULL_RATIO = 100
+_REPLAY_RATIOS = (101, 301)
+# Listen+ (prep's default --min_played_ratio): a listen played at least this
+# percent is a positive, unless disliked; dislikes only follow skips here.
+LISTEN_PLUS_RATIO = 50
+# Affinity bonuses of the user's favourite tracks and favourite artists.
+_FAV_TRACK_BONUS = 0.3
+_FAV_ARTIST_BONUS = 0.15
 _FAV_ARTIST_SLOTS = 8
 _FAV_TRACK_SLOTS = 16
 _UID_RANGE = 1_000_000
@@ -91,8 +128,14 @@ class SizeParams:
   repeat_window: int = 20
   session_mean: float = 12.0    # mean listens per session
   max_events_factor: float = 4.0
-  oracle_days: int = 2
+  # The oracle covers the validation and test days (and the gap before the
+  # validation window, which starts 3600 s before end - 2 days).
+  oracle_days: int = 3
   chunk_users: int = 4096       # users simulated (and written) together
+  # 0: the positive oracle ranks every oracle listen. Otherwise at most this
+  # many: every oracle listen of a seeded sample of users, each chunk its
+  # share; the others get -1. See the module docstring.
+  positive_oracle_sample: int = 0
 
 
 SIZES: Dict[str, SizeParams] = {
@@ -104,7 +147,8 @@ SIZES: Dict[str, SizeParams] = {
                        chunk_users=4000),
     "large": SizeParams(n_users=100_000, n_items=1_000_000, days=300,
                         events_per_user=480, n_genres=40, period_days=3,
-                        trend_k=1000, chunk_users=8192),
+                        trend_k=1000, chunk_users=8192,
+                        positive_oracle_sample=20_000),
 }
 
 
@@ -124,6 +168,10 @@ ORACLE_SCHEMA = pa.schema([
     ("oracle_prob", pa.float32()),
     # The mixture component the listen was drawn from (one of COMPONENTS).
     ("component", pa.dictionary(pa.int8(), pa.string())),
+    # The same under the next-POSITIVE-listen distribution, the one of the
+    # evaluated targets (-1 where not computed: see the module docstring).
+    ("positive_oracle_rank", pa.int32()),
+    ("positive_oracle_prob", pa.float32()),
 ])
 
 
@@ -589,17 +637,24 @@ class _Snapshots:
   hist: np.ndarray
   hist_len: np.ndarray
   comp: np.ndarray     # the component the target was drawn from
+  ratio: np.ndarray    # the target listen's played ratio (its positivity)
+
+
+def _artist_items(cat: _Catalogue, art: np.ndarray
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+  """(index into art, item) for every track of each artist."""
+  start = cat.art_start[art]
+  ln = cat.art_end[art] - start
+  rep = np.repeat(np.arange(len(art)), ln)
+  offs = np.arange(ln.sum()) - np.repeat(np.cumsum(ln) - ln, ln)
+  return rep, start[rep] + offs
 
 
 def _expand_artists(cat: _Catalogue, tl: _Timeline, ev: np.ndarray,
                     art: np.ndarray, w: np.ndarray, per: np.ndarray,
                     period_days: int):
   """(event, item, prob) for every track of each (event, artist, weight)."""
-  start = cat.art_start[art]
-  ln = cat.art_end[art] - start
-  rep = np.repeat(np.arange(len(art)), ln)
-  offs = np.arange(ln.sum()) - np.repeat(np.cumsum(ln) - ln, ln)
-  items = start[rep] + offs
+  rep, items = _artist_items(cat, art)
   pr = per[rep]
   prob = (w[rep] * cat.base[items] * _freshness(cat, items, pr, period_days) /
           tl.z[pr, art[rep]])
@@ -615,9 +670,12 @@ def _slot_entries(ev: np.ndarray, slots: np.ndarray, w: np.ndarray):
 
 def _oracle_batch(cat: _Catalogue, tl: _Timeline, users: _Users,
                   p: SizeParams, sn: _Snapshots, lo: int, hi: int,
-                  released_ids: Dict[int, np.ndarray]
-                  ) -> Tuple[np.ndarray, np.ndarray]:
-  """Ranks and probabilities of the targets of snapshots [lo, hi).
+                  released_ids: Dict[int, np.ndarray],
+                  positive: np.ndarray = None, dense=None
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Ranks and probabilities of the targets of snapshots [lo, hi) (sorted by
+  user), then those of the positive oracle where `positive` is set (rank -1
+  and probability NaN elsewhere; `dense`: `_dense_context`).
 
   `released_ids`: per period of the snapshots, the sorted raw ids of the
   items released by then (see `_released_ids`).
@@ -685,7 +743,205 @@ def _oracle_batch(cat: _Catalogue, tl: _Timeline, users: _Users,
       rows = per[tie] == q
       smaller_released[rows] = np.searchsorted(ids, tgt_id[tie][rows], "left")
     rank[tie] += smaller_released - listed_smaller[tie].astype(np.int64)
-  return rank, pt
+  pos_rank = np.full(m, -1, np.int64)
+  pos_prob = np.full(m, np.nan)
+  if positive is not None and positive.any():
+    rows = np.nonzero(positive)[0]
+    pos_rank[rows], pos_prob[rows] = _positive_batch(
+        cat, tl, users, sn, lo, rows, ue, ui, prob, explore, pt, dense)
+  return rank, pt, pos_rank, pos_prob
+
+
+# The positive oracle. P(next positive listen = i | state) is proportional to
+# P(next listen = i | state) * positive_prob(affinity(u, i)), the item's
+# score. Every released item that no component lists has listen probability
+# explore, so its score explore * positive_prob(affinity) differs per item:
+# the rank needs, per snapshot, the count of released items whose score
+# beats the target's. Per block of users, one float32 product of their taste
+# vectors with every released latent (plus the favourite bonuses) gives
+# positive_prob of every released item to within _FILTER (relative): enough
+# to count the items that surely beat the target or surely do not, and for
+# the normaliser (explore * the row's sum, plus the listed items' extra).
+# The few within _FILTER of the target's score are decided by the exact
+# float64 score, from `_affinity` and `positive_prob` as the sampler computes
+# them; the listed items are counted by their own score, not the unlisted
+# one.
+_DENSE_ELEMENTS = 1 << 18  # (users x released items) per dense block
+# Relative. A bulk (float32) positive_prob is off by less than 2e-5: its
+# taste by <= 1.3e-6 (16 products of unit vectors' components), times a slope
+# <= 1.8, plus float32 rounding, over positive_prob >= 0.18. (Seen: 4e-7.)
+_FILTER = 1e-4
+
+
+def _beats(score: np.ndarray, target_score: np.ndarray,
+           smaller: np.ndarray) -> np.ndarray:
+  """Whether items of these scores rank ahead of targets of these scores
+  (ties: the smaller raw id first)."""
+  return (score > target_score) | ((score == target_score) & smaller)
+
+
+def _exact_positive_prob(cat: _Catalogue, users: _Users, u: np.ndarray,
+                         items: np.ndarray) -> np.ndarray:
+  """P(positive) of each (user, item) listen, as the sampler computes it."""
+  return positive_prob(_affinity(cat, users, u, items))
+
+
+def _dense_context(cat: _Catalogue, tl: _Timeline, periods: np.ndarray
+                   ) -> Tuple[np.ndarray, np.ndarray]:
+  """(float32 unit latents of the items released by the last of `periods`,
+  in release order, transposed (d, n); each item's column in that order)."""
+  n_max = int(tl.n_released[periods].max()) if len(periods) else 0
+  lat = cat.latent[tl.by_release[:n_max]]
+  unit_t = np.ascontiguousarray(
+      (lat.astype(np.float64) /
+       np.linalg.norm(lat, axis=1).astype(np.float64)[:, None]).T
+      ).astype(np.float32)
+  col_of = np.empty(cat.n_items, np.int64)
+  col_of[tl.by_release] = np.arange(cat.n_items)
+  return unit_t, col_of
+
+
+def _bonus_items(cat: _Catalogue, users: _Users, ub: np.ndarray
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+  """(index into ub, item) for every item with a favourite bonus: the
+  favourite tracks and the favourite artists' tracks, of every slot."""
+  idx = np.arange(len(ub))
+  n_ft, n_fa = users.fav_tracks.shape[1], users.fav_artists.shape[1]
+  r, items = _artist_items(cat, users.fav_artists[ub].ravel())
+  return (np.concatenate([np.repeat(idx, n_ft), np.repeat(idx, n_fa)[r]]),
+          np.concatenate([users.fav_tracks[ub].ravel(), items]))
+
+
+def _count_beats(cat: _Catalogue, users: _Users, u: np.ndarray,
+                 se: np.ndarray, si: np.ndarray, factor: np.ndarray,
+                 approx: np.ndarray, st: np.ndarray, tgt: np.ndarray,
+                 k: int) -> np.ndarray:
+  """Per row, how many of the entries (row se, item si, score factor *
+  positive_prob, approximately `approx`) rank ahead of the row's target
+  (exact score st; ties: the smaller raw id first). The target's own entry
+  never does. Entries within _FILTER of st get the exact score."""
+  # Candidates first: usually few entries score near or above the target.
+  cand = np.nonzero(approx >= (st * (1 - _FILTER))[se])[0]
+  cand = cand[si[cand] != tgt[se[cand]]]
+  ce, ci, cf = se[cand], si[cand], factor[cand]
+  beats = approx[cand] > st[ce] * (1 + _FILTER)
+  near = np.nonzero(~beats)[0]
+  exact = cf[near] * _exact_positive_prob(cat, users, u[ce[near]], ci[near])
+  beats[near] = _beats(exact, st[ce[near]],
+                       cat.item_ids[ci[near]] < cat.item_ids[tgt[ce[near]]])
+  return np.bincount(ce[beats], minlength=k)
+
+
+def _positive_batch(cat: _Catalogue, tl: _Timeline, users: _Users,
+                    sn: _Snapshots, lo: int, rows: np.ndarray,
+                    ue: np.ndarray, ui: np.ndarray, prob: np.ndarray,
+                    explore: np.ndarray, pt: np.ndarray,
+                    dense: Tuple[np.ndarray, np.ndarray]
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+  """Positive-oracle ranks and probabilities of the snapshots lo + rows
+  (sorted by user), from their batch's listed (row, item) pairs (ue, ui),
+  sorted, with listen probabilities `prob` (explore included), the batch's
+  `explore` probabilities, its targets' listen probabilities `pt` and
+  `_dense_context`."""
+  unit_t, col_of = dense
+  k = len(rows)
+  g = lo + rows
+  u, per, tgt = sn.user[g], sn.per[g], sn.target[g]
+  ex = explore[rows]
+  n_rel = tl.n_released[per]
+
+  # The entries: the listed items of the rows, sorted by (row, item). (An
+  # unlisted target has the unlisted score, and never counts anyway.)
+  if k == len(explore):
+    se, si, lp = ue, ui, prob
+  else:
+    local = np.full(len(explore), -1, np.int64)
+    local[rows] = np.arange(k)
+    le = local[ue]
+    keep = le >= 0
+    se, si, lp = le[keep], ui[keep], prob[keep]
+  col = col_of[si]  # listed items are released (listen probability > 0)
+  row_start = np.searchsorted(se, np.arange(k + 1))
+  # The targets' listen probabilities are those the listen oracle ranked.
+  st = pt[rows] * _exact_positive_prob(cat, users, u, tgt)
+  if np.any(st <= 0):
+    raise AssertionError("positive oracle: a listened item has score 0")
+  thr = st / ex  # unlisted items beat the target where their pp is above
+
+  pj = np.zeros(len(si), np.float32)  # approximate pp of each entry's item
+  plain_sum = np.zeros(k)        # approximate sum of pp over released items
+  count = np.zeros(k, np.int64)  # unlisted-score items that beat the target
+  tp = np.zeros(k, np.float32)   # approximate pp of the target
+  near_rows, near_items = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+  dense_row = np.zeros(k, bool)  # rows where some can
+  user_list, row_user = np.unique(u, return_inverse=True)
+  entry_user = row_user[se]
+  vec = users.vec[user_list].astype(np.float32)
+  ucuts = np.unique(n_rel)
+  starts = np.r_[0, ucuts[:-1]]
+  block = max(1, _DENSE_ELEMENTS // int(ucuts[-1]))
+  unit_t = unit_t[:, :ucuts[-1]]
+  for b in range(0, len(user_list), block):
+    ub = user_list[b:b + block]
+    ra, rb = np.searchsorted(row_user, [b, b + block])
+    rr = np.arange(ra, rb)
+    ru = row_user[rr] - b
+    # Not a BLAS product: threaded BLAS on short rows crawls on a busy
+    # machine.
+    aff = np.einsum("bd,dn->bn", vec[b:b + block], unit_t)
+    bi, items = _bonus_items(cat, users, ub)
+    c = col_of[items]
+    ok = c < aff.shape[1]
+    bi, items, c = bi[ok], items[ok], c[ok]
+    aff[bi, c] = _affinity(cat, users, ub[bi], items,
+                           aff[bi, c].astype(np.float64))
+    pp = positive_prob(aff)  # float32
+    cut = np.searchsorted(ucuts, n_rel[rr])
+    plain_sum[rr] = np.cumsum(
+        np.add.reduceat(pp, starts, axis=1, dtype=np.float64), axis=1)[ru, cut]
+    top = np.maximum.accumulate(np.maximum.reduceat(pp, starts, axis=1),
+                                axis=1)[ru, cut]
+    ea, eb = row_start[ra], row_start[rb]
+    pj[ea:eb] = np.take(pp, (entry_user[ea:eb] - b) * pp.shape[1] +
+                        col[ea:eb])
+    tp[rr] = pp[ru, col_of[tgt[rr]]]
+    dense_row[rr] = thr[rr] <= top * (1 + _FILTER)
+    # Row by row: a 1-d count is much faster than a 2-d one along rows.
+    for r in rr[dense_row[rr]]:
+      a = pp[row_user[r] - b, :n_rel[r]]
+      hi_t = np.float32(thr[r] * (1 + _FILTER))
+      lo_t = np.float32(thr[r] * (1 - _FILTER))
+      count[r] = np.count_nonzero(a > hi_t)
+      near = np.count_nonzero(a >= lo_t) - count[r]
+      if tp[r] > hi_t:
+        raise AssertionError("positive oracle: the target beats itself")
+      if near > (tp[r] >= lo_t):  # Items near the target's score: below.
+        items = tl.by_release[np.nonzero((a >= lo_t) & (a <= hi_t))[0]]
+        near_items.append(items)
+        near_rows.append(np.full(len(items), r))
+
+  # Unlisted scores near the target's: the exact comparison.
+  rf, items = np.concatenate(near_rows), np.concatenate(near_items)
+  other = items != tgt[rf]
+  rf, items = rf[other], items[other]
+  exact = ex[rf] * _exact_positive_prob(cat, users, u[rf], items)
+  count += np.bincount(rf[_beats(exact, st[rf], cat.item_ids[items] <
+                                 cat.item_ids[tgt[rf]])], minlength=k)
+  # The listed items count by their score, not by the unlisted one that the
+  # dense count used (in dense rows only: elsewhere that beats nothing).
+  score = lp * pj
+  rank = 1 + count + _count_beats(cat, users, u, se, si, lp, score, st, tgt,
+                                  k)
+  d = np.nonzero(dense_row[se])[0]
+  rank -= _count_beats(cat, users, u, se[d], si[d], ex[se[d]],
+                       ex[se[d]] * pj[d], st, tgt, k)
+  # Each row's sums over its entries (rows without any have none).
+  score_sum, pj_sum = np.zeros(k), np.zeros(k)
+  has = np.nonzero(row_start[:-1] < row_start[1:])[0]
+  score_sum[has] = np.add.reduceat(score, row_start[has])
+  pj_sum[has] = np.add.reduceat(pj, row_start[has], dtype=np.float64)
+  norm = ex * (plain_sum - pj_sum) + score_sum
+  return rank, st / norm
 
 
 def _released_ids(cat: _Catalogue, tl: _Timeline,
@@ -696,19 +952,47 @@ def _released_ids(cat: _Catalogue, tl: _Timeline,
           for q in np.unique(periods)}
 
 
+def _positive_sample(rng: np.random.Generator, sn: _Snapshots,
+                     quota: int) -> np.ndarray:
+  """A seeded sample of snapshots for the positive oracle: every snapshot of
+  randomly chosen users, at most `quota` in all (users, not single
+  snapshots, because the dense pass costs per user)."""
+  user_list, counts = np.unique(sn.user, return_counts=True)
+  order = rng.permutation(len(user_list))
+  chosen = user_list[order[np.cumsum(counts[order]) <= quota]]
+  return np.isin(sn.user, chosen)
+
+
 def _oracle(cat: _Catalogue, tl: _Timeline, users: _Users, p: SizeParams,
-            sn: _Snapshots) -> Tuple[np.ndarray, np.ndarray]:
-  """Oracle ranks and probabilities for all snapshots, in batches."""
+            sn: _Snapshots, positive: np.ndarray = None
+            ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Oracle ranks and probabilities for all snapshots, then those of the
+  positive oracle for the snapshots where `positive` is set (all when it is
+  None; rank -1 and probability NaN elsewhere). In batches of snapshots
+  sorted by user, so that a user's dense pass is shared."""
   n = len(sn.user)
-  ranks, probs = [np.zeros(0, np.int64)], [np.zeros(0)]
+  if positive is None:
+    positive = np.ones(n, bool)
+  order = np.argsort(sn.user, kind="stable")
+  sn = _Snapshots(**{f.name: getattr(sn, f.name)[order]
+                     for f in dataclasses.fields(_Snapshots)})
+  positive = positive[order]
+  dense = _dense_context(cat, tl, sn.per[positive])
+  parts = [[np.zeros(0, np.int64)], [np.zeros(0)], [np.zeros(0, np.int64)],
+           [np.zeros(0)]]
   batch = 4096
   released_ids = _released_ids(cat, tl, sn.per)
   for lo in range(0, n, batch):
-    r, q = _oracle_batch(cat, tl, users, p, sn, lo, min(n, lo + batch),
-                         released_ids)
-    ranks.append(r)
-    probs.append(q)
-  return np.concatenate(ranks), np.concatenate(probs)
+    res = _oracle_batch(cat, tl, users, p, sn, lo, min(n, lo + batch),
+                        released_ids, positive[lo:lo + batch], dense)
+    for part, x in zip(parts, res):
+      part.append(x)
+  out = []
+  for part in parts:
+    x = np.concatenate(part)
+    x[order] = x.copy()
+    out.append(x)
+  return tuple(out)
 
 
 # ----------------------------------------------------------------------------
@@ -727,20 +1011,89 @@ class _ChunkEvents:
   etype: np.ndarray    # index into yambda.EVENT_TYPES
 
 
+def _taste(cat: _Catalogue, users: _Users, u: np.ndarray,
+           item: np.ndarray) -> np.ndarray:
+  """Cosine of the user's (unit) taste vector and the items' latents."""
+  lat = cat.latent[item]
+  return np.einsum("md,md->m", users.vec[u], lat) / np.linalg.norm(lat,
+                                                                    axis=1)
+
+
+def _affinity(cat: _Catalogue, users: _Users, u: np.ndarray,
+              item: np.ndarray, taste: np.ndarray = None) -> np.ndarray:
+  """The user's affinity to each item: the taste cosine (`_taste`, computed
+  unless given) plus the bonuses of a favourite track and of a track of a
+  favourite artist (every slot counts, weighted or not). The played ratio
+  (and so positivity) depends on it."""
+  affinity = (_taste(cat, users, u, item) if taste is None
+              else taste.copy())
+  affinity += _FAV_TRACK_BONUS * (users.fav_tracks[u] == item[:, None]).any(1)
+  affinity += _FAV_ARTIST_BONUS * (users.fav_artists[u] ==
+                                   cat.artist[item][:, None]).any(1)
+  return affinity
+
+
+def _ratio_probs(affinity: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """(P(skip), P(played through, unless skipped)) at each affinity:
+    p_skip = 0.04 + 0.7 / (1 + exp(6 (affinity - 0.25))),
+    p_full = 1 / (1 + exp(-_RATIO_SLOPE (affinity - _RATIO_MIDPOINT))),
+  computed in place (the positive oracle evaluates it on every item)."""
+  a = np.asarray(affinity)
+  if a.dtype != np.float32:  # float32 only for the positive oracle's bulk
+    a = a.astype(np.float64, copy=False)
+  p_skip = np.subtract(a, 0.25, out=np.empty(a.shape, a.dtype))
+  p_skip *= 6.0
+  np.exp(p_skip, out=p_skip)
+  p_skip += 1.0
+  np.divide(0.7, p_skip, out=p_skip)
+  p_skip += 0.04
+  p_full = np.subtract(a, _RATIO_MIDPOINT, out=np.empty(a.shape, a.dtype))
+  p_full *= -_RATIO_SLOPE
+  np.exp(p_full, out=p_full)
+  p_full += 1.0
+  np.divide(1.0, p_full, out=p_full)
+  return p_skip, p_full
+
+
+def positive_prob(affinity: np.ndarray) -> np.ndarray:
+  """P(played ratio >= LISTEN_PLUS_RATIO | affinity) under `_played_ratio`:
+  not skipped, and then played through (or replayed) or played partly with a
+  uniform ratio that reaches the threshold. Increasing in the affinity (less
+  skipping, more playing through). A listen that reaches it is never
+  disliked (dislikes follow skips only), so this is P(positive)."""
+  p_skip, p_full = _ratio_probs(affinity)
+  lo, hi = _PARTIAL_RATIOS
+  partial_positive = (hi - LISTEN_PLUS_RATIO) / (hi - lo)  # 50 of 69 values
+  # (1 - p_skip) * (p_full + (1 - p_full) * partial_positive), in place.
+  played = np.subtract(1.0, p_full, out=np.empty_like(p_full))
+  played *= partial_positive
+  played += p_full
+  positive = np.subtract(1.0, p_skip, out=p_skip)
+  positive *= played
+  return positive
+
+
+# positive_prob relies on skips never and full plays always reaching Listen+,
+# and on partial plays straddling it.
+assert _SKIP_RATIOS[1] <= _PARTIAL_RATIOS[0] <= LISTEN_PLUS_RATIO
+assert LISTEN_PLUS_RATIO < _PARTIAL_RATIOS[1] <= _FULL_RATIO
+assert _FULL_RATIO < _REPLAY_RATIOS[0]
+
+
 def _played_ratio(rng: np.random.Generator, affinity: np.ndarray
                   ) -> np.ndarray:
   """Percent played, by affinity: the further from the user's taste, the more
   often skipped (< 31) or played partly (31-99); the closer, the more often
   played through (100) or replayed (101-300)."""
   m = len(affinity)
-  p_skip = 0.04 + 0.7 / (1.0 + np.exp(6.0 * (affinity - 0.25)))
-  p_full = 1.0 / (1.0 + np.exp(-_RATIO_SLOPE * (affinity - _RATIO_MIDPOINT)))
+  p_skip, p_full = _ratio_probs(affinity)
   skip = rng.random(m) < p_skip
   full = rng.random(m) < p_full
   replay = full & (rng.random(m) < 0.3 * p_full)
-  ratio = np.where(replay, rng.integers(101, 301, m),
-                   np.where(full, 100, rng.integers(31, 100, m)))
-  return np.where(skip, rng.integers(1, 31, m), ratio)
+  ratio = np.where(replay, rng.integers(*_REPLAY_RATIOS, m),
+                   np.where(full, _FULL_RATIO,
+                            rng.integers(*_PARTIAL_RATIOS, m)))
+  return np.where(skip, rng.integers(*_SKIP_RATIOS, m), ratio)
 
 
 def _listen_outcome(rng: np.random.Generator, cat: _Catalogue,
@@ -749,17 +1102,13 @@ def _listen_outcome(rng: np.random.Generator, cat: _Catalogue,
   """Organic flag, played ratio, like/dislike flags and the gap to the next
   listen, and whether the session ends after it.
 
-  None of these feed back into the next-listen distribution, so the oracle
-  does not need them.
+  None of these feed back into the next-listen distribution, so the listen
+  oracle does not need them; the positive oracle needs P(positive), which
+  `positive_prob` derives from the same `_affinity` and `_ratio_probs`.
   """
   m = len(u)
   organic = rng.random(m) < _ORGANIC_PROB[comp]
-  lat = cat.latent[item]
-  affinity = np.einsum("md,md->m", users.vec[u], lat) / np.linalg.norm(
-      lat, axis=1)
-  affinity += 0.3 * (users.fav_tracks[u] == item[:, None]).any(1)
-  affinity += 0.15 * (users.fav_artists[u] == cat.artist[item][:, None]
-                      ).any(1)
+  affinity = _affinity(cat, users, u, item)
   ratio = _played_ratio(rng, affinity)
   skip = ratio <= 30
   like = ~skip & (rng.random(m) < 0.25 * np.clip(affinity - 0.3, 0, 1))
@@ -797,7 +1146,7 @@ def _simulate_chunk(rng: np.random.Generator, cat: _Catalogue, tl: _Timeline,
   out = {k: [] for k in ("user", "ts", "item", "organic", "ratio", "like",
                          "dislike", "gap")}
   snaps = {k: [] for k in ("user", "ts", "target", "seed", "per", "mix",
-                           "hist", "hist_len", "comp")}
+                           "hist", "hist_len", "comp", "ratio")}
   active = np.nonzero(t < end)[0]
   while len(active):
     a = active
@@ -807,9 +1156,8 @@ def _simulate_chunk(rng: np.random.Generator, cat: _Catalogue, tl: _Timeline,
     item, comp = _sample_next(rng, cat, tl, users, p, u, seed[a], per, mix,
                               hist[a], hist_len[a])
 
-    in_window = t[a] >= oracle_start
-    if in_window.any():
-      w = np.nonzero(in_window)[0]
+    w = np.nonzero(t[a] >= oracle_start)[0]
+    if len(w):
       for k, v in (("user", u[w]), ("ts", t[a][w]), ("target", item[w]),
                    ("seed", seed[a][w]), ("per", per[w]), ("mix", mix[w]),
                    ("hist", hist[a][w]), ("hist_len", hist_len[a][w]),
@@ -818,6 +1166,8 @@ def _simulate_chunk(rng: np.random.Generator, cat: _Catalogue, tl: _Timeline,
 
     organic, ratio, like, dislike, gap, ends_session = _listen_outcome(
         rng, cat, users, p, u, item, comp)
+    if len(w):
+      snaps["ratio"].append(ratio[w])
     for k, v in (("user", a), ("ts", t[a]), ("item", item),
                  ("organic", organic), ("ratio", ratio), ("like", like),
                  ("dislike", dislike), ("gap", gap)):
@@ -989,8 +1339,10 @@ def generate(output_dir: str, size: str = "demo", seed: int = 0) -> str:
     raise ValueError(f"unknown size {size!r}; expected one of {list(SIZES)}")
   p = SIZES[size]
   t0 = time.time()
-  cat_rng, user_rng, sim_rng, emb_rng, map_rng = np.random.default_rng(
-      seed).spawn(5)
+  # Children by index: adding the last one left the others' streams as they
+  # were.
+  cat_rng, user_rng, sim_rng, emb_rng, map_rng, oracle_rng = (
+      np.random.default_rng(seed).spawn(6))
   cat = _make_catalogue(cat_rng, p)
   tl = _make_timeline(cat, p)
   users = _make_users(user_rng, cat, p)
@@ -1018,14 +1370,19 @@ def generate(output_dir: str, size: str = "demo", seed: int = 0) -> str:
       pop_all += np.bincount(ev.item[train], minlength=cat.n_items)
       recent = train & (ev.ts >= test_start - 7 * DAY)
       pop_week += np.bincount(ev.item[recent], minlength=cat.n_items)
-      oracle_tables.append(_oracle_table(cat, tl, users, p, sn))
+      quota = (p.positive_oracle_sample * (hi - lo) // p.n_users
+               if p.positive_oracle_sample else None)
+      oracle_tables.append(_oracle_table(cat, tl, users, p, sn, oracle_rng,
+                                         quota))
       _log(f"users {hi}/{p.n_users}: {n_rows} rows "
            f"({n_rows / (time.time() - t0):.0f} rows/s)")
 
   oracle = pa.concat_tables(oracle_tables)
   oracle = oracle.sort_by([("uid", "ascending"), ("timestamp", "ascending")])
+  positive = np.asarray(oracle["positive"])
+  oracle = oracle.drop(["positive"])
   yambda.write_atomic(oracle, oracle_path(output_dir, size))
-  summary = _summary(cat, oracle, pop_all, pop_week, test_start)
+  summary = _summary(cat, oracle, positive, pop_all, pop_week, test_start)
   summary.update(n_rows=n_rows, n_listens=n_listens, n_users=p.n_users,
                  n_items=cat.n_items, n_artists=cat.n_artists,
                  n_albums=len(cat.album_ids), timeline_seconds=end)
@@ -1036,9 +1393,14 @@ def generate(output_dir: str, size: str = "demo", seed: int = 0) -> str:
 
 
 def _oracle_table(cat: _Catalogue, tl: _Timeline, users: _Users,
-                  p: SizeParams, sn: _Snapshots) -> pa.Table:
-  """The oracle rows of one chunk."""
-  rank, prob = _oracle(cat, tl, users, p, sn)
+                  p: SizeParams, sn: _Snapshots, rng: np.random.Generator,
+                  quota: int = None) -> pa.Table:
+  """The oracle rows of one chunk, plus a "positive" column (whether the
+  listen is a positive) that is not written. The positive oracle covers
+  every row, or a sample of at most `quota` of them."""
+  sample = None if quota is None else _positive_sample(rng, sn, quota)
+  rank, prob, pos_rank, pos_prob = _oracle(cat, tl, users, p, sn, sample)
+  schema = ORACLE_SCHEMA.append(pa.field("positive", pa.bool_()))
   return pa.Table.from_arrays([
       pa.array(users.uids[sn.user], pa.uint32()),
       pa.array(sn.ts.astype(np.uint32), pa.uint32()),
@@ -1048,15 +1410,24 @@ def _oracle_table(cat: _Catalogue, tl: _Timeline, users: _Users,
       pa.DictionaryArray.from_arrays(
           pa.array(sn.comp.astype(np.int8), pa.int8()),
           pa.array(COMPONENTS)),
-  ], schema=ORACLE_SCHEMA)
+      pa.array(pos_rank.astype(np.int32), pa.int32()),
+      pa.array(pos_prob.astype(np.float32), pa.float32()),
+      pa.array(sn.ratio >= LISTEN_PLUS_RATIO, pa.bool_()),
+  ], schema=schema)
 
 
-def _summary(cat: _Catalogue, oracle: pa.Table, pop_all: np.ndarray,
-             pop_week: np.ndarray, test_start: int) -> Dict[str, float]:
-  """Oracle and most-popular recall over the listens of the last day."""
+def _summary(cat: _Catalogue, oracle: pa.Table, positive: np.ndarray,
+             pop_all: np.ndarray, pop_week: np.ndarray,
+             test_start: int) -> Dict[str, float]:
+  """Oracle and most-popular recall over the listens of the last day, and
+  the positive oracle's over its positive listens (where it has ranks)."""
   last = np.asarray(oracle["timestamp"]) >= test_start
   ranks = np.asarray(oracle["oracle_rank"])[last]
   out = {f"oracle_{k}": round(v, 4) for k, v in oracle_recall(ranks).items()}
+  pos_ranks = np.asarray(oracle["positive_oracle_rank"])[last & positive]
+  out.update({f"positive_oracle_{k}": round(v, 4) for k, v in
+              oracle_recall(pos_ranks[pos_ranks > 0]).items()})
+  out["n_test_positive_listens"] = int(np.sum(last & positive))
   by_id = np.argsort(cat.item_ids)
   test_items = by_id[np.searchsorted(cat.item_ids[by_id],
                                      np.asarray(oracle["item_id"])[last])]

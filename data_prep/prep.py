@@ -4,17 +4,24 @@ r"""Raw Yambda folder -> item catalogue + TFRecord shards, out of core.
       --output_dir=/data/prepared/500m [--num_workers=16] [--prep_runner=spark]
 
 What it decides (and records in the catalogue's metadata.json):
-  * Time split: one global cut. The test window is [test_start, last_timestamp);
-    training targets are listens before test_start - gap_seconds. Listens inside
-    the gap are never targets but still serve as seed and history, as they would
-    at serving time. Defaults reproduce the Yambda authors' split when
-    --last_timestamp=26000000 (test day from 25,913,600, 30-minute gap).
+  * Time split (`prep_in_memory.time_split`): global cuts. The test window is
+    [test_start, last_timestamp), the validation window the day before it,
+    each after a gap of gap_seconds; training targets are listens before
+    train_end. Gap listens are never targets but still serve as seed and
+    history, as they would at serving time. Defaults reproduce the Yambda
+    authors' split when --last_timestamp=26000000 (train < 25,823,600;
+    validation [25,825,400, 25,911,800); test from 25,913,600).
   * Positives: a listen with played_ratio_pct >= --min_played_ratio (Listen+ at
     the default 50) that the user did not dislike afterwards. Only positives are
     targets and history; any listen can be a seed (it is what was just played).
   * Explicit feedback: each like / dislike / unlike / undislike attaches to the
     user's latest listen of that track at or before it; the last one wins (an
     unlike cancels a like). Events with no such listen are dropped and counted.
+    A window's records carry only the feedback given before its cut
+    (`window_feedback`), so nothing later changes a weight or a positive.
+  * Catalogue: every listened item (and with --metadata_items every item of
+    the metadata files), indexed by `item_order`; training counts, track
+    lengths and the artist and album vocabularies come from before train_end.
   Rows of one user with equal timestamps keep their order in the input file.
   The rules are those of `data_prep.prep_in_memory` (the in-memory reference,
   whose array functions this module reuses); only the data flow differs.
@@ -26,13 +33,14 @@ input: every pass streams, and only one bucket's rows per worker are in memory.
      a hash of uid into buckets (temporary parquet files). The input need not
      be sorted; whether it was is reported.
   2. stats: per bucket (all events of its users), sort by (uid, time), attach
-     feedback and count: per-item training positives, per-(item, length)
-     counts (for the median track length), per-user positives, report counts.
-  3. catalogue: one global merge of the bucket stats -> item order by training
-     frequency, vocabularies, metadata; audio embeddings are streamed into
-     audio.npy in catalogue order.
+     feedback and count: per-item training positives and first listen,
+     per-(item, length) training-window counts (for the median track length),
+     per-user positives, report counts.
+  3. catalogue: one global merge of the bucket stats -> item order, vocabularies,
+     metadata; audio embeddings are streamed into audio.npy in catalogue order.
   4. records: per bucket again, the same sort, then item indices and
-     tf.train.Example chunks; a shard's file is its buckets' files joined.
+     tf.train.Example chunks of each window (train, validation, test); a
+     shard's file is its buckets' files joined.
   5. finalize: prep_report.json, work files removed, folder renamed.
 
 Buckets are the unit of work (a process pool, or Spark with
@@ -43,7 +51,8 @@ shared folder).
 
 Output folder (built under <output_dir>.tmp and renamed when complete):
   catalogue/                 see tfrs_yambda.catalogue
-  records/train-SSSSS-of-NNNNN.tfrecord, records/test-...  see tfrs_yambda.schema
+  records/train-SSSSS-of-NNNNN.tfrecord, records/validation-...,
+  records/test-...           see tfrs_yambda.schema
   prep_report.json           counts of everything kept and dropped, with reasons
 Every file is written under a temporary name and renamed when complete, and each
 finished unit of work leaves a marker, so rerunning after an interruption
@@ -80,6 +89,9 @@ FLAGS = flags.FLAGS
 # The rules shared with the in-memory reference.
 attach_feedback = prep_in_memory.attach_feedback
 plan_records = prep_in_memory.plan_records
+positives = prep_in_memory.positives
+windows = prep_in_memory.windows
+NEVER_LISTENED = prep_in_memory.NEVER_LISTENED
 read_events = prep_in_memory.read_events  # the whole-table reader, for small files
 _shard_of = prep_in_memory._shard_of  # pylint: disable=protected-access
 
@@ -102,8 +114,10 @@ class PrepConfig:
 
   def __init__(self, history_length=50, chunk_length=256, num_shards=4,
                test_window_seconds=86_400, gap_seconds=1_800, last_timestamp=0,
-               min_played_ratio=50, bucket_events=8_000_000, num_workers=0,
-               read_batch_rows=1_000_000, runner="local"):
+               min_played_ratio=50, validation_window_seconds=86_400,
+               metadata_items=True, bucket_events=8_000_000, num_workers=0,
+               read_batch_rows=1_000_000, runner="local",
+               nonfinite_embeddings="error"):
     self.history_length = history_length
     self.chunk_length = chunk_length
     self.num_shards = num_shards
@@ -111,11 +125,16 @@ class PrepConfig:
     self.gap_seconds = gap_seconds
     self.last_timestamp = last_timestamp
     self.min_played_ratio = min_played_ratio
+    # 0: no validation window (see prep_in_memory.time_split).
+    self.validation_window_seconds = validation_window_seconds
+    self.metadata_items = metadata_items  # the service's catalogue
     # At most about this many events per bucket: the memory bound of a worker.
     self.bucket_events = bucket_events
     self.num_workers = num_workers  # 0: all cores (1 for small inputs)
     self.read_batch_rows = read_batch_rows
     self.runner = runner  # "local" (process pool) or "spark"
+    # NaN/inf in a kept item's normalized_embed: "error" or "missing".
+    self.nonfinite_embeddings = nonfinite_embeddings
 
   def as_dict(self):
     return dict(vars(self))
@@ -473,17 +492,17 @@ def _read_bucket(work: _Work, bucket: int) -> pa.Table:
       [_BUCKET_SCHEMA.empty_table()])
 
 
-def _attach_feedback_arrays(uid, item, ts, code) -> Tuple[np.ndarray, int]:
-  """Feedback per row (listens only) and the orphan count, by the reference rule.
+def _feedback_attachments(uid, item, ts, code
+                          ) -> Tuple[np.ndarray, np.ndarray, int]:
+  """`prep_in_memory.explicit_attachments` of a bucket's rows.
 
-  Explicit events are a small share of all events, so the reference
-  `attach_feedback` (a 4-key sort) runs only on the rows of (user, track)
-  pairs that have explicit events; every other listen has no feedback.
+  Explicit events are a small share of all events, so the reference rule (a
+  4-key sort) runs only on the rows of (user, track) pairs that have explicit
+  events; every other listen has no feedback.
   """
-  feedback = np.zeros(len(uid), np.int8)
   explicit = code != _LISTEN
   if not explicit.any():
-    return feedback, 0
+    return np.zeros(0, np.int64), np.zeros(0, np.int64), 0
   # Only rows whose track has explicit events in the bucket can be involved.
   if item.max() < _DENSE_ID_LIMIT:
     flagged = np.zeros(int(item.max()) + 1, bool)
@@ -497,15 +516,18 @@ def _attach_feedback_arrays(uid, item, ts, code) -> Tuple[np.ndarray, int]:
   pos = np.minimum(np.searchsorted(explicit_pairs, pair),
                    len(explicit_pairs) - 1)
   rows = candidates[explicit_pairs[pos] == pair]
-  events = pd.DataFrame({"uid": uid[rows], "item_id": item[rows],
-                         "timestamp": ts[rows], "event_type": code[rows]})
-  listens, orphans = attach_feedback(events)
-  feedback[rows[code[rows] == _LISTEN]] = listens["feedback"].to_numpy()
-  return feedback, orphans
+  event_rows, listen_rows, orphans = prep_in_memory.explicit_attachments(
+      uid[rows], item[rows], ts[rows], code[rows])
+  return rows[event_rows], rows[listen_rows], orphans
 
 
 class _Listens:
-  """One bucket's listens sorted by (uid, timestamp), with derived flags."""
+  """One bucket's listens sorted by (uid, timestamp), with derived flags.
+
+  `window(name)` gives each window's feedback, positives and targets as the
+  window may know them (`prep_in_memory.window_feedback`); the attributes
+  `feedback` and `positive` use all feedback, for the report's counts.
+  """
 
   def __init__(self, table: pa.Table, split: Dict[str, int],
                min_played_ratio: int):
@@ -513,12 +535,16 @@ class _Listens:
     ts = table.column("timestamp").to_numpy()
     item = table.column("item_id").to_numpy()
     code = table.column("event_type").to_numpy()
-    feedback, self.orphans = _attach_feedback_arrays(uid, item, ts, code)
+    self._attachments = _feedback_attachments(uid, item, ts, code)
+    self.orphans = self._attachments[2]
+    self._code, self._event_ts = code, ts
+    feedback = self._feedback_at(None)
     listen_rows = np.flatnonzero(code == _LISTEN)
     key = ((uid[listen_rows].astype(np.uint64) << np.uint64(32)) |
            ts[listen_rows].astype(np.uint64))
     # Stable: listens with equal (uid, time) keep file order, as in memory.
     rows = listen_rows[np.argsort(key, kind="stable")]
+    self._rows = rows
     self.uid = uid[rows].astype(np.int64)
     self.ts = ts[rows].astype(np.int64)
     self.item = item[rows].astype(np.int64)
@@ -527,13 +553,34 @@ class _Listens:
     # Rounded as the records store it, so the pipeline sees the same positives.
     self.ratio = np.round(table.column("played_ratio_pct").to_numpy()[rows])
     self.feedback = feedback[rows]
-    self.positive = (self.ratio >= min_played_ratio) & (
-        self.feedback != schema.FEEDBACK_DISLIKED)
+    self.positive = positives(self.ratio, self.feedback, min_played_ratio)
     self.has_seed = np.r_[False, self.uid[1:] == self.uid[:-1]]
-    target = self.positive & self.has_seed
-    self.is_train = target & (self.ts < split["train_end"])
-    self.is_test = target & (self.ts >= split["test_start"]) & (
-        self.ts < split["last_timestamp"])
+    self.windows = windows(split)
+    self._by_window = {}
+    for name, (lo, hi) in self.windows.items():
+      window_fb = prep_in_memory.window_feedback(self._feedback_before,
+                                                 self.ts, lo, hi)
+      window_positive = positives(self.ratio, window_fb, min_played_ratio)
+      self._by_window[name] = (window_fb, window_positive, window_positive &
+                               self.has_seed & (self.ts >= lo) &
+                               (self.ts < hi))
+    self.is_train = self._by_window["train"][2]
+
+  def _feedback_at(self, before: Optional[int]) -> np.ndarray:
+    """Feedback per bucket row as of `before` (all when None), from the
+    attachments found once."""
+    event_rows, listen_rows, _ = self._attachments
+    return prep_in_memory.feedback_at(len(self._code), event_rows,
+                                      listen_rows, self._code, self._event_ts,
+                                      before)
+
+  def _feedback_before(self, cut: int) -> np.ndarray:
+    return self._feedback_at(cut)[self._rows]
+
+  def window(self, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(feedback, positive, is_target) per listen, as window `name` knows
+    them."""
+    return self._by_window[name]
 
   def __len__(self):
     return len(self.uid)
@@ -560,19 +607,29 @@ def _reduce_keys(keys: np.ndarray, *weights: np.ndarray):
 def bucket_stats(listens: _Listens, split: Dict[str, int],
                  min_played_ratio: int) -> Tuple[Dict[str, np.ndarray],
                                                  Dict[str, int]]:
-  """What the catalogue and the report need from one bucket."""
+  """What the catalogue and the report need from one bucket.
+
+  Track lengths count training-window listens only, and each item's first
+  listen is kept, so that the catalogue knows nothing after the cut.
+  """
+  ts = listens.ts
   keys, key_listens, key_train = _reduce_keys(
       _length_key(listens.item, listens.length),
-      np.ones(len(listens)), listens.is_train)
+      ts < split["train_end"], listens.is_train)
+  first_items, first_inverse = np.unique(listens.item, return_inverse=True)
+  first_ts = np.full(len(first_items), np.iinfo(np.int64).max)
+  np.minimum.at(first_ts, first_inverse, ts)
   user_start = np.flatnonzero(np.r_[True, listens.uid[1:] != listens.uid[:-1]]
                               ) if len(listens) else np.zeros(0, np.int64)
   user_train = (np.add.reduceat(listens.is_train.astype(np.int64), user_start)
                 if len(listens) else np.zeros(0, np.int64))
   user_of_row = np.cumsum(np.r_[True, listens.uid[1:] != listens.uid[:-1]]
                           ) - 1 if len(listens) else np.zeros(0, np.int64)
-  ts = listens.ts
   arrays = {"keys": keys, "key_listens": key_listens, "key_train": key_train,
+            "first_items": first_items, "first_ts": first_ts,
             "uids": listens.uid[user_start], "user_train": user_train}
+  in_gap = ((ts >= split["train_end"]) & (ts < split["validation_start"])) | (
+      (ts >= split["validation_end"]) & (ts < split["test_start"]))
   counts = {
       "listens": len(listens),
       "explicit_events_dropped_no_earlier_listen": listens.orphans,
@@ -583,16 +640,16 @@ def bucket_stats(listens: _Listens, split: Dict[str, int],
       "listens_liked": int(np.sum(listens.feedback == schema.FEEDBACK_LIKED)),
       "positives_without_seed_first_listen_of_user": int(
           np.sum(listens.positive & ~listens.has_seed)),
-      "positives_in_gap_not_targets": int(np.sum(
-          listens.positive & (ts >= split["train_end"]) &
-          (ts < split["test_start"]))),
+      "positives_in_gap_not_targets": int(np.sum(listens.positive & in_gap)),
       "listens_at_or_after_last_timestamp_not_targets": int(
           np.sum(ts >= split["last_timestamp"])),
-      "train_examples": int(listens.is_train.sum()),
-      "test_examples": int(listens.is_test.sum()),
-      "test_examples_unknown_user": int(np.sum(
-          listens.is_test & (user_train[user_of_row] == 0))),
   }
+  for name in listens.windows:
+    targets = listens.window(name)[2]
+    counts[f"{name}_examples"] = int(targets.sum())
+    if name != "train":
+      counts[f"{name}_examples_unknown_user"] = int(np.sum(
+          targets & (user_train[user_of_row] == 0)))
   return arrays, counts
 
 
@@ -626,16 +683,26 @@ def _merge_stats(work: _Work, num_buckets: int):
   """
   keys = np.zeros(0, np.uint64)
   key_listens = key_train = np.zeros(0, np.int64)
-  pending, pending_keys = [], 0
+  first_items = first_ts = np.zeros(0, np.int64)
+  pending, pending_first, pending_keys = [], [], 0
   uids, user_train, counts = [], [], {}
 
   def merged():
     parts = [(keys, key_listens, key_train)] + pending
     return _reduce_keys(*(np.concatenate(column) for column in zip(*parts)))
 
+  def merged_first():
+    items = np.concatenate([first_items] + [p[0] for p in pending_first])
+    times = np.concatenate([first_ts] + [p[1] for p in pending_first])
+    order = np.lexsort((times, items))
+    items, times = items[order], times[order]
+    first = np.r_[True, items[1:] != items[:-1]][:len(items)]
+    return items[first], times[first]
+
   for bucket in range(num_buckets):
     with np.load(work.bucket_stats(bucket)) as z:
       pending.append((z["keys"], z["key_listens"], z["key_train"]))
+      pending_first.append((z["first_items"], z["first_ts"]))
       pending_keys += len(z["keys"])
       uids.append(z["uids"])  # a user lives in one bucket
       user_train.append(z["user_train"])
@@ -643,11 +710,13 @@ def _merge_stats(work: _Work, num_buckets: int):
         counts[k] = counts.get(k, 0) + v
     if pending_keys >= max(len(keys), _MERGE_MIN_KEYS):
       keys, key_listens, key_train = merged()
-      pending, pending_keys = [], 0
+      first_items, first_ts = merged_first()
+      pending, pending_first, pending_keys = [], [], 0
   if pending:
     keys, key_listens, key_train = merged()
-  return (keys, key_listens, key_train, np.concatenate(uids),
-          np.concatenate(user_train), counts)
+    first_items, first_ts = merged_first()
+  return (keys, key_listens, key_train, first_items, first_ts,
+          np.concatenate(uids), np.concatenate(user_train), counts)
 
 
 def _median_lengths(keys: np.ndarray, key_listens: np.ndarray,
@@ -656,7 +725,7 @@ def _median_lengths(keys: np.ndarray, key_listens: np.ndarray,
   the (item, length) -> listens histogram; equal to pandas' median."""
   item = (keys >> np.uint64(32)).astype(np.int64)
   length = (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32)
-  known = ~np.isnan(length)
+  known = ~np.isnan(length) & (key_listens > 0)
   item, length, weight = item[known], length[known].astype(np.float64), \
       key_listens[known]
   order = np.lexsort((length, item))
@@ -676,21 +745,35 @@ def _median_lengths(keys: np.ndarray, key_listens: np.ndarray,
 
 
 def _stream_audio(path: str, sorted_items: np.ndarray, index_of: np.ndarray,
-                  out_path: str, batch_rows: int) -> Tuple[np.ndarray, int]:
+                  out_path: str, batch_rows: int,
+                  nonfinite_embeddings: str = "error"
+                  ) -> Tuple[np.ndarray, int, int]:
   """Writes audio.npy [n_items + 1, width] in catalogue order, batch by batch.
 
   The matrix is the one catalogue piece as large as items x width (about 5 GB
   at 9.4M items), so it goes to disk through a memory map, never whole in RAM.
-  Returns has_audio in catalogue order and the width.
+  Returns has_audio in catalogue order, the width, and the count of items
+  whose embedding was non-finite and so treated as missing.
+
+  NaN or inf in a kept item's embedding is an error naming the item and its
+  row in the file, as in prep_in_memory._read_audio; with
+  nonfinite_embeddings="missing" the item gets a zero row and has_audio False.
   """
+  if nonfinite_embeddings not in prep_in_memory.NONFINITE_EMBEDDINGS:
+    raise ValueError(f"nonfinite_embeddings must be one of "
+                     f"{prep_in_memory.NONFINITE_EMBEDDINGS}, not "
+                     f"{nonfinite_embeddings!r}")
   yambda.check_schema(path, "embeddings")
   parquet = pq.ParquetFile(path)
   width = None
   audio = None
   has_audio = np.zeros(len(sorted_items) + 1, bool)
+  nonfinite = np.zeros(len(sorted_items) + 1, bool)
+  next_row = 0  # row of the file where the next batch starts
   del batch_rows  # embeddings are wide: their own, smaller batches
   for batch in parquet.iter_batches(batch_size=_AUDIO_BATCH_ROWS,
                                     columns=["item_id", "normalized_embed"]):
+    first_row, next_row = next_row, next_row + batch.num_rows
     ids = batch.column("item_id").to_numpy().astype(np.int64)
     pos = np.minimum(np.searchsorted(sorted_items, ids),
                      max(len(sorted_items) - 1, 0))
@@ -710,37 +793,63 @@ def _stream_audio(path: str, sorted_items: np.ndarray, index_of: np.ndarray,
           shape=(len(sorted_items) + 1, width))
     if not keep.any():
       continue
-    values = embed.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    values = embed.flatten().to_numpy(zero_copy_only=False).astype(
+        np.float32).reshape(len(ids), width)[keep]
     rows = index_of[pos[keep]]
+    finite = np.isfinite(values).all(axis=1)
+    if not finite.all():
+      if nonfinite_embeddings == "error":
+        bad = np.flatnonzero(keep)[np.flatnonzero(~finite)[0]]
+        raise prep_in_memory._nonfinite_embedding_error(  # pylint: disable=protected-access
+            path, int(ids[bad]), first_row + int(bad))
+      values[~finite] = 0
+      nonfinite[rows[~finite]] = True
     by_row = np.argsort(rows)  # in file order, the writes touch fewer pages
-    audio[rows[by_row]] = values.reshape(len(ids), width)[keep][by_row]
-    has_audio[rows] = True
+    audio[rows[by_row]] = values[by_row]
+    has_audio[rows] = finite
   if audio is None:
     width = 0
     np.save(out_path, np.zeros((len(sorted_items) + 1, 0), np.float32))
   else:
     audio.flush()
     del audio
-  return has_audio, width
+  return has_audio, width, int(np.sum(nonfinite & ~has_audio))
 
 
 def build_catalogue(root: str, work: _Work, num_buckets: int, metadata: Dict,
-                    batch_rows: int) -> Dict:
-  """Pass 3: merges bucket stats into the catalogue folder; returns counts."""
-  keys, key_listens, key_train, uids, user_train, counts = _merge_stats(
-      work, num_buckets)
-  metadata = dict(metadata, num_train_examples=counts["train_examples"],
-                  num_test_examples=counts["test_examples"])
+                    batch_rows: int, metadata_items: bool = True) -> Dict:
+  """Pass 3: merges bucket stats into the catalogue folder; returns counts.
+
+  The rules are `prep_in_memory.build_catalogue`'s: rows in `item_order`,
+  and what the model learns from comes from before the training cut.
+  """
+  (keys, key_listens, key_train, first_items, first_ts, uids, user_train,
+   counts) = _merge_stats(work, num_buckets)
+  metadata = dict(metadata, **{f"num_{name}_examples": counts[
+      f"{name}_examples"] for name in windows(metadata)})
   key_items = (keys >> np.uint64(32)).astype(np.int64)
   starts = np.flatnonzero(np.r_[True, key_items[1:] != key_items[:-1]]) if len(
       keys) else np.zeros(0, np.int64)
-  sorted_items = key_items[starts]
-  item_counts = (np.add.reduceat(key_train, starts) if len(keys)
-                 else np.zeros(0, np.int64))
-  # Index order: most training positives first, ties by raw id.
-  order = np.lexsort((sorted_items, -item_counts))
+  sorted_items = first_items  # every listened item, ascending
+  item_counts = np.zeros(len(sorted_items), np.int64)
+  if len(keys):
+    item_counts[np.searchsorted(sorted_items, key_items[starts])] = (
+        np.add.reduceat(key_train, starts))
+  first_listen = first_ts
+  if metadata_items:
+    listened = sorted_items
+    sorted_items = np.union1d(listened, prep_in_memory.metadata_item_ids(root))
+    at = np.searchsorted(sorted_items, listened)
+    first_listen = np.full(len(sorted_items), NEVER_LISTENED, np.int64)
+    first_listen[at] = first_ts
+    counts_all = np.zeros(len(sorted_items), np.int64)
+    counts_all[at] = item_counts
+    item_counts = counts_all
+  order = prep_in_memory.item_order(sorted_items, item_counts, first_listen)
   index_of = np.empty(len(order), np.int64)
   index_of[order] = np.arange(1, len(order) + 1)
+  known = (first_listen != NEVER_LISTENED) & (
+      first_listen < metadata["train_end"])
 
   artist_raw, multi_artist = prep_in_memory._first_mapping(  # pylint: disable=protected-access
       yambda.artist_mapping_path(root), "artist_mapping", "artist_id",
@@ -748,8 +857,8 @@ def build_catalogue(root: str, work: _Work, num_buckets: int, metadata: Dict,
   album_raw, multi_album = prep_in_memory._first_mapping(  # pylint: disable=protected-access
       yambda.album_mapping_path(root), "album_mapping", "album_id",
       sorted_items)
-  artist, artist_vocab = prep_in_memory._to_vocab(artist_raw)  # pylint: disable=protected-access
-  album, album_vocab = prep_in_memory._to_vocab(album_raw)  # pylint: disable=protected-access
+  artist, artist_vocab = prep_in_memory._to_vocab(artist_raw, known)  # pylint: disable=protected-access
+  album, album_vocab = prep_in_memory._to_vocab(album_raw, known)  # pylint: disable=protected-access
   length = _median_lengths(keys, key_listens, sorted_items)
 
   def reorder(values, fill):
@@ -764,14 +873,18 @@ def build_catalogue(root: str, work: _Work, num_buckets: int, metadata: Dict,
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   audio_path = os.path.join(tmp, "audio.stream.npy")
-  has_audio, width = _stream_audio(yambda.embeddings_path(root), sorted_items,
-                                   index_of, audio_path, batch_rows)
+  # The prep's config (metadata["prep_config"]) says how NaN/inf is handled.
+  has_audio, width, nonfinite = _stream_audio(
+      yambda.embeddings_path(root), sorted_items, index_of, audio_path,
+      batch_rows,
+      metadata.get("prep_config", {}).get("nonfinite_embeddings", "error"))
   cat = catalogue_lib.Catalogue(
       item_ids=reorder(sorted_items, -1).astype(np.int64),
       item_artist=reorder(artist, 0).astype(np.int64),
       item_album=reorder(album, 0).astype(np.int64),
       item_length=reorder(length, 0.0).astype(np.float32),
       item_train_count=reorder(item_counts, 0).astype(np.int64),
+      item_first_listen=reorder(first_listen, NEVER_LISTENED).astype(np.int64),
       has_audio=has_audio,
       # The real matrix is already in audio.stream.npy; see _stream_audio.
       audio=np.zeros((1, width), np.float32),
@@ -786,6 +899,9 @@ def build_catalogue(root: str, work: _Work, num_buckets: int, metadata: Dict,
   counts.update({
       "items": cat.num_items,
       "items_with_train_positives": int(np.sum(item_counts > 0)),
+      "items_listened_before_train_end": int(np.sum(known)),
+      "items_only_in_metadata_files": int(np.sum(
+          first_listen == NEVER_LISTENED)),
       "users": len(uids),
       "users_with_train_positives": len(user_order),
       "artists": len(artist_vocab) - 1,
@@ -795,6 +911,7 @@ def build_catalogue(root: str, work: _Work, num_buckets: int, metadata: Dict,
       "items_with_several_artists_first_kept": multi_artist,
       "items_with_several_albums_first_kept": multi_album,
       "items_without_audio_embedding": int(np.sum(~has_audio[1:])),
+      "items_with_nonfinite_embedding_treated_as_missing": nonfinite,
       "items_without_track_length": int(np.sum(length == 0)),
       "audio_dim": width,
   })
@@ -936,7 +1053,7 @@ def _write_split(path: str, listens: _Listens, encoded: Dict[str, Tuple],
 
 def records_unit(work_root: str, split: Dict[str, int], config: PrepConfig,
                  bucket: int) -> int:
-  """Pass 4 for one bucket: its train and test records; returns its events."""
+  """Pass 4 for one bucket: each window's records; returns its events."""
   work = _Work(work_root[:-len(".tmp")])
   if os.path.exists(work.done("records", bucket)):
     return _read_json(work.done("records", bucket))["events"]
@@ -948,37 +1065,40 @@ def records_unit(work_root: str, split: Dict[str, int], config: PrepConfig,
       schema.ITEMS: item_index,
       schema.TIMESTAMPS: listens.ts,
       schema.PLAYED_RATIOS: listens.ratio.astype(np.int64),
-      schema.FEEDBACK: listens.feedback.astype(np.int64),
       schema.IS_ORGANIC: listens.organic,
   }
-  encoded = {name: varint_encode(columns[name])
-             for name in schema.RECORD_SEQUENCE_FEATURES}
-  counts = {"events": table.num_rows, "test_examples_cold_target": int(
-      np.sum(listens.is_test & (index.train_count[item_index] == 0)))}
+  encoded = {name: varint_encode(column) for name, column in columns.items()}
+  counts = {"events": table.num_rows}
   os.makedirs(work.path("parts"), exist_ok=True)
-  for name, window, targets in (
-      ("train", (0, split["train_end"]), listens.is_train),
-      ("test", (split["test_start"], split["last_timestamp"]),
-       listens.is_test)):
-    plan = plan_records(listens.uid, listens.ts, listens.positive, window[0],
-                        window[1], config.history_length, config.chunk_length)
-    written = _write_split(work.bucket_records(name, bucket), listens, encoded,
-                           plan, targets)
+  for name, (lo, hi) in listens.windows.items():
+    feedback, positive, targets = listens.window(name)
+    # Feedback differs by window (what each may know): encoded per window.
+    window_encoded = dict(encoded)
+    window_encoded[schema.FEEDBACK] = varint_encode(feedback.astype(np.int64))
+    window_encoded = {k: window_encoded[k]
+                      for k in schema.RECORD_SEQUENCE_FEATURES}
+    plan = plan_records(listens.uid, listens.ts, positive, lo, hi,
+                        config.history_length, config.chunk_length)
+    written = _write_split(work.bucket_records(name, bucket), listens,
+                          window_encoded, plan, targets)
     if written["examples"] != targets.sum():
       raise AssertionError(f"{name} bucket {bucket}: wrote "
                            f"{written['examples']} examples, expected "
                            f"{targets.sum()}")
     counts[f"{name}_records"] = written["records"]
+    if name != "train":
+      counts[f"{name}_examples_cold_target"] = int(
+          np.sum(targets & (index.train_count[item_index] == 0)))
   _write_json_atomic(counts, work.done("records", bucket))
   return table.num_rows
 
 
-def join_shard(work_root: str, plan: _Plan, num_shards: int, shard: int
-               ) -> None:
+def join_shard(work_root: str, plan: _Plan, num_shards: int, shard: int,
+               splits: Sequence[str]) -> None:
   """Concatenates the shard's bucket files (TFRecords are self-framed)."""
   work = _Work(work_root[:-len(".tmp")])
   os.makedirs(work.path("records"), exist_ok=True)
-  for split in ("train", "test"):
+  for split in splits:
     path = work.shard_records(split, shard, num_shards)
     if os.path.exists(path):
       continue
@@ -1078,15 +1198,8 @@ def _stage_units(items: Iterable[int], shard_index: int, num_shards: int,
 def _time_split(config: PrepConfig, scan: Dict) -> Dict[str, int]:
   if scan["listen_timestamp_max"] is None:
     raise ValueError("The input has no listen events.")
-  last = config.last_timestamp or scan["listen_timestamp_max"] + 1
-  test_start = last - config.test_window_seconds
-  train_end = test_start - config.gap_seconds
-  if train_end <= scan["listen_timestamp_min"]:
-    raise ValueError(f"The test window and gap ({config.test_window_seconds}s "
-                     f"+ {config.gap_seconds}s) leave no training time before "
-                     f"{last}.")
-  return {"last_timestamp": last, "test_start": test_start,
-          "train_end": train_end}
+  return prep_in_memory.time_split(config, scan["listen_timestamp_min"],
+                                   scan["listen_timestamp_max"])
 
 
 def prepare(yambda_dir: str, size: str, output_dir: str,
@@ -1154,8 +1267,12 @@ def prepare(yambda_dir: str, size: str, output_dir: str,
         "min_played_ratio": config.min_played_ratio,
     }
     if stage in ("all", "catalogue") and not os.path.exists(work.catalogue):
-      build_catalogue(yambda_dir, work, plan.num_buckets, metadata,
-                      config.read_batch_rows)
+      try:
+        build_catalogue(yambda_dir, work, plan.num_buckets, metadata,
+                        config.read_batch_rows, config.metadata_items)
+      except yambda.YambdaFormatError:  # e.g. a NaN embedding
+        shutil.rmtree(work.root, ignore_errors=True)  # nothing half-written
+        raise
       logging.info("Catalogue written (%.1fs so far)", time.time() - started)
     if stage == "catalogue":
       return None
@@ -1164,7 +1281,8 @@ def prepare(yambda_dir: str, size: str, output_dir: str,
       runner.map(records_unit, [(work.root, split, config, b) for b in units],
                  _Progress("records", num_rows))
       shards = _stage_units(range(n), shard_index, n, lambda s: s)
-      runner.map(join_shard, [(work.root, plan, n, s) for s in shards])
+      runner.map(join_shard, [(work.root, plan, n, s, list(windows(split)))
+                              for s in shards])
       if stage == "records":
         return None
     return _finalize(work, plan, config, scan, started)
@@ -1178,13 +1296,11 @@ def _finalize(work: _Work, plan: _Plan, config: PrepConfig, scan: Dict,
   report = _read_json(os.path.join(work.catalogue, "counts.json"))
   report.update({k: v for k, v in scan.items()
                  if not k.startswith("listen_timestamp")})
-  report["test_examples_cold_target"] = 0
-  for split in ("train", "test"):
-    report[f"{split}_records"] = 0
   for bucket in range(plan.num_buckets):
     done = _read_json(work.done("records", bucket))
-    for key in ("test_examples_cold_target", "train_records", "test_records"):
-      report[key] += done[key]
+    for key, value in done.items():
+      if key != "events":
+        report[key] = report.get(key, 0) + value
   report["dropped_rows_by_reason"] = {
       "explicit_event_without_earlier_listen_of_the_track": report[
           "explicit_events_dropped_no_earlier_listen"],
@@ -1212,10 +1328,11 @@ def _finalize(work: _Work, plan: _Plan, config: PrepConfig, scan: Dict,
   if os.path.exists(work.output_dir):
     shutil.rmtree(work.output_dir)
   os.replace(work.root, work.output_dir)
-  logging.info("Prepared %s in %.1fs (%.2fM events/s): %d train / %d test "
-               "examples", work.output_dir, report["seconds"],
-               report["events_per_second"] / 1e6, report["train_examples"],
-               report["test_examples"])
+  logging.info("Prepared %s in %.1fs (%.2fM events/s): %s", work.output_dir,
+               report["seconds"], report["events_per_second"] / 1e6,
+               ", ".join(f"{report[k]} {k[:-len('_examples')]}"
+                         for k in ("train_examples", "validation_examples",
+                                   "test_examples") if k in report))
   return report
 
 
@@ -1231,7 +1348,15 @@ def define_config_flags():
   flags.DEFINE_integer("test_window_seconds", defaults.test_window_seconds,
                        "Length of the test window.")
   flags.DEFINE_integer("gap_seconds", defaults.gap_seconds,
-                       "Gap between training and test windows.")
+                       "Gap before the test window and before the "
+                       "validation window.")
+  flags.DEFINE_integer("validation_window_seconds",
+                       defaults.validation_window_seconds,
+                       "Length of the validation window before the test gap "
+                       "(0: none; training then runs up to the test gap).")
+  flags.DEFINE_bool("metadata_items", defaults.metadata_items,
+                    "Also catalogue every item of the metadata files (the "
+                    "service catalogue's never-played candidates).")
   flags.DEFINE_integer("last_timestamp", defaults.last_timestamp,
                        "End of the test window (0: last event + 1s).")
   flags.DEFINE_integer("min_played_ratio", defaults.min_played_ratio,
@@ -1246,6 +1371,11 @@ def define_config_flags():
   flags.DEFINE_enum("prep_runner", defaults.runner, ["local", "spark"],
                     "Where units of work run: a local process pool, or Spark "
                     "(pyspark; the master comes from the Spark config).")
+  flags.DEFINE_enum("nonfinite_embeddings", defaults.nonfinite_embeddings,
+                    list(prep_in_memory.NONFINITE_EMBEDDINGS),
+                    "NaN or inf in the normalized_embed of a catalogue item: "
+                    "an error naming the item and row, or 'missing': the item "
+                    "has no audio embedding (counted in prep_report.json).")
 
 
 def config_from_flags() -> PrepConfig:
@@ -1255,8 +1385,11 @@ def config_from_flags() -> PrepConfig:
       test_window_seconds=FLAGS.test_window_seconds,
       gap_seconds=FLAGS.gap_seconds, last_timestamp=FLAGS.last_timestamp,
       min_played_ratio=FLAGS.min_played_ratio,
+      validation_window_seconds=FLAGS.validation_window_seconds,
+      metadata_items=FLAGS.metadata_items,
       bucket_events=FLAGS.bucket_events, num_workers=FLAGS.num_workers,
-      read_batch_rows=FLAGS.read_batch_rows, runner=FLAGS.prep_runner)
+      read_batch_rows=FLAGS.read_batch_rows, runner=FLAGS.prep_runner,
+      nonfinite_embeddings=FLAGS.nonfinite_embeddings)
 
 
 def main(argv):

@@ -11,21 +11,29 @@ live in one place. `benchmarks/prep_benchmark.py` measures both.
       --output_dir=/data/prepared/50m
 
 What it decides (and records in the catalogue's metadata.json):
-  * Time split: one global cut. The test window is [test_start, last_timestamp);
-    training targets are listens before test_start - gap_seconds. Listens inside
-    the gap are never targets but still serve as seed and history, as they would
-    at serving time. Defaults reproduce the Yambda authors' split when
-    --last_timestamp=26000000 (test day from 25,913,600, 30-minute gap).
+  * Time split (`prep_in_memory.time_split`): global cuts. The test window is
+    [test_start, last_timestamp), the validation window the day before it,
+    each after a gap of gap_seconds; training targets are listens before
+    train_end. Gap listens are never targets but still serve as seed and
+    history, as they would at serving time. Defaults reproduce the Yambda
+    authors' split when --last_timestamp=26000000 (train < 25,823,600;
+    validation [25,825,400, 25,911,800); test from 25,913,600).
   * Positives: a listen with played_ratio_pct >= --min_played_ratio (Listen+ at
     the default 50) that the user did not dislike afterwards. Only positives are
     targets and history; any listen can be a seed (it is what was just played).
   * Explicit feedback: each like / dislike / unlike / undislike attaches to the
     user's latest listen of that track at or before it; the last one wins (an
     unlike cancels a like). Events with no such listen are dropped and counted.
+    A window's records carry only the feedback given before its cut
+    (`window_feedback`), so nothing later changes a weight or a positive.
+  * Catalogue: every listened item (and with --metadata_items every item of
+    the metadata files), indexed by `item_order`; training counts, track
+    lengths and the artist and album vocabularies come from before train_end.
 
 Output folder (written under a temporary name and renamed when complete):
   catalogue/                 see tfrs_yambda.catalogue
-  records/train-SSSSS-of-NNNNN.tfrecord, records/test-...  see tfrs_yambda.schema
+  records/train-SSSSS-of-NNNNN.tfrecord, records/validation-...,
+  records/test-...           see tfrs_yambda.schema
   prep_report.json           counts of everything kept and dropped, with reasons
 """
 
@@ -61,7 +69,8 @@ class PrepConfig:
 
   def __init__(self, history_length=50, chunk_length=256, num_shards=4,
                test_window_seconds=86_400, gap_seconds=1_800, last_timestamp=0,
-               min_played_ratio=50):
+               min_played_ratio=50, validation_window_seconds=86_400,
+               metadata_items=True, nonfinite_embeddings="error"):
     self.history_length = history_length
     self.chunk_length = chunk_length
     self.num_shards = num_shards
@@ -69,6 +78,15 @@ class PrepConfig:
     self.gap_seconds = gap_seconds
     self.last_timestamp = last_timestamp
     self.min_played_ratio = min_played_ratio
+    # 0: no validation window; training then runs up to the test gap (the
+    # authors' second stage, retraining with the chosen settings).
+    self.validation_window_seconds = validation_window_seconds
+    # Also catalogue every item of the metadata files (the service's
+    # catalogue: how never-played tracks become candidates).
+    self.metadata_items = metadata_items
+    # NaN/inf in a kept item's normalized_embed: "error", or "missing" (the
+    # item then has no audio embedding, and the report counts it).
+    self.nonfinite_embeddings = nonfinite_embeddings
 
   def as_dict(self):
     return dict(vars(self))
@@ -138,17 +156,18 @@ def read_events(path: str) -> Tuple[pd.DataFrame, Dict[str, int]]:
   return pd.DataFrame(frame), counts
 
 
-def attach_feedback(events: pd.DataFrame) -> Tuple[pd.DataFrame, int]:
-  """Returns the listens with a `feedback` column, and the orphan explicit count.
+def explicit_attachments(uid, item, ts, code
+                         ) -> Tuple[np.ndarray, np.ndarray, int]:
+  """The listen each explicit event attaches to, and the orphan count.
 
-  Sorting by (uid, item, time, listen-first) puts each explicit event right
-  after the listens of the same track it can belong to, so the attachment is a
-  running maximum rather than a join.
+  Each like / dislike / unlike / undislike attaches to the user's latest
+  listen of that track at or before it. Sorting by (uid, item, time,
+  listen-first) puts each explicit event right after the listens of the same
+  track it can belong to, so the attachment is a running maximum rather than
+  a join. Returns (explicit event rows, their listen rows), grouped by listen
+  and in (time, event type) order within a group, and the number of explicit
+  events without an earlier listen.
   """
-  uid = events["uid"].to_numpy()
-  item = events["item_id"].to_numpy()
-  ts = events["timestamp"].to_numpy()
-  code = events["event_type"].to_numpy()
   order = np.lexsort((code, ts, item, uid))
   is_listen = code[order] == _LISTEN
   pos = np.arange(len(order))
@@ -158,22 +177,138 @@ def attach_feedback(events: pd.DataFrame) -> Tuple[pd.DataFrame, int]:
   lo = order[last_listen[ok]]
   same_track[ok] = (uid[lo] == uid[order[ok]]) & (item[lo] == item[order[ok]])
   explicit = ~is_listen
-  attached = explicit & same_track
+  rows = np.flatnonzero(explicit & same_track)
   orphans = int(np.sum(explicit & ~same_track))
+  return order[rows], order[last_listen[rows]], orphans
 
-  feedback = np.zeros(len(events), np.int8)
-  rows = np.flatnonzero(attached)
-  if len(rows):
+
+def feedback_at(num_rows: int, event_rows: np.ndarray, listen_rows: np.ndarray,
+                code: np.ndarray, ts: np.ndarray, before: int = None
+                ) -> np.ndarray:
+  """Feedback per row from `explicit_attachments`: the last explicit event
+  of each listen wins (an unlike cancels a like); with `before`, only the
+  events before that time count (what a window may know)."""
+  if before is not None:
+    keep = ts[event_rows] < before
+    event_rows, listen_rows = event_rows[keep], listen_rows[keep]
+  feedback = np.zeros(num_rows, np.int8)
+  if len(listen_rows):
     # Explicit events of one listen are contiguous: keep the last of each run.
-    target = last_listen[rows]
-    last_of_run = np.append(target[1:] != target[:-1], True)
+    last_of_run = np.append(listen_rows[1:] != listen_rows[:-1], True)
     mapping = np.array([_EXPLICIT_FEEDBACK[t] for t in yambda.EVENT_TYPES[1:]],
                        np.int8)
-    feedback[order[target[last_of_run]]] = mapping[
-        code[order[rows[last_of_run]]] - 1]
+    feedback[listen_rows[last_of_run]] = mapping[
+        code[event_rows[last_of_run]] - 1]
+  return feedback
+
+
+def attach_feedback(events: pd.DataFrame, before: int = None
+                    ) -> Tuple[pd.DataFrame, int]:
+  """Returns the listens with a `feedback` column, and the orphan explicit
+  count; with `before`, only the explicit events before that time count."""
+  uid = events["uid"].to_numpy()
+  code = events["event_type"].to_numpy()
+  ts = events["timestamp"].to_numpy()
+  event_rows, listen_rows, orphans = explicit_attachments(
+      uid, events["item_id"].to_numpy(), ts, code)
+  feedback = feedback_at(len(events), event_rows, listen_rows, code, ts,
+                         before)
   listens = events.loc[code == _LISTEN].copy()
   listens["feedback"] = feedback[code == _LISTEN]
   return listens, orphans
+
+
+# --- Time split and what each window may know ----------------------------------
+
+WINDOWS = ("train", "validation", "test")
+# First-listen time of an item never listened to (metadata files only).
+NEVER_LISTENED = -1
+
+
+def time_split(config: PrepConfig, listen_min: int,
+               listen_max: int) -> Dict[str, int]:
+  """The global time cuts, the Yambda authors' way.
+
+  test = [test_start, last_timestamp), validation = [validation_start,
+  validation_end), each after a gap of `gap_seconds`; training targets end
+  at train_end. Without a validation window, training runs up to the test
+  gap (validation_start == validation_end == train_end + gap).
+  """
+  last = config.last_timestamp or listen_max + 1
+  test_start = last - config.test_window_seconds
+  validation_end = test_start - config.gap_seconds
+  if config.validation_window_seconds > 0:
+    validation_start = validation_end - config.validation_window_seconds
+    train_end = validation_start - config.gap_seconds
+  else:
+    validation_start = validation_end
+    train_end = validation_end
+  if train_end <= listen_min:
+    raise ValueError(
+        f"The test window, validation window and gaps "
+        f"({config.test_window_seconds}s + "
+        f"{config.validation_window_seconds}s + gaps of "
+        f"{config.gap_seconds}s) leave no training time before {last}.")
+  return {"last_timestamp": last, "test_start": test_start,
+          "validation_start": validation_start,
+          "validation_end": validation_end, "train_end": train_end}
+
+
+def windows(split: Dict[str, int]) -> Dict[str, Tuple[int, int]]:
+  """Window name -> [start, stop) of its targets (no empty validation)."""
+  out = {"train": (0, split["train_end"])}
+  if split["validation_end"] > split["validation_start"]:
+    out["validation"] = (split["validation_start"], split["validation_end"])
+  out["test"] = (split["test_start"], split["last_timestamp"])
+  return out
+
+
+def window_feedback(feedback_before, ts: np.ndarray, start: int,
+                    stop: int) -> np.ndarray:
+  """Each listen's feedback as a window [start, stop) may know it.
+
+  `feedback_before(cut)` attaches only the explicit events before `cut`.
+  Listens before the window (its queries' seeds and histories) see the
+  feedback given before `start`; the window's own listens (its targets, and
+  the histories of its later targets) the feedback given before `stop`. So
+  a like or dislike after a window never changes its examples or weights.
+  """
+  at_stop = feedback_before(stop)
+  if start <= 0 or not np.any(ts < start):
+    return at_stop
+  return np.where(ts < start, feedback_before(start), at_stop)
+
+
+def positives(ratio: np.ndarray, feedback: np.ndarray,
+              min_played_ratio: int) -> np.ndarray:
+  """The positive rule: played at least `min_played_ratio` percent (ratios
+  rounded as the records store them) and not disliked."""
+  return (ratio >= min_played_ratio) & (feedback != schema.FEEDBACK_DISLIKED)
+
+
+def item_order(item_ids: np.ndarray, train_counts: np.ndarray,
+               first_listen: np.ndarray) -> np.ndarray:
+  """Catalogue index order: most training positives first, then by first
+  listen (never-listened items last), ties by raw id.
+
+  Items first listened before any cut after training are then a prefix of
+  the index range, which later items never shift: a window's catalogue is
+  the prefix of items first listened before its start, and nothing listened
+  after a cut changes an index that is used before it.
+  """
+  first = np.where(first_listen == NEVER_LISTENED, np.iinfo(np.int64).max,
+                   first_listen)
+  return np.lexsort((item_ids, first, -train_counts))
+
+
+def metadata_item_ids(root: str) -> np.ndarray:
+  """Sorted ids of every item in the metadata files (embeddings, mappings)."""
+  ids = [yambda.read_table(path, kind, ["item_id"]).column(
+      "item_id").to_numpy().astype(np.int64) for path, kind in (
+          (yambda.embeddings_path(root), "embeddings"),
+          (yambda.artist_mapping_path(root), "artist_mapping"),
+          (yambda.album_mapping_path(root), "album_mapping"))]
+  return np.unique(np.concatenate(ids))
 
 
 # --- Catalogue ---------------------------------------------------------------
@@ -190,17 +325,53 @@ def _first_mapping(path: str, kind: str, key: str, items: np.ndarray):
   return mapped, multi
 
 
-def _to_vocab(raw: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-  """Raw ids (-1 = none) -> (indices with 0 = none, vocabulary with [0] = -1)."""
-  vocab = np.unique(raw[raw >= 0])
-  index = np.where(raw >= 0, np.searchsorted(vocab, raw) + 1, 0)
+def _to_vocab(raw: np.ndarray, known: np.ndarray
+              ) -> Tuple[np.ndarray, np.ndarray]:
+  """Raw ids (-1 = none) -> (indices with 0 = none, vocabulary with [0] = -1).
+
+  The vocabulary holds the ids of the `known` items only (those listened to
+  before the training cut), so nothing after the cut adds or shifts a row;
+  an id only later items have maps to 0, as a model trained before the cut
+  knows nothing of it.
+  """
+  vocab = np.unique(raw[(raw >= 0) & known])
+  pos = np.minimum(np.searchsorted(vocab, raw), max(len(vocab) - 1, 0))
+  found = (raw >= 0) & (vocab[pos] == raw) if len(vocab) else np.zeros(
+      len(raw), bool)
+  index = np.where(found, pos + 1, 0)
   return index.astype(np.int64), np.concatenate([[-1], vocab]).astype(np.int64)
 
 
-def _read_audio(path: str, items: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+NONFINITE_EMBEDDINGS = ("error", "missing")
+
+
+def _nonfinite_embedding_error(path: str, item_id: int, row: int
+                               ) -> yambda.YambdaFormatError:
+  """The error of a NaN/inf embedding of a catalogue item (both preps)."""
+  return yambda.YambdaFormatError(
+      f"{path}: column 'normalized_embed' has NaN or inf values for item_id "
+      f"{item_id} (row {row} of the file), an item the catalogue keeps. Fix "
+      f"the file, or pass --nonfinite_embeddings=missing to treat such items "
+      f"as having no audio embedding.")
+
+
+def _read_audio(path: str, items: np.ndarray,
+                nonfinite_embeddings: str = "error"
+                ) -> Tuple[np.ndarray, np.ndarray, int]:
+  """(audio [n + 1, width], has_audio [n + 1], count of items whose
+  embedding was non-finite and so treated as missing) for sorted `items`.
+
+  A NaN or inf value in a kept item's embedding is an error naming the item
+  and its row in the file, or with nonfinite_embeddings="missing" the item
+  gets a zero row and has_audio False.
+  """
+  if nonfinite_embeddings not in NONFINITE_EMBEDDINGS:
+    raise ValueError(f"nonfinite_embeddings must be one of "
+                     f"{NONFINITE_EMBEDDINGS}, not {nonfinite_embeddings!r}")
   table = yambda.read_table(path, "embeddings", ["item_id", "normalized_embed"])
   ids = table.column("item_id").to_numpy().astype(np.int64)
   keep = np.isin(ids, items)
+  file_rows = np.flatnonzero(keep)
   table = table.filter(pa.array(keep))
   ids = ids[keep]
   embed = table.column("normalized_embed").combine_chunks()
@@ -210,24 +381,50 @@ def _read_audio(path: str, items: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         f"{path}: column 'normalized_embed' has lists of different lengths "
         f"({sorted(set(widths.tolist()))[:5]}...).")
   width = int(widths[0]) if len(widths) else 0
-  values = embed.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+  values = embed.flatten().to_numpy(zero_copy_only=False).astype(
+      np.float32).reshape(len(ids), width)
+  finite = np.isfinite(values).all(axis=1)
+  if not finite.all() and nonfinite_embeddings == "error":
+    first = int(np.flatnonzero(~finite)[0])
+    raise _nonfinite_embedding_error(path, int(ids[first]),
+                                     int(file_rows[first]))
   audio = np.zeros((len(items) + 1, width), np.float32)
   has_audio = np.zeros(len(items) + 1, bool)
   index = np.searchsorted(items, ids)  # items is sorted
-  audio[index + 1] = values.reshape(len(ids), width)
-  has_audio[index + 1] = True
-  return audio, has_audio
+  audio[index + 1] = np.where(finite[:, np.newaxis], values, np.float32(0))
+  has_audio[index + 1] = finite
+  nonfinite = np.zeros(len(items) + 1, bool)
+  nonfinite[index[~finite] + 1] = True
+  return audio, has_audio, int(np.sum(nonfinite & ~has_audio))
 
 
 def build_catalogue(root: str, listens: pd.DataFrame, is_train_target,
-                    metadata: Dict) -> Tuple[catalogue_lib.Catalogue, Dict]:
-  """Vocabularies ordered by training frequency, and per-item metadata."""
+                    metadata: Dict, metadata_items: bool = True
+                    ) -> Tuple[catalogue_lib.Catalogue, Dict]:
+  """Vocabularies and per-item metadata, from what is known at train_end.
+
+  Every listened item (and, with `metadata_items`, every item of the
+  metadata files) gets a row, in `item_order`; what the model learns from
+  (training counts, track lengths, artist and album vocabularies) comes from
+  listens before `metadata["train_end"]` only.
+  """
+  train_end = metadata["train_end"]
   raw_items = listens["item_id"].to_numpy()
-  sorted_items, inverse = np.unique(raw_items, return_inverse=True)
+  ts = listens["timestamp"].to_numpy()
+  listened, inverse = np.unique(raw_items, return_inverse=True)
+  first_listen = np.full(len(listened), np.iinfo(np.int64).max)
+  np.minimum.at(first_listen, inverse, ts)
+  sorted_items = listened
+  if metadata_items:
+    sorted_items = np.union1d(listened, metadata_item_ids(root))
+    first = np.full(len(sorted_items), NEVER_LISTENED, np.int64)
+    first[np.searchsorted(sorted_items, listened)] = first_listen
+    first_listen = first
+    inverse = np.searchsorted(sorted_items, listened)[inverse]
   counts = np.bincount(inverse, weights=is_train_target,
                        minlength=len(sorted_items)).astype(np.int64)
-  # Index order: most training positives first, ties by raw id.
-  order = np.lexsort((sorted_items, -counts))
+  order = item_order(sorted_items, counts, first_listen)
+  known = (first_listen != NEVER_LISTENED) & (first_listen < train_end)
 
   artist_raw, multi_artist = _first_mapping(
       yambda.artist_mapping_path(root), "artist_mapping", "artist_id",
@@ -235,10 +432,16 @@ def build_catalogue(root: str, listens: pd.DataFrame, is_train_target,
   album_raw, multi_album = _first_mapping(
       yambda.album_mapping_path(root), "album_mapping", "album_id",
       sorted_items)
-  artist, artist_vocab = _to_vocab(artist_raw)
-  album, album_vocab = _to_vocab(album_raw)
-  audio, has_audio = _read_audio(yambda.embeddings_path(root), sorted_items)
-  lengths = listens.groupby(inverse)["track_length_seconds"].median()
+  artist, artist_vocab = _to_vocab(artist_raw, known)
+  album, album_vocab = _to_vocab(album_raw, known)
+  # The prep's config (metadata["prep_config"]) says how NaN/inf is handled.
+  audio, has_audio, nonfinite = _read_audio(
+      yambda.embeddings_path(root), sorted_items,
+      metadata.get("prep_config", {}).get("nonfinite_embeddings", "error"))
+  # Track length: the median over training-window listens (0 = unknown).
+  before = ts < train_end
+  lengths = listens.loc[before].groupby(inverse[before])[
+      "track_length_seconds"].median()
   length = lengths.reindex(np.arange(len(sorted_items))).fillna(0).to_numpy()
 
   def reorder(values, fill):
@@ -256,6 +459,7 @@ def build_catalogue(root: str, listens: pd.DataFrame, is_train_target,
       item_album=reorder(album, 0).astype(np.int64),
       item_length=reorder(length, 0.0).astype(np.float32),
       item_train_count=reorder(counts, 0).astype(np.int64),
+      item_first_listen=reorder(first_listen, NEVER_LISTENED).astype(np.int64),
       has_audio=np.concatenate([[False], has_audio[1:][order]]),
       audio=np.concatenate([audio[:1], audio[1:][order]]),
       user_ids=np.concatenate([[-1], uids[user_order]]).astype(np.int64),
@@ -267,6 +471,9 @@ def build_catalogue(root: str, listens: pd.DataFrame, is_train_target,
   report = {
       "items": cat.num_items,
       "items_with_train_positives": int(np.sum(counts > 0)),
+      "items_listened_before_train_end": int(np.sum(known)),
+      "items_only_in_metadata_files": int(np.sum(
+          first_listen == NEVER_LISTENED)),
       "users": len(uids),
       "users_with_train_positives": len(user_order),
       "artists": len(artist_vocab) - 1,
@@ -276,6 +483,7 @@ def build_catalogue(root: str, listens: pd.DataFrame, is_train_target,
       "items_with_several_artists_first_kept": multi_artist,
       "items_with_several_albums_first_kept": multi_album,
       "items_without_audio_embedding": int(np.sum(~has_audio[1:])),
+      "items_with_nonfinite_embedding_treated_as_missing": nonfinite,
       "items_without_track_length": int(np.sum(length == 0)),
       "audio_dim": cat.audio_dim,
   }
@@ -387,41 +595,48 @@ def prepare(yambda_dir: str, size: str, output_dir: str,
   events, report = read_events(events_path)
   logging.info("Read %d events in %.1fs", len(events), time.time() - started)
   listens, orphans = attach_feedback(events)
-  del events
   report["explicit_events_dropped_no_earlier_listen"] = orphans
   listens = listens.sort_values(["uid", "timestamp"], kind="stable")
 
+  def feedback_before(cut):
+    """Feedback of the sorted listens from explicit events before `cut`."""
+    attached, _ = attach_feedback(events, before=cut)
+    return attached["feedback"].loc[listens.index].to_numpy()
+
   ts = listens["timestamp"].to_numpy()
-  last = config.last_timestamp or int(ts.max()) + 1
-  test_start = last - config.test_window_seconds
-  train_end = test_start - config.gap_seconds
-  if train_end <= int(ts.min()):
-    raise ValueError(f"The test window and gap ({config.test_window_seconds}s "
-                     f"+ {config.gap_seconds}s) leave no training time before "
-                     f"{last}.")
+  split = time_split(config, int(ts.min()), int(ts.max()))
   uid = listens["uid"].to_numpy()
-  feedback = listens["feedback"].to_numpy()
+  feedback = listens["feedback"].to_numpy()  # all of it: the report's counts
   # Rounded as the records store it, so the pipeline sees the same positives.
   ratio = np.round(listens["played_ratio_pct"].to_numpy())
-  positive = (ratio >= config.min_played_ratio) & (
-      feedback != schema.FEEDBACK_DISLIKED)
   has_seed = np.r_[False, uid[1:] == uid[:-1]]
-  is_train = positive & has_seed & (ts < train_end)
-  is_test = positive & has_seed & (ts >= test_start) & (ts < last)
+  by_window = {}
+  for name, (lo, hi) in windows(split).items():
+    window_fb = window_feedback(feedback_before, ts, lo, hi)
+    window_positive = positives(ratio, window_fb, config.min_played_ratio)
+    by_window[name] = (window_fb, window_positive, window_positive &
+                       has_seed & (ts >= lo) & (ts < hi))
+  del events
+  is_train = by_window["train"][2]
 
   metadata = {
       "source": os.path.abspath(events_path),
       "prep_config": config.as_dict(),
-      "last_timestamp": last, "test_start": test_start, "train_end": train_end,
+      **split,
       "min_played_ratio": config.min_played_ratio,
-      "num_train_examples": int(is_train.sum()),
-      "num_test_examples": int(is_test.sum()),
+      **{f"num_{name}_examples": int(targets.sum())
+         for name, (_, _, targets) in by_window.items()},
   }
   cat, catalogue_report = build_catalogue(yambda_dir, listens,
-                                          is_train.astype(np.float64), metadata)
+                                          is_train.astype(np.float64), metadata,
+                                          config.metadata_items)
   report.update(catalogue_report)
   item_index = cat.item_index(listens["item_id"].to_numpy())
   cold = cat.item_train_count[item_index] == 0
+  known_user = cat.user_index(uid) > 0
+  positive = positives(ratio, feedback, config.min_played_ratio)
+  in_gap = (ts >= split["train_end"]) & (ts < split["validation_start"]) | (
+      ts >= split["validation_end"]) & (ts < split["test_start"])
   report.update({
       "listens": len(listens),
       "listens_skipped_below_min_played_ratio": int(
@@ -430,14 +645,14 @@ def prepare(yambda_dir: str, size: str, output_dir: str,
       "listens_liked": int(np.sum(feedback == schema.FEEDBACK_LIKED)),
       "positives_without_seed_first_listen_of_user": int(
           np.sum(positive & ~has_seed)),
-      "positives_in_gap_not_targets": int(np.sum(
-          positive & (ts >= train_end) & (ts < test_start))),
-      "train_examples": metadata["num_train_examples"],
-      "test_examples": metadata["num_test_examples"],
-      "test_examples_cold_target": int(np.sum(is_test & cold)),
-      "test_examples_unknown_user": int(np.sum(
-          is_test & (cat.user_index(uid) == 0))),
+      "positives_in_gap_not_targets": int(np.sum(positive & in_gap)),
   })
+  for name, (_, _, targets) in by_window.items():
+    report[f"{name}_examples"] = int(targets.sum())
+    if name != "train":
+      report[f"{name}_examples_cold_target"] = int(np.sum(targets & cold))
+      report[f"{name}_examples_unknown_user"] = int(np.sum(
+          targets & ~known_user))
   catalogue_lib.write(cat, os.path.join(tmp_dir, "catalogue"))
 
   columns = {
@@ -445,21 +660,22 @@ def prepare(yambda_dir: str, size: str, output_dir: str,
       schema.ITEMS: item_index,
       schema.TIMESTAMPS: ts,
       schema.PLAYED_RATIOS: ratio.astype(np.int64),
-      schema.FEEDBACK: feedback.astype(np.int64),
       schema.IS_ORGANIC: listens["is_organic"].to_numpy(),
   }
-  for split, window, targets in (("train", (0, train_end), is_train),
-                                 ("test", (test_start, last), is_test)):
-    plan = plan_records(uid, ts, positive, window[0], window[1],
+  for name, (window_fb, window_positive, targets) in by_window.items():
+    lo, hi = windows(split)[name]
+    plan = plan_records(uid, ts, window_positive, lo, hi,
                         config.history_length, config.chunk_length)
     pattern = os.path.join(tmp_dir, "records",
-                           split + "-{shard:05d}-of-{num_shards:05d}.tfrecord")
-    written = write_records(pattern, columns, plan, targets, config.num_shards)
+                           name + "-{shard:05d}-of-{num_shards:05d}.tfrecord")
+    written = write_records(
+        pattern, {**columns, schema.FEEDBACK: window_fb.astype(np.int64)},
+        plan, targets, config.num_shards)
     if written["examples"] != targets.sum():
-      raise AssertionError(f"{split}: wrote {written['examples']} examples, "
+      raise AssertionError(f"{name}: wrote {written['examples']} examples, "
                            f"expected {targets.sum()}")
-    report[f"{split}_records"] = written["records"]
-    logging.info("Wrote %d %s records (%d examples)", written["records"], split,
+    report[f"{name}_records"] = written["records"]
+    logging.info("Wrote %d %s records (%d examples)", written["records"], name,
                  written["examples"])
 
   record_bytes = sum(
@@ -475,9 +691,9 @@ def prepare(yambda_dir: str, size: str, output_dir: str,
   if os.path.exists(output_dir):
     shutil.rmtree(output_dir)
   os.replace(tmp_dir, output_dir)
-  logging.info("Prepared %s in %.1fs: %d train / %d test examples", output_dir,
-               report["seconds"], report["train_examples"],
-               report["test_examples"])
+  logging.info("Prepared %s in %.1fs: %s", output_dir, report["seconds"],
+               ", ".join(f"{report[f'{name}_examples']} {name}"
+                         for name in by_window))
   return report
 
 

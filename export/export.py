@@ -129,10 +129,33 @@ class ScaNN(tfrs.layers.factorized_top_k.ScaNN):
     self._build_searcher = build_searcher
 
 
+def check_finite_candidates(candidates: np.ndarray,
+                            identifiers: np.ndarray) -> None:
+  """Refuses candidate embeddings with NaN or inf, naming the first item ids.
+
+  A non-finite candidate would score NaN (or inf) against every query: served
+  at the top of, or at random places in, every top-k list.
+  """
+  candidates = np.asarray(candidates)
+  bad = ~np.isfinite(candidates.reshape(len(candidates), -1)).all(axis=1)
+  if bad.any():
+    rows = np.flatnonzero(bad)
+    ids = np.asarray(identifiers)[rows[:5]].tolist()
+    raise ValueError(
+        f"{len(rows)} of {len(candidates)} candidate embeddings are not "
+        f"finite (NaN or inf), e.g. of item ids {ids}"
+        f"{'...' if len(rows) > 5 else ''}; refusing to build a top-k index "
+        f"over them (was the model trained to a NaN loss?).")
+
+
 def build_index(kind: str, query_model: tf.keras.Model,
                 candidates: np.ndarray, identifiers: np.ndarray, k: int,
                 scann_options: Optional[Dict] = None):
-  """Builds a BruteForce or ScaNN top-k layer over the candidate embeddings."""
+  """Builds a BruteForce or ScaNN top-k layer over the candidate embeddings.
+
+  Raises ValueError if any candidate embedding is not finite.
+  """
+  check_finite_candidates(candidates, identifiers)
   if kind == "bruteforce":
     index = tfrs.layers.factorized_top_k.BruteForce(query_model, k=k)
   elif kind == "scann":

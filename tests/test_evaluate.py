@@ -135,10 +135,11 @@ def test_record_end_states_stop_before_the_cut():
 
 
 def _reference_states(root, catalogue, uids):
-  """Seed and history at train_end, computed row by row from the raw parquet."""
+  """Seed and history at train_end, computed row by row from the raw parquet
+  with the feedback given before train_end."""
   train_end = catalogue.metadata["train_end"]
   expected = {}
-  for uid, listens in reference_listens(root, uids).items():
+  for uid, listens in reference_listens(root, uids, before=train_end).items():
     before = [l for l in listens if l[0] < train_end]
     positives = [item for _, item, ratio, fb in before
                  if round(ratio) >= catalogue.metadata["min_played_ratio"]
@@ -182,9 +183,10 @@ def test_protocol_scores_model_and_baselines(trained_model, prepared,
   for row in protocol["retrievers"].values():
     for name, value in row.items():
       assert 0.0 <= value <= 1.0, name
-  # One list for every user: coverage is exactly k / catalogue size.
+  # One list for every user: coverage is exactly k / candidates.
+  candidates = catalogue.num_candidates(catalogue.metadata["test_start"])
   assert protocol["retrievers"]["most_popular"]["coverage@50"] == (
-      pytest.approx(50 / catalogue.num_items))
+      pytest.approx(50 / candidates))
   table = yambda_protocol.format_table(protocol)
   assert table.splitlines()[0].split()[1:4] == ["recall@10", "recall@50",
                                                 "recall@100"]
@@ -201,9 +203,10 @@ def test_weighted_metrics_count_each_test_example_at_its_weight(
                                 input_pipeline.ExampleRule())
   weights = test[schema.WEIGHT]
   assert weights.min() < 1 < weights.max()
+  candidates = catalogue.num_candidates(catalogue.metadata["test_start"])
   ranks = evaluate.model_ranks(trained_model, test,
                                evaluate.candidate_embeddings(
-                                   trained_model, catalogue.num_items + 1))
+                                   trained_model, candidates + 1))
   hit = ranks <= 100
   assert results["model"]["weighted_recall@100"] == pytest.approx(
       np.sum(weights * hit) / weights.sum())

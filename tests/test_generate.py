@@ -125,6 +125,13 @@ def test_oracle_ranks(oracle, events):
   start = (days - generate.SIZES[SIZE].oracle_days) * generate.DAY
   in_window = listen["timestamp"].to_numpy() >= start
   assert in_window.sum() == oracle.num_rows
+  # The validation window [end - 2 days - 3600 s, ...) is covered.
+  assert start <= (days - 2) * generate.DAY - 3600
+  # The positive oracle ranks every listen of this size.
+  pos_ranks = oracle["positive_oracle_rank"].to_numpy()
+  pos_prob = oracle["positive_oracle_prob"].to_numpy()
+  assert pos_ranks.min() >= 1 and pos_ranks.max() <= n_items
+  assert np.all((pos_prob > 0) & (pos_prob <= 1))
 
 
 def test_oracle_recall_values():
@@ -152,6 +159,16 @@ def world():
   _, snapshots = generate._simulate_chunk(sim_rng, cat, tl, users, p, 0,
                                           p.n_users)
   return p, cat, tl, users, snapshots
+
+
+def _expected_rank(probs, target, item_ids):
+  """The rank of `target` under `probs`, ties (to 1e-9) broken pessimistically
+  by raw id, and the number of items tied with it."""
+  pt = probs[target]
+  close = np.abs(probs - pt) <= 1e-9 * pt
+  smaller = item_ids < item_ids[target]
+  return (1 + np.sum(probs > pt * (1 + 1e-9)) + np.sum(close & smaller),
+          int(close.sum()))
 
 
 def _dense_next_probs(world, i):
@@ -199,9 +216,16 @@ def _dense_next_probs(world, i):
   return probs
 
 
-def test_oracle_equals_the_dense_distribution(world):
+@pytest.fixture(scope="module")
+def oracle_arrays(world):
+  """(rank, prob, positive rank, positive prob) of every snapshot."""
   p, cat, tl, users, sn = world
-  ranks, target_probs = generate._oracle(cat, tl, users, p, sn)
+  return generate._oracle(cat, tl, users, p, sn)
+
+
+def test_oracle_equals_the_dense_distribution(world, oracle_arrays):
+  p, cat, tl, users, sn = world
+  ranks, target_probs = oracle_arrays[:2]
   rows = np.random.default_rng(1).choice(len(sn.user), 60, replace=False)
   # Targets drawn by explore alone tie with every other such item.
   explore_only = 0
@@ -211,11 +235,9 @@ def test_oracle_equals_the_dense_distribution(world):
     target = sn.target[i]
     pt = probs[target]
     np.testing.assert_allclose(target_probs[i], pt, rtol=1e-9)
-    close = np.abs(probs - pt) <= 1e-9 * pt
-    smaller = cat.item_ids < cat.item_ids[target]
-    expected = 1 + np.sum(probs > pt * (1 + 1e-9)) + np.sum(close & smaller)
+    expected, ties = _expected_rank(probs, target, cat.item_ids)
     assert ranks[i] == expected, i
-    explore_only += close.sum() > 10
+    explore_only += ties > 10
   assert explore_only > 0
 
 
@@ -231,3 +253,106 @@ def test_sampler_follows_the_dense_distribution(world):
   assert np.all(probs[items] > 0)
   empirical = np.bincount(items, minlength=cat.n_items) / n
   assert 0.5 * np.abs(empirical - probs).sum() < 0.03
+
+
+def _dense_positive_weights(world, i):
+  """P(next listen is positive and is item j) of snapshot i over the whole
+  catalogue: P(next listen) times P(positive | affinity), the affinity
+  written out (the cosine of taste and latent plus the favourite bonuses)."""
+  p, cat, tl, users, sn = world
+  u = sn.user[i]
+  affinity = (cat.latent.astype(np.float64) @ users.vec[u] /
+              np.linalg.norm(cat.latent, axis=1))
+  affinity += generate._FAV_TRACK_BONUS * np.isin(np.arange(cat.n_items),
+                                                  users.fav_tracks[u])
+  affinity += generate._FAV_ARTIST_BONUS * np.isin(cat.artist,
+                                                   users.fav_artists[u])
+  return _dense_next_probs(world, i) * generate.positive_prob(affinity)
+
+
+def _dense_positive_probs(world, i):
+  """P(next positive listen) of snapshot i over the whole catalogue."""
+  weights = _dense_positive_weights(world, i)
+  return weights / weights.sum()
+
+
+def _positive_prob_reference(affinity):
+  """P(played ratio >= 50 | affinity), written out from _played_ratio's
+  probabilities: not skipped, then played through or partly (31..99)."""
+  p_skip, p_full = generate._ratio_probs(affinity)
+  return (1 - p_skip) * (p_full + (1 - p_full) * 50 / 69)
+
+
+def test_positive_prob_matches_the_played_ratio():
+  grid = np.linspace(-1.5, 1.5, 3001)
+  probs = generate.positive_prob(grid)
+  np.testing.assert_allclose(probs, _positive_prob_reference(grid),
+                             rtol=1e-12)
+  assert np.all(np.diff(probs) > 0)  # increasing in the affinity
+  rng = np.random.default_rng(3)
+  n = 200_000
+  for a in (-0.8, 0.0, 0.3, 0.6, 1.2):
+    ratio = generate._played_ratio(rng, np.full(n, a))
+    empirical = np.mean(ratio >= generate.LISTEN_PLUS_RATIO)
+    expected = generate.positive_prob(np.array([a]))[0]
+    assert abs(empirical - expected) < 4 * np.sqrt(0.25 / n), a
+
+
+def test_positive_oracle_equals_the_dense_distribution(world, oracle_arrays):
+  p, cat, tl, users, sn = world
+  ranks, target_probs = oracle_arrays[2:]
+  rows = np.random.default_rng(1).choice(len(sn.user), 60, replace=False)
+  # Rows with a target drawn by explore (the hard case: every unlisted item
+  # has its own score) and rows with a target that has a favourite bonus.
+  rows = np.r_[rows, np.nonzero(sn.comp == generate.EXPLORE)[0][:15],
+               np.nonzero(sn.comp == generate.FAV_ARTIST)[0][:5]]
+  for i in rows:
+    probs = _dense_positive_probs(world, i)
+    target = sn.target[i]
+    pt = probs[target]
+    # The normaliser is summed from float32 terms: float32 precision.
+    np.testing.assert_allclose(target_probs[i], pt, rtol=1e-6)
+    assert ranks[i] == _expected_rank(probs, target, cat.item_ids)[0], i
+
+
+def test_positive_oracle_sample(world, oracle_arrays):
+  p, cat, tl, users, sn = world
+  sample = generate._positive_sample(np.random.default_rng(4), sn, 500)
+  assert 0 < sample.sum() <= 500
+  # Whole users: a user is in the sample with all of its snapshots or none.
+  assert not set(sn.user[sample]) & set(sn.user[~sample])
+  _, _, ranks, probs = generate._oracle(cat, tl, users, p, sn, sample)
+  np.testing.assert_array_equal(ranks[sample], oracle_arrays[2][sample])
+  np.testing.assert_allclose(probs[sample], oracle_arrays[3][sample],
+                             rtol=1e-6)
+  assert np.all(ranks[~sample] == -1) and np.all(np.isnan(probs[~sample]))
+
+
+def test_sampler_follows_the_positive_distribution(world):
+  """Next listens and their outcomes drawn for fixed states, kept where
+  positive, follow the positive oracle's distribution."""
+  p, cat, tl, users, sn = world
+  rng = np.random.default_rng(5)
+  explore_rows = np.nonzero(sn.comp == generate.EXPLORE)[0]
+  for i in (int(np.argmax(sn.hist_len)), int(explore_rows[0])):
+    n = 400_000
+    rep = np.full(n, i)
+    items, comp = generate._sample_next(
+        rng, cat, tl, users, p, sn.user[rep], sn.seed[rep], sn.per[rep],
+        sn.mix[rep], sn.hist[rep], sn.hist_len[rep])
+    _, ratio, _, dislike, _, _ = generate._listen_outcome(
+        rng, cat, users, p, sn.user[rep], items, comp)
+    positive = (ratio >= generate.LISTEN_PLUS_RATIO) & ~dislike
+    np.testing.assert_array_equal(positive,
+                                  ratio >= generate.LISTEN_PLUS_RATIO)
+    # The share of positives is the normaliser.
+    weights = _dense_positive_weights(world, i)
+    assert abs(positive.mean() - weights.sum()) < 4 * np.sqrt(0.25 / n)
+    probs = weights / weights.sum()
+    empirical = np.bincount(items[positive], minlength=cat.n_items)
+    empirical = empirical / positive.sum()
+    assert np.all(probs[items[positive]] > 0)
+    # Sampling noise alone is about 0.02; the next-listen distribution is
+    # 0.16 or more away from this one.
+    assert 0.5 * np.abs(empirical - probs).sum() < 0.035
+    assert 0.5 * np.abs(_dense_next_probs(world, i) - probs).sum() > 0.1

@@ -107,6 +107,15 @@ def test_feedback_attaches_to_the_latest_earlier_listen():
   assert listens["feedback"].tolist() == [
       schema.FEEDBACK_LIKED, schema.FEEDBACK_NONE, schema.FEEDBACK_NONE,
       schema.FEEDBACK_NONE, schema.FEEDBACK_DISLIKED]
+  # What a window starting at `before` may know: only earlier feedback.
+  listens, _ = prep.attach_feedback(events, before=13)
+  assert listens["feedback"].tolist() == [
+      schema.FEEDBACK_LIKED, schema.FEEDBACK_DISLIKED, schema.FEEDBACK_NONE,
+      schema.FEEDBACK_NONE, schema.FEEDBACK_DISLIKED]
+  listens, _ = prep.attach_feedback(events, before=5)
+  assert listens["feedback"].tolist() == [
+      schema.FEEDBACK_NONE, schema.FEEDBACK_NONE, schema.FEEDBACK_NONE,
+      schema.FEEDBACK_NONE, schema.FEEDBACK_DISLIKED]
 
 
 def test_catalogue_is_ordered_by_training_frequency(catalogue):
@@ -128,13 +137,17 @@ def test_sampling_probability_is_training_frequency(catalogue):
   assert p[seen].sum() == pytest.approx(1.0, abs=1e-5)
 
 
-def reference_listens(root, uids=None):
+def reference_listens(root, uids=None, before=None):
   """{uid: [[timestamp, item_id, played ratio, feedback], ...]} in time order,
   computed row by row from the raw parquet: feedback attaches to the user's
-  latest earlier listen of the track, the last one winning."""
+  latest earlier listen of the track, the last one winning; with `before`,
+  only explicit events before that time count."""
   events = pq.read_table(yambda.multi_event_path(root, "tiny")).to_pandas()
   if uids is not None:
     events = events[events["uid"].isin(uids)]
+  if before is not None:
+    events = events[(events["event_type"].astype(str) == "listen") |
+                    (events["timestamp"] < before)]
   events["event_type"] = events["event_type"].astype(str)
   events["order"] = (events["event_type"] != "listen").astype(int)
   events = events.sort_values(["uid", "timestamp", "order"], kind="stable")
@@ -156,16 +169,25 @@ def reference_listens(root, uids=None):
   return by_user
 
 
+WINDOWS = {"train": (None, "train_end"),
+           "validation": ("validation_start", "validation_end"),
+           "test": ("test_start", "last_timestamp")}
+
+
 def _reference_examples(root, metadata, split):
-  """The expected examples, computed row by row from the raw parquet."""
-  if split == "train":
-    lo, hi = 0, metadata["train_end"]
-  else:
-    lo, hi = metadata["test_start"], metadata["last_timestamp"]
+  """The expected examples, computed row by row from the raw parquet.
+
+  A window knows the feedback given before its start for the listens before
+  it, and the feedback given before its end for its own listens."""
+  start, stop = WINDOWS[split]
+  lo, hi = (metadata[start] if start else 0), metadata[stop]
+  at_start = reference_listens(root, before=lo)
   expected = collections.Counter()
-  for uid, listens in reference_listens(root).items():
+  for uid, listens in reference_listens(root, before=hi).items():
     positives = []
     for i, (ts, item, ratio, fb) in enumerate(listens):
+      if ts < lo:
+        fb = at_start[uid][i][3]
       positive = ratio >= metadata["min_played_ratio"] and (
           fb != schema.FEEDBACK_DISLIKED)
       if positive and i > 0 and lo <= ts < hi:
@@ -191,7 +213,7 @@ def _pipeline_examples(prepared_dir, catalogue, split):
       np.round(ex[schema.WEIGHT].astype(np.float64), 4).tolist()))
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
 def test_records_round_trip_to_the_reference_examples(tiny_yambda, prepared,
                                                       catalogue, split):
   expected = _reference_examples(tiny_yambda, catalogue.metadata, split)
@@ -205,8 +227,8 @@ def test_sharded_and_unsharded_prep_give_the_same_examples(
   single = str(tmp_path / "single")
   config = prep.PrepConfig(**{**prep_config.as_dict(), "num_shards": 1})
   prep.prepare(tiny_yambda, "tiny", single, config)
-  assert len(os.listdir(os.path.join(single, "records"))) == 2
-  for split in ("train", "test"):
+  assert len(os.listdir(os.path.join(single, "records"))) == 3
+  for split in ("train", "validation", "test"):
     assert (_pipeline_examples(single, catalogue, split) ==
             _pipeline_examples(prepared, catalogue, split))
 

@@ -34,7 +34,7 @@ def _small_units(prep_config, **overrides):
 
 
 def _assert_same_examples(out, prepared, catalogue):
-  for split in ("train", "test"):
+  for split in ("train", "validation", "test"):
     assert (_pipeline_examples(out, catalogue, split) ==
             _pipeline_examples(prepared, catalogue, split))
 
@@ -159,7 +159,9 @@ def test_shards_run_stage_by_stage_give_the_same_examples(
                    shard_index=shard)
   assert sorted(os.listdir(os.path.join(out, "records"))) == [
       "test-00000-of-00002.tfrecord", "test-00001-of-00002.tfrecord",
-      "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord"]
+      "train-00000-of-00002.tfrecord", "train-00001-of-00002.tfrecord",
+      "validation-00000-of-00002.tfrecord",
+      "validation-00001-of-00002.tfrecord"]
   _assert_same_examples(out, prepared, catalogue)
 
 

@@ -39,42 +39,77 @@ def _total_steps(prepared, batch_size=256, epochs=2):
     return json.load(f)["num_train_examples"] // batch_size * epochs
 
 
-def test_main_job_writes_results_logs_checkpoints_and_savedmodels(
+def _eval_scalars(logdir):
+  """{tag: [step, ...]} of the eval/* scalars in a TensorBoard log folder."""
+  tags = {}
+  for path in glob.glob(os.path.join(logdir, "events.out.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag.startswith("eval/"):
+          tags.setdefault(value.tag, []).append(event.step)
+  return tags
+
+
+def test_main_job_chooses_on_validation_retrains_and_scores_test_once(
     tiny_yambda, prepared, tmp_path):
   workdir = str(tmp_path)
   subprocess.run(_train_command(workdir, tiny_yambda, prepared,
-                                "--profile_steps=3,4"), cwd=_REPO,
-                 check=True, capture_output=True)
+                                "--profile_steps=3,4", "--retrain"),
+                 cwd=_REPO, check=True, capture_output=True)
   results = _results(workdir)
+  assert set(results) == {"selection", "validation", "retrain", "test"}
+  # The epoch is chosen on the validation day, from per-epoch scores that
+  # also reach TensorBoard.
+  selection = results["selection"]
+  assert len(selection["by_epoch"]) == 2 and selection["epoch"] in (1, 2)
+  best = max(e["recall@100"] for e in selection["by_epoch"])
+  assert selection["by_epoch"][selection["epoch"] - 1]["recall@100"] == best
+  assert selection["train_steps"] == _total_steps(prepared)
+  scalars = _eval_scalars(os.path.join(workdir, "logs", "metrics"))
+  assert len(scalars["eval/recall@100"]) == 2
+  # The retrained model: the chosen epoch count, on data prepared without a
+  # validation window (everything before the test gap).
+  with open(os.path.join(prepared + "_retrain", "catalogue",
+                         "metadata.json")) as f:
+    retrain_meta = json.load(f)
+  assert retrain_meta["train_end"] == retrain_meta["test_start"] - 1800
+  assert results["retrain"]["train_steps"] == (
+      retrain_meta["num_train_examples"] // 256 * selection["epoch"])
+
   retrievers = {"model", "most_popular", "recent_popular",
                 "seed_cooccurrence", "oracle"}
-  assert set(results) == retrievers | {"recall_curve", "test_targets",
-                                       "yambda_protocol", "by_target_kind",
-                                       "by_component"}
-  by_kind = results["by_target_kind"]
-  assert set(by_kind) == retrievers | {"share"}
-  assert abs(sum(by_kind["share"].values()) - 1) < 1e-6
-  # Every test target has the generator's component (the oracle covers all).
-  by_component = results["by_component"]
-  assert set(by_component["share"]) == set(generate.COMPONENTS)
-  assert abs(sum(by_component["share"].values()) - 1) < 1e-6
-  oracle = by_component["oracle"]
-  assert oracle["album"]["recall@10"] > oracle["explore"]["recall@10"]
-  assert results["model"]["recall@100"] > results["most_popular"]["recall@100"]
-  assert 0 < results["model"]["coverage@100"] <= 1
-  assert set(results["recall_curve"]) == retrievers | {"k"}
-  protocol = results["yambda_protocol"]
-  assert set(protocol["retrievers"]) == retrievers - {"oracle"}
-  assert protocol["users"] > 0 and protocol["ks"] == [10, 50, 100]
-  assert (protocol["retrievers"]["model"]["recall@100"] >
-          protocol["retrievers"]["most_popular"]["recall@100"])
+  for window in ("validation", "test"):
+    scores = results[window]
+    assert scores["window"] == window
+    assert set(scores) == retrievers | {
+        "recall_curve", "test_targets", "yambda_protocol", "by_target_kind",
+        "by_component", "window", "candidates"}
+    assert 0 < scores["candidates"]["authors"] < scores["candidates"]["service"]
+    by_kind = scores["by_target_kind"]
+    assert set(by_kind) == retrievers | {"share"}
+    assert abs(sum(by_kind["share"].values()) - 1) < 1e-6
+    # Every target has the generator's component (the oracle covers all).
+    by_component = scores["by_component"]
+    assert set(by_component["share"]) == set(generate.COMPONENTS)
+    assert abs(sum(by_component["share"].values()) - 1) < 1e-6
+    oracle = by_component["oracle"]
+    assert oracle["album"]["recall@10"] > oracle["explore"]["recall@10"]
+    assert scores["model"]["recall@100"] > scores["most_popular"]["recall@100"]
+    assert 0 < scores["model"]["coverage@100"] <= 1
+    assert set(scores["recall_curve"]) == retrievers | {"k"}
+    protocol = scores["yambda_protocol"]
+    assert protocol["window"] == window
+    assert set(protocol["retrievers"]) == retrievers - {"oracle"}
+    assert protocol["users"] > 0 and protocol["ks"] == [10, 50, 100]
+    assert (protocol["retrievers"]["model"]["recall@100"] >
+            protocol["retrievers"]["most_popular"]["recall@100"])
   with open(os.path.join(workdir, "eval", "recall_at_k.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   for name in ("projector_config.pbtxt", "metadata.tsv", "checkpoint"):
     assert os.path.exists(os.path.join(workdir, "logs", "projector", name))
-  assert results["model"]["train_steps"] == _total_steps(prepared)
   assert glob.glob(os.path.join(workdir, "logs", "train", "events.out.*"))
-  assert glob.glob(os.path.join(workdir, "logs", "metrics", "events.out.*"))
+  assert glob.glob(os.path.join(workdir, "logs", "retrain", "train",
+                                "events.out.*"))
   # The profiler's trace of steps 3-4, for TensorBoard's Profile tab.
   assert glob.glob(os.path.join(workdir, "logs", "plugins", "profile",
                                 "*", "*.xplane.pb"))
@@ -82,7 +117,7 @@ def test_main_job_writes_results_logs_checkpoints_and_savedmodels(
   for kind in ("bruteforce", "scann"):
     assert os.path.exists(os.path.join(workdir, "export", f"yambda_{kind}",
                                        "1", "saved_model.pb"))
-  # The run is over: its backup is gone, so a rerun starts afresh.
+  # The run is over: its backups are gone, so a rerun starts afresh.
   assert not glob.glob(os.path.join(workdir, "backup", "**", "checkpoint"),
                        recursive=True)
 
@@ -107,9 +142,9 @@ def test_a_run_killed_with_sigkill_resumes_from_its_backup(
   assert not os.path.exists(os.path.join(workdir, "eval", "results.json"))
 
   subprocess.run(command, cwd=_REPO, check=True, capture_output=True)
-  model = _results(workdir)["model"]
-  assert model["train_steps"] == _total_steps(prepared)
-  assert 0 < model["resumed_from_step"] < model["train_steps"]
+  training = _results(workdir)["selection"]
+  assert training["train_steps"] == _total_steps(prepared)
+  assert 0 < training["resumed_from_step"] < training["train_steps"]
 
 
 def _free_ports(n):

@@ -1,35 +1,44 @@
-r"""Ablations: train once per switched design element, compare in one table.
+r"""Ablations and seed spreads: train per design element and seed, one table.
 
   python -m tfrs_yambda.ablation --base_flagfile=configs/demo.cfg \
-      --ablation_dir=/tmp/tfrs_yambda/ablation
+      --ablation_dir=/tmp/tfrs_yambda/ablation [--seeds=3] [--variant=NAME]
 
 Every variant is the base configuration with one element off (or, for the
 negatives and the frequency estimate, one option on), trained by
-`tfrs_yambda.train` in its own process on the same prepared data (the first
-variant generates and prepares it). Each run logs its flags to TensorBoard's
-HParams dashboard (`tensorboard --logdir <ablation_dir>`); the table of
-Recall@10/100/500, NDCG@100, weighted Recall@100 and Recall@100 on cold
-targets is printed and written to <ablation_dir>/ablation.json. Finished
-variants are not rerun; `--variant=NAME` (repeatable) runs a subset.
+`tfrs_yambda.train` once per seed (--seed=1..N) in its own process on the
+same prepared data (the first run generates and prepares it). Variants are
+compared on the validation day only: the ablation table gives each
+variant's mean and standard deviation over the seeds, and its difference in
+--compare_metric from the full model, marked "*" where it exceeds twice the
+larger of the two seed spreads. The headline table gives every retriever's
+validation and test metrics for the full model over the seeds (the test day
+is scored once per run, never used to choose). Each run logs its flags to
+TensorBoard's HParams dashboard (`tensorboard --logdir <ablation_dir>`);
+everything goes to <ablation_dir>/ablation.json. Finished runs are not rerun.
 """
 
 import json
 import os
 import subprocess
 import sys
+from typing import Dict, List, Sequence
 
 from absl import app
 from absl import flags
+import numpy as np
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base_flagfile", "configs/demo.cfg",
                     "The configuration every variant starts from.")
 flags.DEFINE_string("ablation_dir", "/tmp/tfrs_yambda/ablation",
-                    "Where the variants' runs and the table go.")
+                    "Where the variants' runs and the tables go.")
 # Repeated rather than a list: variant names contain commas.
 flags.DEFINE_multi_string("variant", None,
                           "A variant of VARIANTS to run; repeat the flag for "
                           "several (default: all).")
+flags.DEFINE_integer("seeds", 3, "Training seeds per variant (1..N).")
+flags.DEFINE_string("compare_metric", "recall@100",
+                    "Validation metric of the difference column.")
 
 # Variant -> the train flags that switch one design element off or on.
 VARIANTS = {
@@ -54,14 +63,14 @@ COLUMNS = ("recall@10", "recall@100", "recall@500", "ndcg@100",
            "weighted_recall@100", "cold_target_recall@100")
 
 
-def _run_dir(name: str) -> str:
+def _run_dir(name: str, seed: int) -> str:
   slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-  return os.path.join(FLAGS.ablation_dir, slug)
+  return os.path.join(FLAGS.ablation_dir, slug, f"seed-{seed}")
 
 
-def run_variant(name: str) -> dict:
-  """Trains one variant (unless done) and returns its model metrics."""
-  workdir = _run_dir(name)
+def run_variant(name: str, seed: int) -> dict:
+  """Trains one variant with one seed (unless done); returns results.json."""
+  workdir = _run_dir(name, seed)
   results = os.path.join(workdir, "eval", "results.json")
   if not os.path.exists(results):
     data = os.path.join(FLAGS.ablation_dir, "data")
@@ -69,21 +78,58 @@ def run_variant(name: str) -> dict:
         [sys.executable, "-m", "tfrs_yambda.train",
          f"--flagfile={FLAGS.base_flagfile}", f"--workdir={workdir}",
          f"--yambda_dir={data}/yambda", f"--prepared_dir={data}/prepared",
-         "--eval_every_epoch=false", "--export=false", *VARIANTS[name]],
+         f"--seed={seed}", "--export=false", "--projector_items=0",
+         *VARIANTS[name]],
         check=True)
   with open(results) as f:
     return json.load(f)
 
 
-def table(rows: dict) -> str:
-  first = max(len(name) for name in ["variant", *rows]) + 2
-  widths = [max(12, len(c) + 2) for c in COLUMNS]
-  lines = [f"{'variant':<{first}}" +
-           "".join(f"{c:>{w}}" for c, w in zip(COLUMNS, widths))]
-  for name, metrics in rows.items():
-    lines.append(f"{name:<{first}}" + "".join(
-        f"{metrics[c]:>{w}.4f}" for c, w in zip(COLUMNS, widths)))
+def spread(rows: Sequence[Dict[str, float]],
+           columns: Sequence[str]) -> Dict[str, List[float]]:
+  """{column: [mean, standard deviation (ddof=1; 0 for one run)]}."""
+  out = {}
+  for c in columns:
+    values = np.array([row[c] for row in rows], np.float64)
+    out[c] = [float(values.mean()),
+              float(values.std(ddof=1)) if len(values) > 1 else 0.0]
+  return out
+
+
+def differs(a: List[float], b: List[float]) -> bool:
+  """Whether two [mean, std] differ by more than twice the larger spread."""
+  return abs(a[0] - b[0]) > 2 * max(a[1], b[1])
+
+
+def _cell(value: List[float]) -> str:
+  return f"{value[0]:.4f} ± {value[1]:.4f}"
+
+
+def table(rows: Dict[str, Dict[str, List[float]]], columns: Sequence[str],
+          reference: str = None, metric: str = None) -> str:
+  """Mean ± std per row; with `reference`, each row's difference in `metric`
+  from it, "*" where it exceeds twice the larger seed spread."""
+  first = max(len(name) for name in ["name", *rows]) + 2
+  width = max(17, max(len(c) for c in columns) + 2)
+  header = f"{'name':<{first}}" + "".join(f"{c:>{width}}" for c in columns)
+  if reference:
+    header += f"{'diff ' + metric:>{width + 2}}"
+  lines = [header]
+  for name, values in rows.items():
+    line = f"{name:<{first}}" + "".join(
+        f"{_cell(values[c]):>{width}}" for c in columns)
+    if reference and name != reference:
+      diff = values[metric][0] - rows[reference][metric][0]
+      mark = "*" if differs(values[metric], rows[reference][metric]) else " "
+      line += f"{diff:>+{width + 1}.4f}{mark}"
+    lines.append(line)
   return "\n".join(lines)
+
+
+def retriever_rows(results: Dict) -> Dict[str, Dict]:
+  """The retriever rows of one window's results."""
+  return {k: v for k, v in results.items() if isinstance(v, dict) and
+          "mrr" in v}
 
 
 def main(argv):
@@ -93,20 +139,32 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"Unknown variants {sorted(unknown)}; known: "
                          f"{list(VARIANTS)}")
-  rows, baselines = {}, {}
-  for name in names:
-    results = run_variant(name)
-    rows[name] = results["model"]
-    # Retriever rows only (results.json also holds other sections).
-    baselines = {k: v for k, v in results.items()
-                 if k != "model" and "mrr" in v}
-  rows.update(baselines)  # the same test examples: one row each suffices
+  seeds = range(1, FLAGS.seeds + 1)
+  runs = {name: [run_variant(name, seed) for seed in seeds]
+          for name in names}
+  columns = [c for c in COLUMNS]
+  ablation = {name: spread([r["validation"]["model"] for r in results],
+                           columns) for name, results in runs.items()}
+  output = {"seeds": list(seeds), "compare_metric": FLAGS.compare_metric,
+            "validation_ablation": ablation}
+  print(f"Validation day, model, mean ± std over {FLAGS.seeds} seeds:")
+  reference = "full model" if "full model" in ablation else None
+  print(table(ablation, columns, reference, FLAGS.compare_metric))
+  if reference:
+    for window in ("validation", "test"):
+      rows = {}
+      for retriever in retriever_rows(runs[reference][0][window]):
+        rows[retriever] = spread(
+            [r[window][retriever] for r in runs[reference]], columns)
+      output[f"headline_{window}"] = rows
+      print(f"\nFull model and baselines, {window} day, mean ± std over "
+            f"{FLAGS.seeds} seeds:")
+      print(table(rows, columns))
   os.makedirs(FLAGS.ablation_dir, exist_ok=True)
   path = os.path.join(FLAGS.ablation_dir, "ablation.json")
   with open(path + ".tmp", "w") as f:
-    json.dump(rows, f, indent=2, sort_keys=True)
+    json.dump(output, f, indent=2, sort_keys=True)
   os.replace(path + ".tmp", path)
-  print(table(rows))
   print(f"Written to {path}; TensorBoard: tensorboard --logdir "
         f"{FLAGS.ablation_dir}")
 

@@ -1,5 +1,6 @@
 """Keras callbacks for training: console progress, TensorBoard scalars, eval."""
 
+import math
 import time
 from typing import Callable, Dict
 
@@ -52,11 +53,50 @@ class ProgressLogger(tf.keras.callbacks.Callback):
     self._last, self._last_step = now, step
 
 
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or infinite loss."""
+
+
+class FailOnNonFiniteLoss(tf.keras.callbacks.Callback):
+  """Stops training at the first non-finite loss, with an error.
+
+  Unlike keras's TerminateOnNaN, which ends `fit` quietly (so a job would go
+  on to evaluate and export a broken model), this raises NonFiniteLossError
+  naming the global step (optimizer iterations after the batch), the epoch
+  (1-based) and the batch. Put it first among the callbacks, so that it runs
+  before any callback that saves the (by then non-finite) weights.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self._epoch = 0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._epoch = epoch
+
+  def on_train_batch_end(self, batch, logs=None):
+    for name, value in (logs or {}).items():
+      if not name.endswith("loss"):
+        continue
+      try:
+        value = float(value)
+      except (TypeError, ValueError):
+        continue  # not a scalar
+      if not math.isfinite(value):
+        step = int(self.model.optimizer.iterations.numpy())
+        raise NonFiniteLossError(
+            f"Non-finite training loss: {name} = {value} at global step "
+            f"{step} (optimizer iterations), epoch {self._epoch + 1}, batch "
+            f"{batch} of the epoch. Training stopped; no results written.")
+
+
 class ScalarLogger(tf.keras.callbacks.Callback):
   """Writes the learning rate and end-of-epoch evaluation to TensorBoard.
 
   `evaluate_fn` returns {metric name: value}; it runs at the end of each epoch
-  and its values are logged at the current optimizer step.
+  and its values are logged at the current optimizer step. Every write is
+  recorded whatever `tf.summary.record_if` condition is in force around it
+  (keras's TensorBoard callback pushes one for the whole of `fit`).
   """
 
   def __init__(self, log_dir: str,
@@ -70,7 +110,7 @@ class ScalarLogger(tf.keras.callbacks.Callback):
 
   def on_train_begin(self, logs=None):
     if self.hparams:
-      with self.writer.as_default():
+      with self.writer.as_default(), tf.summary.record_if(True):
         hparams_api.hparams(self.hparams)
 
   def _step(self) -> int:
@@ -85,14 +125,17 @@ class ScalarLogger(tf.keras.callbacks.Callback):
   def on_train_batch_end(self, batch, logs=None):
     step = self._step()
     if step % self.every_steps == 0:
-      with self.writer.as_default(step=step):
+      with self.writer.as_default(step=step), tf.summary.record_if(True):
         tf.summary.scalar("learning_rate", self._learning_rate(step))
 
   def on_epoch_end(self, epoch, logs=None):
     if self.evaluate_fn is None:
       return
     values = self.evaluate_fn()
-    with self.writer.as_default(step=self._step()):
+    # record_if(True): during fit, keras's TensorBoard callback keeps a
+    # record_if(train step % update_freq == 0) condition pushed, which would
+    # silently drop these scalars at any epoch end off that grid.
+    with self.writer.as_default(step=self._step()), tf.summary.record_if(True):
       for name, value in values.items():
         tf.summary.scalar(f"eval/{name}", value)
     self.writer.flush()
@@ -103,7 +146,7 @@ class ScalarLogger(tf.keras.callbacks.Callback):
 def log_final_metrics(log_dir: str, step: int, metrics: Dict) -> None:
   """The final evaluation's numbers as `final/<metric>` scalars (HParams)."""
   writer = tf.summary.create_file_writer(log_dir)
-  with writer.as_default(step=step):
+  with writer.as_default(step=step), tf.summary.record_if(True):
     for name, value in metrics.items():
       if name == "mrr" or name.startswith(("recall@", "ndcg@")):
         tf.summary.scalar(f"final/{name}", value)

@@ -7,13 +7,22 @@ and ties in a ranking can be broken by popularity simply by index.
 
 Layout of a catalogue folder:
   items.parquet     index, item_id, artist, album, track_length_seconds,
-                    train_count, has_audio       (row i describes item index i)
+                    train_count, first_listen, has_audio
+                                                 (row i describes item index i)
   audio.npy         float32 [n_items + 1, audio_dim] normalised embeddings,
                     zeros where an item has none
   users.parquet     index, uid, train_count      (index 1..; 0 is "unknown")
   artists.parquet   index, artist_id
   albums.parquet    index, album_id
   metadata.json     time split, positive rule, example counts, input source
+
+Candidates. Items are ordered by training count, then by first listen
+(never-listened items last), so the items first listened before any time
+after the training cut are a prefix of the index range. A window's
+candidates are either the authors' catalogue, the items listened to before
+the window starts (`num_candidates(cut)`, comparable with the Yambda paper),
+or the service's, every catalogued item (with --metadata_items, every item of
+the metadata files: how never-played tracks become candidates).
 """
 
 import dataclasses
@@ -35,6 +44,8 @@ class Catalogue:
   item_album: np.ndarray         # int64 [n_items + 1], album index, 0 = none
   item_length: np.ndarray        # float32 [n_items + 1], seconds, 0 = unknown
   item_train_count: np.ndarray   # int64 [n_items + 1], training positives
+  item_first_listen: np.ndarray  # int64 [n_items + 1], time of the first
+                                 # listen; -1 = never (metadata only)
   has_audio: np.ndarray          # bool [n_items + 1]
   audio: np.ndarray              # float32 [n_items + 1, audio_dim]
   user_ids: np.ndarray           # int64 [n_users + 1], raw uids; [0] = -1
@@ -64,6 +75,14 @@ class Catalogue:
     p = counts / max(counts.sum(), 1.0)
     floor = 1.0 / max(counts.sum(), 1.0)
     return np.maximum(p, floor).astype(np.float32)
+
+  def num_candidates(self, cut: int = None) -> int:
+    """Candidates of a window starting at `cut`: the items listened to before
+    it, which are indices 1..n (see the module docstring); None: all items."""
+    if cut is None:
+      return self.num_items
+    first = self.item_first_listen[1:]
+    return int(np.sum((first >= 0) & (first < cut)))
 
   def item_index(self, raw_ids: np.ndarray) -> np.ndarray:
     """Raw item ids -> catalogue indices (0 for unknown ids)."""
@@ -105,6 +124,7 @@ def write(catalogue: Catalogue, path: str) -> None:
       "album": catalogue.item_album,
       "track_length_seconds": catalogue.item_length,
       "train_count": catalogue.item_train_count,
+      "first_listen": catalogue.item_first_listen,
       "has_audio": catalogue.has_audio,
   })
   items.to_parquet(os.path.join(path, "items.parquet"), index=False)
@@ -128,6 +148,10 @@ def load(path: str) -> Catalogue:
         f"{path} is not a catalogue folder (no metadata.json); run "
         "`python -m data_prep.prep` first.")
   items = pd.read_parquet(os.path.join(path, "items.parquet"))
+  if "first_listen" not in items.columns:
+    raise ValueError(
+        f"{path} was prepared by an older version (no first_listen column, "
+        "so no look-ahead-free candidates); prepare the data again.")
   users = pd.read_parquet(os.path.join(path, "users.parquet"))
   artists = pd.read_parquet(os.path.join(path, "artists.parquet"))
   albums = pd.read_parquet(os.path.join(path, "albums.parquet"))
@@ -139,6 +163,7 @@ def load(path: str) -> Catalogue:
       item_album=items["album"].to_numpy(np.int64),
       item_length=items["track_length_seconds"].to_numpy(np.float32),
       item_train_count=items["train_count"].to_numpy(np.int64),
+      item_first_listen=items["first_listen"].to_numpy(np.int64),
       has_audio=items["has_audio"].to_numpy(bool),
       audio=np.load(os.path.join(path, "audio.npy")),
       user_ids=users["uid"].to_numpy(np.int64),

@@ -1,8 +1,14 @@
 """Full-catalogue evaluation of the model, the baselines and the oracle.
 
-All retrievers are scored on the very same test examples (every positive
-listen in the test window that has a seed), by the rank of the true next
-track among all catalogue items; see `tfrs_yambda.metrics`. The model and the
+All retrievers are scored on the very same examples of one window
+("validation" or "test": every positive listen in it that has a seed), by the
+rank of the true next track among the window's candidates; see
+`tfrs_yambda.metrics`. The candidates are the authors' catalogue, the items
+listened to before the window starts (`Catalogue.num_candidates`): nothing
+after the window's cut decides what is a candidate, and a target first played
+inside the window is a miss for every retriever. Targets without a training
+positive ("cold") are scored against the service's catalogue, every
+catalogued item, as a cold track is served. The model and the
 baselines also report what they retrieve: Coverage@k and the mean popularity
 percentile of their top-k items, beside the same for the test targets, so a
 popularity bias is visible. The Yambda authors' protocol (one query per user,
@@ -34,7 +40,8 @@ _MAX_SCORES_PER_BATCH = 1 << 25
 _BASELINE_BATCH = 4096
 # Results entries that are not retrievers.
 SECTIONS = ("recall_curve", "test_targets", "yambda_protocol", "by_target_kind",
-            "by_component")
+            "by_component", "window", "candidates")
+WINDOWS = ("validation", "test")
 # Largest k of the Recall@k curve (capped at the catalogue size).
 CURVE_MAX_K = 1000
 
@@ -61,10 +68,16 @@ def candidate_embeddings(model, num_indices: int,
 
 
 def _scores(queries: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:
-  """Query-candidate scores, [batch, num_indices]; index 0 is never a hit."""
+  """Query-candidate scores, [batch, num_indices]; index 0 is never a hit.
+
+  Index 0 and every non-finite score (NaN, +inf, -inf) become -inf: such a
+  candidate sorts after every finite one and such a target is a miss (see
+  `_ranks`); a NaN would otherwise compare false both ways and rank as a hit.
+  """
   scores = tf.matmul(queries, candidates, transpose_b=True)
   index = tf.range(tf.shape(candidates)[0])
-  return tf.where(index[tf.newaxis, :] == 0, -np.inf, scores)
+  never = (index[tf.newaxis, :] == 0) | ~tf.math.is_finite(scores)
+  return tf.where(never, tf.constant(-np.inf, scores.dtype), scores)
 
 
 @tf.function(reduce_retracing=True)
@@ -73,6 +86,8 @@ def _ranks(queries: tf.Tensor, candidates: tf.Tensor, targets: tf.Tensor,
   """Ranks of `targets`, and with k > 0 also the top-k indices, [batch, k].
 
   Ties rank by index in both, so the top k are the items of ranks 1..k.
+  A target whose score is non-finite (or index 0) is a miss: its rank is
+  `metrics.NOT_RETRIEVED`, beyond every k.
   """
   scores = _scores(queries, candidates)
   index = tf.range(tf.shape(candidates)[0], dtype=targets.dtype)
@@ -80,6 +95,9 @@ def _ranks(queries: tf.Tensor, candidates: tf.Tensor, targets: tf.Tensor,
   ahead = (scores > target_scores) | ((scores == target_scores) & (
       index[tf.newaxis, :] < targets[:, tf.newaxis]))
   ranks = 1 + tf.reduce_sum(tf.cast(ahead, tf.int64), axis=1)
+  # _scores made every non-finite score -inf; such a target is never a hit.
+  ranks = tf.where(tf.math.is_inf(target_scores[:, 0]),
+                   tf.constant(metrics.NOT_RETRIEVED, tf.int64), ranks)
   if not k:
     return ranks
   return ranks, tf.math.top_k(scores, k, sorted=True).indices
@@ -87,6 +105,8 @@ def _ranks(queries: tf.Tensor, candidates: tf.Tensor, targets: tf.Tensor,
 
 @tf.function(reduce_retracing=True)
 def _top_k(queries: tf.Tensor, candidates: tf.Tensor, k: int) -> tf.Tensor:
+  """Top-k indices; non-finite scores (-inf in `_scores`) come after all
+  finite ones, ties by index."""
   return tf.math.top_k(_scores(queries, candidates), k, sorted=True).indices
 
 
@@ -94,16 +114,40 @@ def _query_batch_size(num_indices: int) -> int:
   return max(1, min(4096, _MAX_SCORES_PER_BATCH // num_indices))
 
 
+def window_start(catalogue: catalogue_lib.Catalogue, window: str) -> int:
+  """The cut of a window: what is computed for it knows nothing after it."""
+  if window not in WINDOWS:
+    raise ValueError(f"window must be one of {WINDOWS}, not {window!r}")
+  start = catalogue.metadata[f"{window}_start"]
+  if window == "validation" and start >= catalogue.metadata["validation_end"]:
+    raise ValueError("The data was prepared without a validation window "
+                     "(--validation_window_seconds=0).")
+  return start
+
+
+def _not_candidates(ranks: np.ndarray, targets: np.ndarray,
+                    num_candidates: int) -> np.ndarray:
+  """Ranks with every target outside indices 1..num_candidates a miss."""
+  outside = (targets < 1) | (targets > num_candidates)
+  return np.where(outside, metrics.NOT_RETRIEVED, ranks)
+
+
 def model_ranks(model, test: Dict[str, np.ndarray], candidates: tf.Tensor,
                 retrieved: Optional[metrics.RetrievedItemStats] = None
                 ) -> np.ndarray:
   """Rank of each test example's target under the model's scores.
 
-  With `retrieved`, each batch's top-max(k) lists are added to it, from the
-  same scores (one matrix product per batch either way).
+  `candidates` are the embeddings of indices 0..n; a target outside 1..n is
+  a miss (`metrics.NOT_RETRIEVED`). With `retrieved`, each batch's top-max(k)
+  lists are added to it, from the same scores (one matrix product per batch
+  either way).
   """
+  num_candidates = int(candidates.shape[0]) - 1
+  targets = test[schema.TARGET_ITEM]
   features = {k: test[k] for k in schema.QUERY_FEATURES}
-  features[schema.TARGET_ITEM] = test[schema.TARGET_ITEM]
+  # Index 0 stands in for targets that are not candidates (a miss anyway).
+  features[schema.TARGET_ITEM] = np.where(targets <= num_candidates, targets,
+                                          0)
   k = retrieved.ks[-1] if retrieved else 0
   ranks = []
   for batch in tf.data.Dataset.from_tensor_slices(features).batch(
@@ -114,7 +158,9 @@ def model_ranks(model, test: Dict[str, np.ndarray], candidates: tf.Tensor,
       out, top = out
       retrieved.add(top.numpy())
     ranks.append(out.numpy())
-  return np.concatenate(ranks) if ranks else np.zeros([0], np.int64)
+  if not ranks:
+    return np.zeros([0], np.int64)
+  return _not_candidates(np.concatenate(ranks), targets, num_candidates)
 
 
 def model_top_k(model, queries: Dict[str, np.ndarray], candidates: tf.Tensor,
@@ -149,14 +195,19 @@ def oracle_path(catalogue: catalogue_lib.Catalogue) -> Optional[str]:
 def oracle_ranks(path: str, catalogue: catalogue_lib.Catalogue,
                  test: Dict[str, np.ndarray]) -> pd.DataFrame:
   """Per test example, the oracle's rank of its target ("oracle_rank", -1
-  where the oracle has none) and the generator's mixture component it was
-  drawn from ("component", "" where none, or where the file predates it)."""
-  columns = ["uid", "timestamp", "item_id", "oracle_rank"]
-  has_component = "component" in pq.read_schema(path).names
+  where the oracle has none), its rank under the generator's next-positive-
+  listen distribution, the ceiling of the evaluated target
+  ("positive_oracle_rank", -1 where none: not computed for that listen, or
+  the file predates it) and the generator's mixture component it was drawn
+  from ("component", "" where none, or where the file predates it)."""
+  names = pq.read_schema(path).names
+  optional = [c for c in ("component", "positive_oracle_rank") if c in names]
   oracle = pd.read_parquet(
-      path, columns=columns + ["component"] if has_component else columns)
-  oracle["component"] = (oracle["component"].astype(str) if has_component
-                         else "")
+      path, columns=["uid", "timestamp", "item_id", "oracle_rank"] + optional)
+  oracle["component"] = (oracle["component"].astype(str)
+                         if "component" in names else "")
+  if "positive_oracle_rank" not in names:
+    oracle["positive_oracle_rank"] = -1
   keys = pd.DataFrame({
       "uid": test[schema.USER_ID].astype(np.int64),
       "timestamp": test[schema.TIMESTAMP].astype(np.int64),
@@ -167,6 +218,8 @@ def oracle_ranks(path: str, catalogue: catalogue_lib.Catalogue,
   joined = keys.merge(oracle, how="left", on=["uid", "timestamp", "item_id"])
   return pd.DataFrame({
       "oracle_rank": joined["oracle_rank"].fillna(-1).to_numpy(np.int64),
+      "positive_oracle_rank": joined["positive_oracle_rank"].fillna(-1)
+                              .to_numpy(np.int64),
       "component": joined["component"].fillna("").to_numpy(str)})
 
 
@@ -201,48 +254,66 @@ def fit_baselines(catalogue: catalogue_lib.Catalogue, prepared_dir: str,
   return counts.baselines()
 
 
+def _subset(examples: Dict[str, np.ndarray], mask: np.ndarray
+            ) -> Dict[str, np.ndarray]:
+  return {k: v[mask] for k, v in examples.items()}
+
+
 def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
              history_length: int, rule: input_pipeline.ExampleRule,
              ks: Sequence[int] = metrics.DEFAULT_KS,
+             window: str = "test",
              with_baselines: bool = True,
              recent_half_life_days: float = 7.0,
              fitted_baselines: Optional[Sequence] = None,
              test: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, Dict]:
-  """Metrics for the model and (optionally) the baselines and the oracle.
+  """Metrics of one window for the model and (optionally) the baselines and
+  the oracle.
 
-  `test`: the test examples (`load_examples`), if the caller has them already.
+  `window`: "validation" (for every choice) or "test" (scored once, at the
+  end). `test`: the window's examples (`load_examples`), if the caller has
+  them already.
 
   Returns:
     One row per retriever ("model", each baseline's name, "oracle" on
-    generated data): Recall@k, NDCG@k, MRR, the same on cold targets
-    ("cold_target_" + name), the same with each test example counted at its
-    weight ("weighted_" + name; the test examples' weights, so `test` is
-    loaded with the weight rule on), and, except for the oracle (which has
-    ranks but
-    no lists), "coverage@k" and "popularity@k" (see
-    `metrics.RetrievedItemStats`). Sections: "test_targets" (the targets'
-    own coverage and mean popularity percentile) and "recall_curve" ({"k":
-    cut-offs from 1 to CURVE_MAX_K, retriever: Recall@k at each}).
+    generated data): Recall@k, NDCG@k, MRR over the authors' candidates; the
+    same on cold targets over the service's candidates ("cold_target_" +
+    name); the same with each example counted at its weight ("weighted_" +
+    name; the examples' weights, so `test` is loaded with the weight rule
+    on), and, except for the oracle (which has ranks but no lists),
+    "coverage@k" and "popularity@k" (see `metrics.RetrievedItemStats`).
+    Sections: "window", "candidates" ({"cut", "authors", "service"}),
+    "test_targets" (the targets' own coverage and mean popularity
+    percentile, and the share that are not candidates) and "recall_curve"
+    ({"k": cut-offs from 1 to CURVE_MAX_K, retriever: Recall@k at each}).
   """
+  cut = window_start(catalogue, window)
   if test is None:
-    test = load_examples(prepared_dir, "test", history_length,
+    test = load_examples(prepared_dir, window, history_length,
                          test_rule(rule))
-  num_indices = catalogue.num_items + 1
+  num_candidates = catalogue.num_candidates(cut)
+  targets = test[schema.TARGET_ITEM]
   # Targets never seen in training are retrievable only by content features.
-  cold = catalogue.item_train_count[test[schema.TARGET_ITEM]] == 0
+  cold = catalogue.item_train_count[targets] == 0
+  cold_examples = _subset(test, cold)
   weights = test[schema.WEIGHT]
   popularity = metrics.popularity_percentile(catalogue.item_train_count)
-  list_ks = [min(k, catalogue.num_items) for k in ks]
-  curve_ks = metrics.recall_curve_ks(min(CURVE_MAX_K, catalogue.num_items))
+  # Coverage counts the candidates (the top lists never leave them).
+  candidate_popularity = popularity[:num_candidates + 1]
+  list_ks = [min(k, num_candidates) for k in ks]
+  curve_ks = metrics.recall_curve_ks(min(CURVE_MAX_K, num_candidates))
   curves = {"k": curve_ks.tolist()}
 
   kept_ranks = {}
 
-  def scored(name, ranks, retrieved=None, keep=None):
+  def scored(name, ranks, cold_ranks, retrieved=None, keep=None):
+    """Metrics of one retriever; `cold_ranks`: its ranks of the cold
+    examples over the service's candidates."""
     keep = np.ones(len(ranks), bool) if keep is None else keep
     kept_ranks[name] = (ranks, keep)
     result = metrics.rank_metrics(ranks[keep], ks)
-    for metric, value in metrics.rank_metrics(ranks[keep & cold], ks).items():
+    for metric, value in metrics.rank_metrics(cold_ranks[keep[cold]],
+                                              ks).items():
       result[f"cold_target_{metric}"] = value
     for metric, value in metrics.rank_metrics(ranks[keep], ks,
                                               weights[keep]).items():
@@ -253,42 +324,61 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
     curves[name] = metrics.recall_curve(ranks[keep], curve_ks).tolist()
     return result
 
-  retrieved = metrics.RetrievedItemStats(list_ks, popularity)
-  results = {"model": scored("model", model_ranks(
-      model, test, candidate_embeddings(model, num_indices), retrieved),
-                             retrieved)}
+  all_candidates = candidate_embeddings(model, catalogue.num_items + 1)
+  retrieved = metrics.RetrievedItemStats(list_ks, candidate_popularity)
+  results = {"model": scored(
+      "model",
+      model_ranks(model, test, all_candidates[:num_candidates + 1], retrieved),
+      model_ranks(model, cold_examples, all_candidates), retrieved)}
   if with_baselines:
     if fitted_baselines is None:
       fitted_baselines = fit_baselines(catalogue, prepared_dir,
                                        history_length, rule,
                                        recent_half_life_days)
-    seeds, targets = test[schema.SEED_ITEM], test[schema.TARGET_ITEM]
+    seeds = test[schema.SEED_ITEM]
     for baseline in fitted_baselines:
-      retrieved = metrics.RetrievedItemStats(list_ks, popularity)
+      retrieved = metrics.RetrievedItemStats(list_ks, candidate_popularity)
       baseline_retrieved(baseline, seeds, retrieved)
+      # Index order puts non-candidates after every candidate, so a
+      # candidate's rank is the same among the candidates alone.
       results[baseline.name] = scored(
-          baseline.name, baseline.ranks(seeds, targets), retrieved)
+          baseline.name,
+          _not_candidates(baseline.ranks(seeds, targets), targets,
+                          num_candidates),
+          baseline.ranks(seeds[cold], targets[cold]), retrieved)
 
     path = oracle_path(catalogue)
     if path:
       oracle = oracle_ranks(path, catalogue, test)
-      ranks = oracle["oracle_rank"].to_numpy()
+      column = ("positive_oracle_rank" if "positive_oracle_rank" in oracle
+                and np.any(oracle["positive_oracle_rank"] > 0)
+                else "oracle_rank")
+      ranks = oracle[column].to_numpy()
       known = ranks > 0
-      results["oracle"] = scored("oracle", ranks, keep=known)
+      results["oracle"] = scored(
+          "oracle", _not_candidates(ranks, targets, num_candidates),
+          ranks[cold], keep=known)
       results["oracle"]["coverage_of_test_examples"] = float(known.mean())
+      results["oracle"]["distribution"] = (
+          "next positive listen" if column == "positive_oracle_rank"
+          else "next listen")
       components = oracle["component"].to_numpy()
       if np.any(components != ""):
         # Where the generator's truth says each target came from.
         results["by_component"] = recall_by_target_kind(
             kept_ranks, {c: components == c for c in sorted(set(components))
                          if c}, ks)
-  targets = test[schema.TARGET_ITEM]
+  results["window"] = window
+  results["candidates"] = {"cut": int(cut), "authors": num_candidates,
+                           "service": catalogue.num_items}
   results["test_targets"] = {
       "examples": int(len(targets)),
       "distinct_items": int(len(np.unique(targets))),
-      "coverage": float(len(np.unique(targets))) / max(catalogue.num_items, 1),
+      "coverage": float(len(np.unique(targets))) / max(num_candidates, 1),
       "popularity": float(popularity[targets].mean()) if len(targets)
                     else float("nan"),
+      "not_candidates": float(np.mean(targets > num_candidates))
+                        if len(targets) else 0.0,
   }
   results["recall_curve"] = curves
   results["by_target_kind"] = recall_by_target_kind(

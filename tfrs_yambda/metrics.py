@@ -11,6 +11,9 @@ from typing import Dict, Sequence
 import numpy as np
 
 DEFAULT_KS = (10, 100, 500)
+# The rank of a target that is not among the candidates: never within any k,
+# and 1 / rank is 0 to double precision.
+NOT_RETRIEVED = np.iinfo(np.int64).max
 
 
 def rank_metrics(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS,
@@ -52,15 +55,19 @@ def ranks_from_scores(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
   """Ranks of `targets` under per-row `scores` [n, num_items + 1] (numpy).
 
   Column 0 (the unknown item) is never a candidate. Ties are broken by index.
+  A non-finite score is never a hit: such a target is NOT_RETRIEVED, and
+  such a candidate ranks after every finite one.
   """
   scores = np.asarray(scores, np.float64).copy()
+  scores[~np.isfinite(scores)] = -np.inf
   scores[:, 0] = -np.inf
   rows = np.arange(len(targets))
   target_scores = scores[rows, targets][:, None]
   index = np.arange(scores.shape[1])[None, :]
   ahead = (scores > target_scores) | ((scores == target_scores) &
                                       (index < targets[:, None]))
-  return 1 + ahead.sum(axis=1)
+  return np.where(np.isinf(target_scores[:, 0]), NOT_RETRIEVED,
+                  1 + ahead.sum(axis=1))
 
 
 def recall_curve_ks(max_k: int, points: int = 60) -> np.ndarray:

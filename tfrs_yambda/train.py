@@ -2,15 +2,25 @@ r"""The main job: (generate) -> prep -> train -> evaluate -> export.
 
   python -m tfrs_yambda.train --flagfile=configs/demo.cfg
 
+Windows, the Yambda authors' way: the model trains on the training window,
+is evaluated on the validation day after every epoch (TensorBoard's eval/*),
+and the epoch with the best validation --select_metric is kept. The test day
+is scored once, at the end, by that model; with --retrain, by a model
+retrained with the chosen settings (and epoch count) on everything before
+the test gap (the authors' second stage), prepared without a validation
+window into <prepared>_retrain. Nothing chooses anything on the test day.
+
 Everything is written under --workdir (or the explicit paths):
   <workdir>/yambda/      the generated dataset (only with --generate)
   <workdir>/prepared/    catalogue + TFRecords (reused when up to date)
   <workdir>/logs/        TensorBoard: loss, learning rate, eval Recall@k,
                          logs/projector/: item embeddings for the Projector
   <workdir>/checkpoints/ the trained weights
-  <workdir>/eval/results.json  next-track Recall@k / NDCG@k / MRR, coverage
-                         and popularity of model and baselines; the Yambda
-                         protocol's metrics ("yambda_protocol")
+  <workdir>/eval/results.json  per window ("validation", "test"): next-track
+                         Recall@k / NDCG@k / MRR, coverage and popularity of
+                         model and baselines, and the Yambda protocol's
+                         metrics ("yambda_protocol"); "selection": the epoch
+                         chosen on the validation day
   <workdir>/eval/recall_at_k.png  Recall@k against k for every retriever
   <workdir>/export/      SavedModels (BruteForce and ScaNN) for TF Serving
 """
@@ -120,7 +130,15 @@ flags.DEFINE_integer("projector_items", 20_000,
                      "Items written for TensorBoard's embedding projector "
                      "(most popular first, up to a tenth cold); 0: none.")
 flags.DEFINE_bool("eval_every_epoch", True,
-                  "Evaluate the model after every epoch (TensorBoard).")
+                  "Evaluate the model on the validation day after every "
+                  "epoch (TensorBoard), and keep the best epoch.")
+flags.DEFINE_string("select_metric", "recall@100",
+                    "Validation metric that chooses the epoch to keep.")
+flags.DEFINE_bool("retrain", False,
+                  "The authors' second stage: after choosing on the "
+                  "validation day, retrain with the chosen settings and "
+                  "epoch count on everything before the test gap, and score "
+                  "the test day with that model.")
 flags.DEFINE_integer("checkpoint_every_steps", 500,
                      "Steps between backups an interrupted run resumes from.")
 flags.DEFINE_list("profile_steps", [],
@@ -147,8 +165,10 @@ def _paths():
   }
 
 
-def prepare_data(paths) -> catalogue_lib.Catalogue:
+def prepare_data(paths, prepared_dir: str = None,
+                 config: prep.PrepConfig = None) -> catalogue_lib.Catalogue:
   """Generates and prepares the data unless up-to-date outputs exist."""
+  prepared_dir = prepared_dir or paths["prepared"]
   events = yambda.multi_event_path(paths["yambda"], FLAGS.size)
   if not os.path.exists(events):
     if not FLAGS.generate:
@@ -158,8 +178,8 @@ def prepare_data(paths) -> catalogue_lib.Catalogue:
     logging.info("Generating the %s dataset into %s", FLAGS.size,
                  paths["yambda"])
     generate.generate(paths["yambda"], FLAGS.size, FLAGS.generator_seed)
-  config = prep.config_from_flags()
-  meta_path = os.path.join(paths["prepared"], "catalogue", "metadata.json")
+  config = config or prep.config_from_flags()
+  meta_path = os.path.join(prepared_dir, "catalogue", "metadata.json")
   if os.path.exists(meta_path):
     with open(meta_path) as f:
       meta = json.load(f)
@@ -169,10 +189,10 @@ def prepare_data(paths) -> catalogue_lib.Catalogue:
     except (KeyError, TypeError):  # written by an older version
       same_output = False
     if same_output and meta.get("source") == os.path.abspath(events):
-      logging.info("Reusing prepared data in %s", paths["prepared"])
-      return catalogue_lib.load(os.path.join(paths["prepared"], "catalogue"))
-  prep.prepare(paths["yambda"], FLAGS.size, paths["prepared"], config)
-  return catalogue_lib.load(os.path.join(paths["prepared"], "catalogue"))
+      logging.info("Reusing prepared data in %s", prepared_dir)
+      return catalogue_lib.load(os.path.join(prepared_dir, "catalogue"))
+  prep.prepare(paths["yambda"], FLAGS.size, prepared_dir, config)
+  return catalogue_lib.load(os.path.join(prepared_dir, "catalogue"))
 
 
 def example_rule(catalogue) -> input_pipeline.ExampleRule:
@@ -262,18 +282,26 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
       "chief" not in resolver.cluster_spec().as_dict())
 
 
-def train_and_evaluate():
-  """Runs the whole job; returns (results, export paths) on the chief."""
-  tf.keras.utils.set_random_seed(FLAGS.seed)
-  strategy = distribution_strategy()
-  chief = _is_chief(strategy)
-  paths = _paths()
-  if strategy.num_replicas_in_sync > 1 and not os.path.exists(
-      os.path.join(paths["prepared"], "catalogue", "metadata.json")):
-    raise FileNotFoundError(
-        f"Multi-worker training reads prepared data; run data_prep.prep into "
-        f"{paths['prepared']} first so that workers do not race to write it.")
-  catalogue = prepare_data(paths)
+def has_validation(catalogue: catalogue_lib.Catalogue) -> bool:
+  meta = catalogue.metadata
+  return meta["validation_end"] > meta["validation_start"]
+
+
+def _window_examples(prepared_dir: str, window: str,
+                     rule: input_pipeline.ExampleRule):
+  return evaluate.load_examples(prepared_dir, window, FLAGS.history_length,
+                                evaluate.test_rule(rule))
+
+
+def train_model(strategy, chief: bool, paths, catalogue, prepared_dir: str,
+                epochs: int, stage: str = ""):
+  """Builds and trains one model on the prepared data's training window.
+
+  With per-epoch evaluation (and a validation window), the validation day is
+  scored after every epoch and the best epoch by --select_metric is restored
+  at the end. Returns (model, selection), where selection says which epoch
+  was kept and each epoch's validation metrics.
+  """
   history_length = FLAGS.history_length
   rule = example_rule(catalogue)
   ks = [int(k) for k in FLAGS.eval_ks]
@@ -282,12 +310,13 @@ def train_and_evaluate():
   if steps_per_epoch == 0:
     raise ValueError(f"{num_train} training examples are fewer than one batch "
                      f"of {FLAGS.batch_size}.")
-  total_steps = steps_per_epoch * FLAGS.epochs
-  logging.info("%d training examples, %d test examples, %d items, %d users; "
-               "%d steps of %d on %d replica(s)", num_train,
-               catalogue.metadata["num_test_examples"], catalogue.num_items,
-               len(catalogue.user_ids) - 1, total_steps, FLAGS.batch_size,
-               strategy.num_replicas_in_sync)
+  total_steps = steps_per_epoch * epochs
+  logging.info("%s%d training examples, %d validation examples, %d items, "
+               "%d users; %d steps of %d on %d replica(s)",
+               f"[{stage}] " if stage else "", num_train,
+               catalogue.metadata.get("num_validation_examples", 0),
+               catalogue.num_items, len(catalogue.user_ids) - 1, total_steps,
+               FLAGS.batch_size, strategy.num_replicas_in_sync)
   memory = model_lib.memory_estimate(
       catalogue, tower_config(), 2 if FLAGS.optimizer == "adam" else 1,
       frequency_buckets=(FLAGS.frequency_buckets or catalogue.num_items + 1
@@ -296,7 +325,7 @@ def train_and_evaluate():
       f"{k} {v / 2**20:.0f} MiB" for k, v in memory.items()))
 
   train_data = input_pipeline.batches(
-      os.path.join(paths["prepared"], "records", "train-*.tfrecord"),
+      os.path.join(prepared_dir, "records", "train-*.tfrecord"),
       FLAGS.batch_size, history_length, rule,
       age_reference=catalogue.metadata["train_end"], training=True,
       shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed)
@@ -318,69 +347,152 @@ def train_and_evaluate():
     # Create every variable now, so that a backup can be restored into them.
     model(next(iter(train_data)))
 
+  logs = os.path.join(paths["logs"], stage) if stage else paths["logs"]
   progress = callbacks.ProgressLogger(total_steps, FLAGS.batch_size)
   fit_callbacks = [
+      # First: no later callback may save or score non-finite weights.
+      callbacks.FailOnNonFiniteLoss(),
       # Restores the last backup of an interrupted run (weights, optimizer,
       # epoch and step), and removes it when training completes.
       tf.keras.callbacks.BackupAndRestore(
-          paths["backup"], save_freq=FLAGS.checkpoint_every_steps),
+          os.path.join(paths["backup"], stage) if stage else paths["backup"],
+          save_freq=FLAGS.checkpoint_every_steps),
       progress,
   ]
-  if chief:
-    # Loaded once: per-epoch evaluation, the final one and the protocol.
-    test = evaluate.load_examples(paths["prepared"], "test", history_length,
-                                  evaluate.test_rule(rule))
+  selection = {"epochs": epochs, "epoch": epochs, "metric": None,
+               "by_epoch": []}
+  select = chief and FLAGS.eval_every_epoch and has_validation(catalogue)
+  best_path = os.path.join(paths["checkpoints"], stage or "main", "best")
+  if select:
+    validation = _window_examples(prepared_dir, "validation", rule)
+    num_candidates = catalogue.num_candidates(
+        evaluate.window_start(catalogue, "validation"))
+    selection["metric"] = f"validation {FLAGS.select_metric}"
+    best = {"value": -np.inf}
 
     def evaluate_model():
       ranks = evaluate.model_ranks(
-          model, test,
-          evaluate.candidate_embeddings(model, catalogue.num_items + 1))
-      result = metrics.rank_metrics(ranks, ks)
-      return {k: v for k, v in result.items() if k != "examples"}
+          model, validation,
+          evaluate.candidate_embeddings(model, num_candidates + 1))
+      result = {k: v for k, v in metrics.rank_metrics(ranks, ks).items()
+                if k != "examples"}
+      if FLAGS.select_metric not in result:
+        raise app.UsageError(f"--select_metric={FLAGS.select_metric} is not "
+                             f"one of {sorted(result)}.")
+      selection["by_epoch"].append(result)
+      value = result[FLAGS.select_metric]
+      if value > best["value"]:
+        best["value"] = value
+        selection["epoch"] = len(selection["by_epoch"])
+        tf.train.Checkpoint(model=model).write(best_path)
+      return result
 
+  if chief:
     fit_callbacks += [
-        tf.keras.callbacks.TensorBoard(paths["logs"], update_freq=100,
+        tf.keras.callbacks.TensorBoard(logs, update_freq=100,
                                        profile_batch=_profile_batches()),
         callbacks.ScalarLogger(
-            os.path.join(paths["logs"], "metrics"),
-            evaluate_model if FLAGS.eval_every_epoch else None,
-            hparams=hparams()),
+            os.path.join(logs, "metrics"),
+            evaluate_model if select else None, hparams=hparams()),
     ]
 
   started = time.time()
-  model.fit(train_data, epochs=FLAGS.epochs, steps_per_epoch=steps_per_epoch,
+  model.fit(train_data, epochs=epochs, steps_per_epoch=steps_per_epoch,
             verbose=0, callbacks=fit_callbacks)
-  train_seconds = time.time() - started
-  steps = int(model.optimizer.iterations.numpy())
-  logging.info("Trained to step %d of %d in %.0fs this run", steps,
-               total_steps, train_seconds)
+  selection["train_seconds_this_run"] = round(time.time() - started, 1)
+  selection["train_steps"] = int(model.optimizer.iterations.numpy())
+  selection["resumed_from_step"] = progress.first_step
+  logging.info("Trained to step %d of %d in %.0fs this run",
+               selection["train_steps"], total_steps,
+               selection["train_seconds_this_run"])
+  if select and selection["by_epoch"] and selection["epoch"] < epochs:
+    logging.info("Restoring epoch %d, the best by %s", selection["epoch"],
+                 selection["metric"])
+    tf.train.Checkpoint(model=model).read(best_path).expect_partial()
+  return model, selection
+
+
+def score_window(model, catalogue, prepared_dir: str, window: str,
+                 fitted_baselines, rule) -> dict:
+  """Every retriever's metrics on one window, the Yambda protocol's too."""
+  ks = [int(k) for k in FLAGS.eval_ks]
+  examples = _window_examples(prepared_dir, window, rule)
+  results = evaluate.evaluate(model, catalogue, prepared_dir,
+                              FLAGS.history_length, rule, ks, window=window,
+                              fitted_baselines=fitted_baselines,
+                              test=examples)
+  if FLAGS.yambda_protocol:
+    results["yambda_protocol"] = yambda_protocol.evaluate(
+        model, catalogue, prepared_dir, FLAGS.history_length, rule,
+        fitted_baselines, [int(k) for k in FLAGS.protocol_ks], test=examples,
+        window=window)
+  return results
+
+
+def train_and_evaluate():
+  """Runs the whole job; returns (results, export paths) on the chief."""
+  tf.keras.utils.set_random_seed(FLAGS.seed)
+  strategy = distribution_strategy()
+  chief = _is_chief(strategy)
+  paths = _paths()
+  if strategy.num_replicas_in_sync > 1 and not os.path.exists(
+      os.path.join(paths["prepared"], "catalogue", "metadata.json")):
+    raise FileNotFoundError(
+        f"Multi-worker training reads prepared data; run data_prep.prep into "
+        f"{paths['prepared']} first so that workers do not race to write it.")
+  catalogue = prepare_data(paths)
+  rule = example_rule(catalogue)
+  ks = [int(k) for k in FLAGS.eval_ks]
+  if FLAGS.retrain and not has_validation(catalogue):
+    raise app.UsageError("--retrain needs a validation window to choose on "
+                         "(--validation_window_seconds > 0).")
+  model, selection = train_model(strategy, chief, paths, catalogue,
+                                 paths["prepared"], FLAGS.epochs)
   if not chief:
     return None, None
 
   manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
                                        paths["checkpoints"], max_to_keep=3)
-  manager.save(checkpoint_number=steps)
+  manager.save(checkpoint_number=selection["train_steps"])
   fitted_baselines = evaluate.fit_baselines(
-      catalogue, paths["prepared"], history_length, rule,
+      catalogue, paths["prepared"], FLAGS.history_length, rule,
       FLAGS.recent_half_life_days)
-  results = evaluate.evaluate(model, catalogue, paths["prepared"],
-                              history_length, rule, ks,
-                              fitted_baselines=fitted_baselines, test=test)
-  callbacks.log_final_metrics(os.path.join(paths["logs"], "metrics"), steps,
-                              results["model"])
-  results["model"]["train_steps"] = steps
-  results["model"]["resumed_from_step"] = progress.first_step
-  results["model"]["train_seconds_this_run"] = round(train_seconds, 1)
-  if FLAGS.yambda_protocol:
-    results["yambda_protocol"] = yambda_protocol.evaluate(
-        model, catalogue, paths["prepared"], history_length, rule,
-        fitted_baselines, [int(k) for k in FLAGS.protocol_ks], test=test)
+  results = {"selection": selection}
+  if has_validation(catalogue):
+    results["validation"] = score_window(model, catalogue, paths["prepared"],
+                                         "validation", fitted_baselines, rule)
+    callbacks.log_final_metrics(os.path.join(paths["logs"], "metrics"),
+                                selection["train_steps"],
+                                results["validation"]["model"])
+    print_results(results["validation"], ks, "validation")
+
+  if FLAGS.retrain:
+    # The authors' second stage: the chosen settings and epoch count, trained
+    # on everything before the test gap.
+    config = prep.config_from_flags()
+    config.validation_window_seconds = 0
+    prepared = paths["prepared"].rstrip("/") + "_retrain"
+    catalogue = prepare_data(paths, prepared, config)
+    rule = example_rule(catalogue)
+    tf.keras.utils.set_random_seed(FLAGS.seed)
+    model, retrain = train_model(strategy, chief, paths, catalogue, prepared,
+                                 selection["epoch"], stage="retrain")
+    results["retrain"] = retrain
+    fitted_baselines = evaluate.fit_baselines(
+        catalogue, prepared, FLAGS.history_length, rule,
+        FLAGS.recent_half_life_days)
+  else:
+    prepared = paths["prepared"]
+  # The one scoring of the test day.
+  results["test"] = score_window(model, catalogue, prepared, "test",
+                                 fitted_baselines, rule)
   evaluate.write_json(results, os.path.join(paths["eval"], "results.json"))
   plot_path = os.path.join(paths["eval"], "recall_at_k.png")
   plots.write_recall_plot(
-      results["recall_curve"], plot_path,
-      title=f"Next-track Recall@k over {catalogue.num_items} items")
-  print_results(results, ks, catalogue.num_items)
+      results["test"]["recall_curve"], plot_path,
+      title=f"Next-track Recall@k on the test day over "
+            f"{results['test']['candidates']['authors']} items")
+  print_results(results["test"], ks, "test")
   print(f"\nRecall@k plot: {plot_path}")
   if FLAGS.projector_items > 0:
     folder = projector.write(model, catalogue, paths["logs"],
@@ -389,7 +501,7 @@ def train_and_evaluate():
 
   if not FLAGS.export:
     return results, {}
-  exported = export.export_all(model, catalogue, history_length,
+  exported = export.export_all(model, catalogue, FLAGS.history_length,
                                paths["export"], FLAGS.model_name,
                                k=FLAGS.export_k)
   for kind, path in exported.items():
@@ -398,15 +510,20 @@ def train_and_evaluate():
   return results, exported
 
 
-def print_results(results, ks, num_items) -> None:
-  """Prints the evaluation tables."""
-  print(f"\nNext-track retrieval over the whole catalogue ({num_items} "
-        f"items, {results['model']['examples']} test examples):")
+def print_results(results, ks, window: str) -> None:
+  """Prints one window's evaluation tables."""
+  candidates = results["candidates"]
+  print(f"\n=== {window.upper()} DAY ===\nNext-track retrieval over the "
+        f"authors' catalogue ({candidates['authors']} items listened to "
+        f"before the {window} day; {results['model']['examples']} examples, "
+        f"{100 * results['test_targets']['not_candidates']:.1f}% of them "
+        "first played inside it: misses for every retriever):")
   print(evaluate.format_table(results, ks))
   print(f"\nTargets never seen in training "
-        f"({results['model']['cold_target_examples']} test examples):")
+        f"({results['model']['cold_target_examples']} examples), over the "
+        f"service's catalogue ({candidates['service']} items):")
   print(evaluate.format_table(results, ks, prefix="cold_target_"))
-  print("\nEach test example counted at its weight (played ratio, likes): "
+  print("\nEach example counted at its weight (played ratio, likes): "
         "how well a retriever finds what users play through:")
   print(evaluate.format_table(results, ks, prefix="weighted_"))
   k = 100 if 100 in ks else ks[len(ks) // 2]
@@ -418,16 +535,16 @@ def print_results(results, ks, num_items) -> None:
           "target (generated data only):")
     print(evaluate.target_kind_table(results["by_component"], k))
   print("\nWhat each retriever retrieves: coverage@k (distinct items in all "
-        "top-k lists / catalogue)\nand popularity@k (mean training-count "
+        "top-k lists / candidates)\nand popularity@k (mean training-count "
         "percentile of the top-k items; 1 = most played):")
   print(evaluate.retrieved_table(results, ks))
   protocol = results.get("yambda_protocol")
   if protocol:
     print(f"\nYambda protocol: {protocol['users']} users seen in training, "
-          f"one query each from their state at the end of training, "
-          f"{protocol['mean_relevant_items']:.1f} relevant items on average "
-          f"({protocol['users_unseen_in_training']} users unseen in training "
-          "left out):")
+          f"one query each from their state at the start of the gap before "
+          f"the {window} day, {protocol['mean_relevant_items']:.1f} relevant "
+          f"items on average ({protocol['users_unseen_in_training']} users "
+          "unseen in training left out):")
     print(yambda_protocol.format_table(protocol))
 
 

@@ -15,11 +15,15 @@ What the dataset's benchmark fixes (arXiv 2505.22238 and its benchmark code):
     Coverage@k for k = 10, 50, 100 (definitions: `metrics.set_metrics`;
     Recall@k divides by min(k, |relevant|)).
 
-The query is each user's state at the end of training, as this model sees a
-user at serving time: user id; seed = their last listen before `train_end`
+The query is each user's state at the window's query cut, as this model sees
+a user at serving time: user id; seed = their last listen before the cut
 (any played ratio, as in training); history = their last N positives before
-`train_end`, oldest first; example age 0. Nothing from the gap or the test
-window enters it. It is rebuilt from the prepared records (`user_states`): a
+it, oldest first; example age 0. The cut is the start of the gap before the
+window (`query_cut`): `train_end` for the validation day, `validation_end`
+for the test day (what a model serving on the test day has seen, and the end
+of training in the authors' retraining stage). Nothing from the gap or the
+window enters it; the candidates are the window's authors' catalogue (see
+`tfrs_yambda.evaluate`). It is rebuilt from the prepared records (`user_states`): a
 user's last training record holds every listen up to its last training
 target plus N positives of context, so its history is exact; the seed is
 also taken from the context of the user's test records (which reaches back
@@ -127,13 +131,20 @@ def _best_per_user(states: pd.DataFrame, by: List[str]) -> pd.DataFrame:
       "uid", sort=True).tail(1)
 
 
+def query_cut(catalogue: catalogue_lib.Catalogue, window: str) -> int:
+  """The time of the users' states for a window: the start of its gap."""
+  meta = catalogue.metadata
+  return meta["train_end"] if window == "validation" else meta[
+      "validation_end"]
+
+
 def user_states(prepared_dir: str, train_end: int, history_length: int,
                 rule: input_pipeline.ExampleRule) -> pd.DataFrame:
-  """Every user's state at the end of training, from the prepared records.
+  """Every user's state at time `train_end`, from the prepared records.
 
   Returns a frame indexed by uid with columns seed (item index) and history
   (int64 [N] each): the user's last listen before `train_end` and last N
-  positives before it. The seed comes from whichever record (train or test)
+  positives before it. The seed comes from whichever record (of any window)
   holds the latest such listen; the history from the record with the latest
   such positive, the longer one on ties (a training record's, which is
   complete: see the module docstring).
@@ -146,7 +157,7 @@ def user_states(prepared_dir: str, train_end: int, history_length: int,
     return ([_best_per_user(pd.concat(seeds + [merged]), _SEED_ORDER)],
             [_best_per_user(pd.concat(histories + [merged]), _HISTORY_ORDER)])
 
-  for split_rank, split in enumerate(("test", "train")):
+  for split_rank, split in enumerate(("test", "validation", "train")):
     pattern = os.path.join(prepared_dir, "records", f"{split}-*.tfrecord")
     for batch in _record_batches(pattern):
       states = record_end_states(batch, train_end, history_length, rule)
@@ -211,41 +222,48 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
              history_length: int, rule: input_pipeline.ExampleRule,
              fitted_baselines: Sequence = (),
              ks: Sequence[int] = DEFAULT_KS,
-             test: Optional[Dict[str, np.ndarray]] = None) -> Dict:
-  """The protocol's metrics for the model and the given baselines.
+             test: Optional[Dict[str, np.ndarray]] = None,
+             window: str = "test") -> Dict:
+  """The protocol's metrics of one window for the model and the baselines.
 
-  `test`: the test examples (`evaluate.load_examples`), if the caller has
-  them already; only their user ids and targets are read.
+  `test`: the window's examples (`evaluate.load_examples`), if the caller
+  has them already; only their user ids and targets are read.
 
   Returns:
     {"users": evaluated users, "users_unseen_in_training": left out,
      "mean_relevant_items": mean |relevant|, "ks": ks,
      "retrievers": {name: metrics.set_metrics(...)}}.
   """
+  num_candidates = catalogue.num_candidates(
+      evaluate_lib.window_start(catalogue, window))
   if test is None:
     test = evaluate_lib.load_examples(
-        prepared_dir, "test", history_length, rule,
+        prepared_dir, window, history_length, rule,
         keys=[schema.USER_ID, schema.TARGET_ITEM])
   uids, relevant, unseen = relevant_sets(test, catalogue.user_ids[1:])
-  states = user_states(prepared_dir, catalogue.metadata["train_end"],
+  states = user_states(prepared_dir, query_cut(catalogue, window),
                        history_length, rule)
   features = queries(uids, states, history_length)
-  k = min(max(ks), catalogue.num_items)
+  k = min(max(ks), num_candidates)
   list_ks = [min(x, k) for x in ks]
 
   def scored(top):
-    values = metrics.set_metrics(top, relevant, list_ks, catalogue.num_items)
+    values = metrics.set_metrics(top, relevant, list_ks, num_candidates)
     return {f"{metric}@{x}": values[f"{metric}@{capped}"]
             for capped, x in zip(list_ks, ks)
             for metric in ("recall", "ndcg", "coverage")}
 
+  # Items 1..num_candidates are the candidates: a prefix of the embeddings;
+  # the baselines' lists, in index order on ties, never leave it for k <= n.
   rows = {"model": scored(evaluate_lib.model_top_k(
       model, features,
-      evaluate_lib.candidate_embeddings(model, catalogue.num_items + 1), k))}
+      evaluate_lib.candidate_embeddings(model, num_candidates + 1), k))}
   for baseline in fitted_baselines:
     rows[baseline.name] = scored(np.asarray(
         baseline.top_k(features[schema.SEED_ITEM], k)))
   return {
+      "window": window,
+      "query_cut": int(query_cut(catalogue, window)),
       "users": int(len(uids)),
       "users_unseen_in_training": unseen,
       "users_without_training_listens": int(np.sum(~np.isin(uids,
