@@ -3,12 +3,12 @@ r"""ANN benchmark at catalogue scale: ScaNN vs BruteForce vs FAISS HNSW.
   python -m benchmarks.ann_benchmark --workdir=/tmp/tfrs_yambda/demo
 
 Reads the demo run's exported BruteForce SavedModel (its candidate embeddings
-and its query tower) and its prepared test split, then:
+and its query tower) and its prepared validation split, then:
   1. pads the ~33K real candidate embeddings to --num_items synthetic
      catalogue-like items: each is a real candidate plus isotropic Gaussian
      noise (cosine ~0.8 to its source), re-normalised, since the candidate
      tower outputs unit vectors;
-  2. embeds --num_queries real test requests with the query tower and takes
+  2. embeds --num_queries real validation requests with the query tower and takes
      exact top-k over the padded catalogue as the ground truth;
   3. measures, in this one process, recall@k against exact search, single-query
      p50/p99 latency and batch-of-256 queries/s of
@@ -82,16 +82,18 @@ def pad_catalogue(candidates: np.ndarray, num_items: int, noise_cosine: float,
 def load_requests(prepared: str, history_length: int, min_played_ratio: int,
                   item_ids: np.ndarray, count: int,
                   rng: np.random.Generator) -> Dict[str, np.ndarray]:
-  """Raw-id serving requests for `count` random test examples."""
-  test = evaluate.load_examples(
-      prepared, "test", history_length,
+  """Raw-id serving requests for `count` random validation examples (the
+  index settings are chosen here, so never on the test day)."""
+  examples = evaluate.load_examples(
+      prepared, "validation", history_length,
       input_pipeline.ExampleRule(min_played_ratio=min_played_ratio),
       keys=[schema.USER_ID, schema.SEED_ITEM, schema.HISTORY_ITEMS])
-  pick = rng.choice(len(test[schema.USER_ID]), count, replace=False)
+  pick = rng.choice(len(examples[schema.USER_ID]), count, replace=False)
   return {
-      schema.SERVING_USER_ID: test[schema.USER_ID][pick],
-      schema.SERVING_SEED_ITEM_ID: item_ids[test[schema.SEED_ITEM][pick]],
-      schema.SERVING_HISTORY_ITEM_IDS: item_ids[test[schema.HISTORY_ITEMS][pick]],
+      schema.SERVING_USER_ID: examples[schema.USER_ID][pick],
+      schema.SERVING_SEED_ITEM_ID: item_ids[examples[schema.SEED_ITEM][pick]],
+      schema.SERVING_HISTORY_ITEM_IDS: item_ids[
+          examples[schema.HISTORY_ITEMS][pick]],
   }
 
 
@@ -310,7 +312,7 @@ def main(argv):
                   np.arange(len(items) - len(identifiers))].astype(np.int64)
   truth = exact_top_k(queries, items, FLAGS.k)
   print(f"{len(items)} items ({len(candidates)} real), d={items.shape[1]}, "
-        f"{FLAGS.num_queries} real test queries; "
+        f"{FLAGS.num_queries} real validation queries; "
         f"{100 * np.mean(truth < len(candidates)):.0f}% of exact top-{FLAGS.k} "
         "are real items", flush=True)
 
