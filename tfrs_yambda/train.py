@@ -446,6 +446,13 @@ def train_and_evaluate():
   if FLAGS.retrain and not has_validation(catalogue):
     raise app.UsageError("--retrain needs a validation window to choose on "
                          "(--validation_window_seconds > 0).")
+  if FLAGS.retrain and strategy.num_replicas_in_sync > 1:
+    # Only the chief goes on after the first stage; a second fit needs every
+    # worker. Run the second stage as its own multi-worker job instead.
+    raise app.UsageError(
+        "--retrain runs on one machine; with several workers, prepare with "
+        "--validation_window_seconds=0 and train with --epochs=<the epoch "
+        "chosen on the validation day> as a second job.")
   model, selection = train_model(strategy, chief, paths, catalogue,
                                  paths["prepared"], FLAGS.epochs)
   if not chief:
