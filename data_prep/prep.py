@@ -3,28 +3,14 @@ r"""Raw Yambda folder -> item catalogue + TFRecord shards, out of core.
   python -m data_prep.prep --yambda_dir=/data/yambda --size=500m \
       --output_dir=/data/prepared/500m [--num_workers=16] [--prep_runner=spark]
 
-What it decides (and records in the catalogue's metadata.json):
-  * Time split (`prep_in_memory.time_split`): global cuts. The test window is
-    [test_start, last_timestamp), the validation window the day before it,
-    each after a gap of gap_seconds; training targets are listens before
-    train_end. Gap listens are never targets but still serve as seed and
-    history, as they would at serving time. Defaults reproduce the Yambda
-    authors' split when --last_timestamp=26000000 (train < 25,823,600;
-    validation [25,825,400, 25,911,800); test from 25,913,600).
-  * Positives: a listen with played_ratio_pct >= --min_played_ratio (Listen+ at
-    the default 50) that the user did not dislike afterwards. Only positives are
-    targets and history; any listen can be a seed (it is what was just played).
-  * Explicit feedback: each like / dislike / unlike / undislike attaches to the
-    user's latest listen of that track at or before it; the last one wins (an
-    unlike cancels a like). Events with no such listen are dropped and counted.
-    A window's records carry only the feedback given before its cut
-    (`window_feedback`), so nothing later changes a weight or a positive.
-  * Catalogue: every listened item (and with --metadata_items every item of
-    the metadata files), indexed by `item_order`; training counts, track
-    lengths and the artist and album vocabularies come from before train_end.
-  Rows of one user with equal timestamps keep their order in the input file.
-  The rules are those of `data_prep.prep_in_memory` (the in-memory reference,
-  whose array functions this module reuses); only the data flow differs.
+What it decides (and records in the catalogue's metadata.json) is written once,
+in `data_prep.prep_in_memory` (the in-memory reference, whose rule functions
+this module calls): the time split into training, validation and test
+windows (`time_split`, `windows`), the positive rule (`positives`), explicit
+feedback as each window may know it (`explicit_attachments`, `feedback_at`,
+`window_feedback`) and the catalogue's order and contents (`item_order`,
+`metadata_item_ids`). Rows of one user with equal timestamps keep their order
+in the input file. Only the data flow differs.
 
 Passes. Memory is bounded by --bucket_events and --read_batch_rows, never by the
 input: every pass streams, and only one bucket's rows per worker are in memory.

@@ -11,7 +11,7 @@ live in one place. `benchmarks/prep_benchmark.py` measures both.
       --output_dir=/data/prepared/50m
 
 What it decides (and records in the catalogue's metadata.json):
-  * Time split (`prep_in_memory.time_split`): global cuts. The test window is
+  * Time split (`time_split`): global cuts. The test window is
     [test_start, last_timestamp), the validation window the day before it,
     each after a gap of gap_seconds; training targets are listens before
     train_end. Gap listens are never targets but still serve as seed and
