@@ -1,13 +1,15 @@
 """tfrs_yambda: two-tower candidate retrieval for Yandex Yambda with TFRS."""
 
+import pathlib
+
 import setuptools
 
 setuptools.setup(
     name="tfrs_yambda",
-    version="0.1.0",
+    version="0.2.0",
     description=("Two-tower next-track retrieval on the Yambda dataset with "
                  "TensorFlow Recommenders, exported for TF Serving."),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10,<3.13",
@@ -32,6 +34,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
+        # `ruff check .` (configuration: ruff.toml), run by .ci/run.
+        "lint": ["ruff>=0.15,<0.18"],
         # benchmarks/ann_benchmark.py's HNSW rows (skipped without it).
         "benchmark": ["faiss-cpu>=1.8"],
         # data_prep's --prep_runner=spark (needs a Java runtime).

@@ -8,8 +8,8 @@ and its query tower) and its prepared validation split, then:
      catalogue-like items: each is a real candidate plus isotropic Gaussian
      noise (cosine ~0.8 to its source), re-normalised, since the candidate
      tower outputs unit vectors;
-  2. embeds --num_queries real validation requests with the query tower and takes
-     exact top-k over the padded catalogue as the ground truth;
+  2. embeds --num_queries real validation requests with the query tower and
+     takes exact top-k over the padded catalogue as the ground truth;
   3. measures, in this one process, recall@k against exact search, single-query
      p50/p99 latency and batch-of-256 queries/s of
        * the bare indices: exact matmul + top_k (what BruteForce runs), ScaNN
@@ -35,32 +35,52 @@ import numpy as np
 
 from export import export  # Sets TF_USE_LEGACY_KERAS before TF is imported.
 import tensorflow as tf  # pylint: disable=g-bad-import-order
+from tfrs_yambda import catalogue as catalogue_lib
 from tfrs_yambda import evaluate
 from tfrs_yambda import input_pipeline
 from tfrs_yambda import schema
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("workdir", "/tmp/tfrs_yambda/demo",
-                    "A training run's workdir (export/ and prepared/).")
-flags.DEFINE_string("model_name", "yambda", "Served model name prefix.")
-flags.DEFINE_string("saved_model", None,
-                    "A BruteForce SavedModel version folder to take the "
-                    "query tower and candidates from (default: the latest "
-                    "under <workdir>/export/<model_name>_bruteforce).")
-flags.DEFINE_integer("num_items", 1_000_000, "Catalogue size after padding.")
-flags.DEFINE_integer("num_queries", 1000, "Test requests used for recall.")
-flags.DEFINE_integer("num_single", 300, "Single queries timed per method.")
-flags.DEFINE_integer("batch_size", 256, "Batch of the throughput figure.")
-flags.DEFINE_integer("batch_repeats", 7, "Timed batches per method.")
-flags.DEFINE_integer("k", 100, "Neighbours retrieved (recall@k).")
-flags.DEFINE_float("noise_cosine", 0.8,
-                   "Expected cosine of a synthetic item to its source item.")
-flags.DEFINE_integer("threads", 2, "CPU threads for every library.")
-flags.DEFINE_bool("hnsw", True, "Include FAISS HNSW (needs faiss-cpu).")
-flags.DEFINE_bool("savedmodels", True, "Include the SavedModel rows.")
-flags.DEFINE_string("output_json", None, "Also write the rows here.")
-flags.DEFINE_integer("seed", 0, "Seed of the padding and the query sample.")
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines this program's flags in `flag_values` (called by its main)."""
+  fv = flag_values
+  flags.DEFINE_string("workdir", "/tmp/tfrs_yambda/demo",
+                      "A training run's workdir (export/ and prepared/).",
+                      flag_values=fv)
+  flags.DEFINE_string("model_name", "yambda", "Served model name prefix.",
+                      flag_values=fv)
+  flags.DEFINE_string("saved_model", None,
+                      "A BruteForce SavedModel version folder to take the "
+                      "query tower and candidates from (default: the latest "
+                      "under <workdir>/export/<model_name>_bruteforce).",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_items", 1_000_000, "Catalogue size after padding.",
+                       flag_values=fv)
+  flags.DEFINE_integer("num_queries", 1000, "Test requests used for recall.",
+                       flag_values=fv)
+  flags.DEFINE_integer("num_single", 300, "Single queries timed per method.",
+                       flag_values=fv)
+  flags.DEFINE_integer("batch_size", 256, "Batch of the throughput figure.",
+                       flag_values=fv)
+  flags.DEFINE_integer("batch_repeats", 7, "Timed batches per method.",
+                       flag_values=fv)
+  flags.DEFINE_integer("k", 100, "Neighbours retrieved (recall@k).",
+                       flag_values=fv)
+  flags.DEFINE_float("noise_cosine", 0.8,
+                     "Expected cosine of a synthetic item to its source item.",
+                     flag_values=fv)
+  flags.DEFINE_integer("threads", 2, "CPU threads for every library.",
+                       flag_values=fv)
+  flags.DEFINE_bool("hnsw", True, "Include FAISS HNSW (needs faiss-cpu).",
+                    flag_values=fv)
+  flags.DEFINE_bool("savedmodels", True, "Include the SavedModel rows.",
+                    flag_values=fv)
+  flags.DEFINE_string("output_json", None, "Also write the rows here.",
+                      flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the padding and the query sample.",
+                       flag_values=fv)
 
 
 def pad_catalogue(candidates: np.ndarray, num_items: int, noise_cosine: float,
@@ -79,14 +99,15 @@ def pad_catalogue(candidates: np.ndarray, num_items: int, noise_cosine: float,
   return np.concatenate([candidates, synthetic]).astype(np.float32)
 
 
-def load_requests(prepared: str, history_length: int, min_played_ratio: int,
+def load_requests(prepared: str, catalogue: catalogue_lib.Catalogue,
                   item_ids: np.ndarray, count: int,
                   rng: np.random.Generator) -> Dict[str, np.ndarray]:
   """Raw-id serving requests for `count` random validation examples (the
   index settings are chosen here, so never on the test day)."""
   examples = evaluate.load_examples(
-      prepared, "validation", history_length,
-      input_pipeline.ExampleRule(min_played_ratio=min_played_ratio),
+      prepared, "validation", catalogue.history_length,
+      input_pipeline.ExampleRule(
+          min_played_ratio=catalogue.metadata["min_played_ratio"]),
       keys=[schema.USER_ID, schema.SEED_ITEM, schema.HISTORY_ITEMS])
   pick = rng.choice(len(examples[schema.USER_ID]), count, replace=False)
   return {
@@ -296,14 +317,11 @@ def main(argv):
       model_dir, str(export.next_version(model_dir) - 1)))
   candidates = served.index._candidates.numpy()  # pylint: disable=protected-access
   identifiers = served.index._identifiers.numpy()  # pylint: disable=protected-access
-  with open(os.path.join(FLAGS.workdir, "prepared", "catalogue",
-                         "metadata.json")) as f:
-    meta = json.load(f)
+  prepared = os.path.join(FLAGS.workdir, "prepared")
+  catalogue = catalogue_lib.load(os.path.join(prepared, "catalogue"))
   item_ids = np.r_[-1, identifiers].astype(np.int64)  # index i -> raw id
-  requests = load_requests(os.path.join(FLAGS.workdir, "prepared"),
-                           meta["prep_config"]["history_length"],
-                           meta["min_played_ratio"], item_ids,
-                           FLAGS.num_queries, rng)
+  requests = load_requests(prepared, catalogue, item_ids, FLAGS.num_queries,
+                           rng)
   queries = np.concatenate([
       served.index.query_model(_request_rows(requests, s, s + 256)).numpy()
       for s in range(0, FLAGS.num_queries, 256)])
@@ -331,4 +349,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

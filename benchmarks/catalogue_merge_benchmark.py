@@ -4,8 +4,9 @@ r"""The prep's catalogue merge: batched (now) vs one sort per bucket (before).
 
 Writes --buckets synthetic bucket-stats files of --keys_per_bucket distinct
 (item, length) keys drawn from --key_universe, then merges them with
-`data_prep.prep._merge_stats` and with the previous loop, which sorted the
-whole merged set again after every bucket. Both results are checked equal.
+`data_prep.prep.catalogue.merge_stats` and with the previous loop, which
+sorted the whole merged set again after every bucket. Both results are
+checked equal.
 """
 
 import os
@@ -16,12 +17,21 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from data_prep import prep
+from data_prep.prep import catalogue as prep_catalogue
+from data_prep.prep import stats as prep_stats
+from data_prep.prep import work as work_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("buckets", 60, "Bucket stats files.")
-flags.DEFINE_integer("keys_per_bucket", 500_000, "Keys drawn per bucket.")
-flags.DEFINE_integer("key_universe", 8_000_000, "Distinct keys possible.")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines this program's flags in `flag_values` (called by its main)."""
+  fv = flag_values
+  flags.DEFINE_integer("buckets", 60, "Bucket stats files.", flag_values=fv)
+  flags.DEFINE_integer("keys_per_bucket", 500_000, "Keys drawn per bucket.",
+                       flag_values=fv)
+  flags.DEFINE_integer("key_universe", 8_000_000, "Distinct keys possible.",
+                       flag_values=fv)
 
 
 def per_bucket_sort(work, num_buckets):
@@ -30,7 +40,7 @@ def per_bucket_sort(work, num_buckets):
   listens = train = np.zeros(0, np.int64)
   for bucket in range(num_buckets):
     with np.load(work.bucket_stats(bucket)) as z:
-      keys, listens, train = prep._reduce_keys(  # pylint: disable=protected-access
+      keys, listens, train = prep_stats.reduce_keys(
           np.concatenate([keys, z["keys"]]),
           np.concatenate([listens, z["key_listens"]]),
           np.concatenate([train, z["key_train"]]))
@@ -41,7 +51,7 @@ def main(argv):
   del argv
   rng = np.random.default_rng(0)
   with tempfile.TemporaryDirectory() as tmp:
-    work = prep._Work(os.path.join(tmp, "out"))  # pylint: disable=protected-access
+    work = work_lib.Work(os.path.join(tmp, "out"))
     for bucket in range(FLAGS.buckets):
       keys = np.unique(rng.integers(0, FLAGS.key_universe,
                                     FLAGS.keys_per_bucket).astype(np.uint64))
@@ -54,8 +64,8 @@ def main(argv):
     results = {}
     for name, merge in (
         ("one sort per bucket (before)", per_bucket_sort),
-        ("batched (prep._merge_stats)",
-         lambda w, n: prep._merge_stats(w, n)[:3])):  # pylint: disable=protected-access
+        ("batched (merge_stats)",
+         lambda w, n: prep_catalogue.merge_stats(w, n)[:3])):
       start = time.perf_counter()
       results[name] = merge(work, FLAGS.buckets)
       print(f"{name:<30} {time.perf_counter() - start:6.1f} s  "
@@ -66,4 +76,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

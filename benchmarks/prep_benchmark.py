@@ -1,4 +1,4 @@
-r"""Throughput and peak memory of the out-of-core prep against the in-memory one.
+r"""Throughput and peak memory of the out-of-core prep against the in-memory.
 
   python -m data_prep.generate --size=large --output_dir=/tmp/yambda_large
   python -m benchmarks.prep_benchmark --yambda_dir=/tmp/yambda_large \
@@ -32,18 +32,29 @@ from data_prep import yambda
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("yambda_dir", "/tmp/yambda_large", "Generated large folder.")
-flags.DEFINE_string("size", "large", "flat/<size>/ of the input.")
-flags.DEFINE_string("work_dir", "/tmp/prep_bench", "Subsets and outputs.")
-flags.DEFINE_list("events", ["10000000", "50000000"],
-                  "Subset sizes for the out-of-core prep (events; capped at "
-                  "the input's size).")
-flags.DEFINE_list("baseline_events", ["10000000"],
-                  "Subset sizes for the in-memory baseline.")
-flags.DEFINE_integer("num_workers", 0, "Workers of the out-of-core prep.")
-flags.DEFINE_integer("bucket_events", 8_000_000, "Events per bucket.")
-flags.DEFINE_integer("num_shards", 4, "Record shards.")
-flags.DEFINE_string("results", None, "Optional JSON file for the figures.")
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines this program's flags in `flag_values` (called by its main)."""
+  fv = flag_values
+  flags.DEFINE_string("yambda_dir", "/tmp/yambda_large",
+                      "Generated large folder.", flag_values=fv)
+  flags.DEFINE_string("size", "large", "flat/<size>/ of the input.",
+                      flag_values=fv)
+  flags.DEFINE_string("work_dir", "/tmp/prep_bench", "Subsets and outputs.",
+                      flag_values=fv)
+  flags.DEFINE_list("events", ["10000000", "50000000"],
+                    "Subset sizes for the out-of-core prep (events; capped at "
+                    "the input's size).", flag_values=fv)
+  flags.DEFINE_list("baseline_events", ["10000000"],
+                    "Subset sizes for the in-memory baseline.", flag_values=fv)
+  flags.DEFINE_integer("num_workers", 0, "Workers of the out-of-core prep.",
+                       flag_values=fv)
+  flags.DEFINE_integer("bucket_events", 8_000_000, "Events per bucket.",
+                       flag_values=fv)
+  flags.DEFINE_integer("num_shards", 4, "Record shards.", flag_values=fv)
+  flags.DEFINE_string("results", None, "Optional JSON file for the figures.",
+                      flag_values=fv)
+
 
 _METADATA = ("embeddings.parquet", "artist_item_mapping.parquet",
              "album_item_mapping.parquet")
@@ -141,7 +152,7 @@ def _prep_command(module: str, root: str, out: str) -> List[str]:
 def main(argv):
   del argv
   os.makedirs(FLAGS.work_dir, exist_ok=True)
-  runs = [("in-memory (baseline)", "data_prep.prep_in_memory", int(e))
+  runs = [("in-memory (baseline)", "benchmarks.reference_prep", int(e))
           for e in FLAGS.baseline_events]
   runs += [("out-of-core", "data_prep.prep", int(e)) for e in FLAGS.events]
   rows = []
@@ -177,4 +188,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

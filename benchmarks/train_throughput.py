@@ -35,20 +35,34 @@ from tfrs_yambda import schema
 from tfrs_yambda import towers
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_items", 1_000_000, "Catalogue size.")
-flags.DEFINE_integer("num_users", 100_000, "Users.")
-flags.DEFINE_integer("batch_size", 4096, "Batch size.")
-flags.DEFINE_integer("history_length", 50, "History items per example.")
-flags.DEFINE_integer("steps", 10, "Steps per timed window.")
-flags.DEFINE_integer("repeats", 5, "Timed windows (the median is reported).")
-flags.DEFINE_enum("optimizer", "adagrad", ["adagrad", "adam"],
-                  "Optimizer of every model (the textbook setting is Adagrad; "
-                  "Keras's Adam updates its slots densely).")
-flags.DEFINE_integer("warmup_steps", 5, "Untimed steps before the first window.")
-flags.DEFINE_list("variants", None,
-                  "Variants of our model to time (default: all of VARIANTS).")
-flags.DEFINE_string("prepared_dir", None,
-                    "Optional prepared data: also time the input pipeline.")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines this program's flags in `flag_values` (called by its main)."""
+  fv = flag_values
+  flags.DEFINE_integer("num_items", 1_000_000, "Catalogue size.",
+                       flag_values=fv)
+  flags.DEFINE_integer("num_users", 100_000, "Users.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 4096, "Batch size.", flag_values=fv)
+  flags.DEFINE_integer("history_length", 50, "History items per example.",
+                       flag_values=fv)
+  flags.DEFINE_integer("steps", 10, "Steps per timed window.", flag_values=fv)
+  flags.DEFINE_integer("repeats", 5, "Timed windows (the median is reported).",
+                       flag_values=fv)
+  flags.DEFINE_enum("optimizer", "adagrad", ["adagrad", "adam"],
+                    "Optimizer of every model (the textbook setting is "
+                    "Adagrad; Keras's Adam updates its slots densely).",
+                    flag_values=fv)
+  flags.DEFINE_integer("warmup_steps", 5,
+                       "Untimed steps before the first window.",
+                       flag_values=fv)
+  flags.DEFINE_list("variants", None,
+                    "Variants of our model to time (default: all of VARIANTS).",
+                    flag_values=fv)
+  flags.DEFINE_string("prepared_dir", None,
+                      "Optional prepared data: also time the input pipeline.",
+                      flag_values=fv)
+
 
 # Variant of our model -> TowerConfig changes from the full model.
 VARIANTS = {
@@ -102,7 +116,8 @@ def synthetic_batches(catalogue, batch_size, history_length, rng, count=4):
 
 
 class TextbookModel(tfrs.Model):
-  """The TFRS tutorial two-tower: string ids, embeddings, mean-pooled history."""
+  """The TFRS tutorial two-tower: string ids, embeddings, mean-pooled
+  history."""
 
   def __init__(self, item_vocab, user_vocab, dim=64):
     super().__init__()
@@ -205,7 +220,7 @@ def main(argv):
     rows.append((f"tfrs_yambda, {name}",) +
                 examples_per_second(ours, batches, *timing))
     print(f"  {rows[-1][0]}: {rows[-1][1]:,.0f} examples/s", flush=True)
-  print(f"\n| model | examples/s (median) | ms/step | x textbook | windows |")
+  print("\n| model | examples/s (median) | ms/step | x textbook | windows |")
   print("|---|---|---|---|---|")
   for name, median, rates in rows:
     print(f"| {name} | {median:,.0f} | {1e3 * FLAGS.batch_size / median:.0f} "
@@ -219,4 +234,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

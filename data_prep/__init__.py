@@ -1,4 +1,4 @@
-"""Raw Yambda parquet -> item catalogue + TFRecords, and a Yambda-layout generator."""
+"""Raw Yambda parquet -> item catalogue + TFRecords, and a data generator."""
 
 import os
 

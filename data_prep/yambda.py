@@ -25,8 +25,10 @@ MULTI_EVENT_SCHEMA = pa.schema([
     ("track_length_seconds", pa.uint32()),
     ("event_type", pa.dictionary(pa.int8(), pa.string())),
 ])
-ARTIST_MAPPING_SCHEMA = pa.schema([("item_id", pa.uint32()), ("artist_id", pa.uint32())])
-ALBUM_MAPPING_SCHEMA = pa.schema([("item_id", pa.uint32()), ("album_id", pa.uint32())])
+ARTIST_MAPPING_SCHEMA = pa.schema([("item_id", pa.uint32()),
+                                   ("artist_id", pa.uint32())])
+ALBUM_MAPPING_SCHEMA = pa.schema([("item_id", pa.uint32()),
+                                  ("album_id", pa.uint32())])
 EMBEDDINGS_SCHEMA = pa.schema([
     ("item_id", pa.uint32()),
     ("embed", pa.list_(pa.float32())),
@@ -94,14 +96,15 @@ _REQUIRED = {
 
 
 def check_schema(path: str, kind: str) -> pa.Schema:
-  """Returns the file's schema, or raises YambdaFormatError naming the problem."""
+  """The file's schema, or a YambdaFormatError naming the problem."""
   if not os.path.exists(path):
     raise YambdaFormatError(f"{path}: file not found (expected the Yambda "
                             f"'{kind}' file here).")
   try:
     schema = pq.read_schema(path)
   except (pa.ArrowInvalid, OSError) as e:
-    raise YambdaFormatError(f"{path}: not a readable parquet file ({e}).") from e
+    raise YambdaFormatError(
+        f"{path}: not a readable parquet file ({e}).") from e
   for column, (accepts, expected) in _REQUIRED[kind].items():
     if column not in schema.names:
       raise YambdaFormatError(
@@ -129,7 +132,7 @@ def required_columns(kind: str) -> List[str]:
 
 
 def write_atomic(table: pa.Table, path: str, **kwargs) -> None:
-  """Writes a parquet file under a temporary name and renames it when complete."""
+  """Writes a parquet file under a temporary name, renamed when complete."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tmp = path + ".tmp"
   pq.write_table(table, tmp, **kwargs)

@@ -1,4 +1,4 @@
-"""Trained query tower + retrieval index -> SavedModels in TF Serving's layout."""
+"""Trained query tower + retrieval index -> SavedModels for TF Serving."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""Queries the exported retrieval model: TF Serving over REST or gRPC, or in-process.
+"""Queries the exported retrieval model: TF Serving (REST, gRPC) or in-process.
 
   from export import client
   recs = client.recommend(user_id=42, seed_item_id=7, history_item_ids=[1, 2],
@@ -14,6 +14,7 @@ left-padded with -1, cut to the most recent items): every request then has the
 same shape, which TF Serving's batching needs (see batching_parameters.txt).
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -191,10 +192,8 @@ def predict_rest(server: str, model_name: str, inputs: Dict[str, np.ndarray],
       return parse_rest_response(json.load(response))
   except urllib.error.HTTPError as e:
     detail = e.read().decode(errors="replace")
-    try:
+    with contextlib.suppress(ValueError):  # not JSON: keep the text
       detail = json.loads(detail).get("error", detail)
-    except ValueError:
-      pass
     raise ServingError(f"HTTP {e.code} from {e.url}: {detail}") from None
   except urllib.error.URLError as e:
     raise ServingError(f"No answer from {server}: {e.reason}") from None
@@ -231,7 +230,8 @@ def predict_grpc(server: str, model_name: str, inputs: Dict[str, np.ndarray],
 def load_scann_ops() -> bool:
   """Registers ScaNN's TF ops in this process (needed to load ScaNN models)."""
   try:
-    from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top,unused-import
+    # Imported for its side effect, registering the ops.
+    from scann.scann_ops.py import scann_ops  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     return False
   return True

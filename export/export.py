@@ -16,10 +16,10 @@ Signature `serving_default` (raw Yambda ids in and out):
            history_item_ids int64 [batch, any] (oldest first, -1 pads)
   outputs  item_ids int64 [batch, k], scores float32 [batch, k]
 Unknown ids map to the model's "unknown" embeddings; a history longer than the
-model's is cut to its most recent items; an empty history is allowed.
+model's N (the catalogue's `history_length`) is cut to its most recent items;
+an empty history is allowed.
 """
 
-import json
 import os
 import shutil
 from typing import Dict, Optional, Sequence
@@ -32,20 +32,31 @@ from scann.scann_ops.py import scann_ops
 from scann.scann_ops.py import scann_builder
 
 from export import tf_serving
+from tfrs_yambda import atomic
 from tfrs_yambda import catalogue as catalogue_lib
-from tfrs_yambda import evaluate
+from tfrs_yambda import ranking
 from tfrs_yambda import schema
 
 
 class ServingQueryModel(tf.keras.Model):
-  """Raw-id serving inputs -> query embedding, via the trained query tower."""
+  """Raw-id serving inputs -> query embedding, via the trained query tower.
+
+  Raw ids become catalogue indices, and the history is laid out as training
+  lays it out, N = `catalogue.history_length` wide, oldest first.
+  """
 
   def __init__(self, query_tower: tf.keras.Model,
-               catalogue: catalogue_lib.Catalogue, history_length: int,
-               **kwargs):
+               catalogue: catalogue_lib.Catalogue, **kwargs):
+    """Builds the id lookup; see the class docstring.
+
+    Args:
+      query_tower: the trained query tower (catalogue indices in).
+      catalogue: the catalogue the model was trained on.
+      **kwargs: passed to `tf.keras.Model`.
+    """
     super().__init__(**kwargs)
     self.query_tower = query_tower
-    self.history_length = history_length
+    self.history_length = catalogue.history_length
     # Vocabulary order is catalogue index order: id at index i maps to i.
     self.item_lookup = tf.keras.layers.IntegerLookup(
         vocabulary=catalogue.item_ids[1:].astype(np.int64), num_oov_indices=1,
@@ -207,38 +218,51 @@ def save(servable: Servable, export_dir: str, model_name: str,
   os.makedirs(model_dir, exist_ok=True)
   version = next_version(model_dir)
   final = os.path.join(model_dir, str(version))
-  tmp = os.path.join(model_dir, f".tmp-{version}")  # TF Serving skips non-digits
+  # TF Serving skips folders whose name is not a number.
+  tmp = os.path.join(model_dir, f".tmp-{version}")
   shutil.rmtree(tmp, ignore_errors=True)
   tf.saved_model.save(
       servable, tmp, signatures={"serving_default": servable.serve},
       # ScaNN's index is a resource of custom ops in the "Scann" namespace.
       options=tf.saved_model.SaveOptions(namespace_whitelist=["Scann"]))
-  os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
-  with open(os.path.join(tmp, "assets.extra", "export_metadata.json"), "w") as f:
-    json.dump(metadata, f, indent=2, sort_keys=True)
+  atomic.write_json(metadata,
+                    os.path.join(tmp, "assets.extra", "export_metadata.json"))
   if warmup:
     tf_serving.write_warmup(tmp, model_name, warmup)
   os.replace(tmp, final)
   return final
 
 
-def export_all(model, catalogue: catalogue_lib.Catalogue, history_length: int,
-               export_dir: str, model_name: str = "yambda", k: int = 100,
+def export_all(model, catalogue: catalogue_lib.Catalogue, export_dir: str,
+               model_name: str = "yambda", k: int = 100,
                scann_options: Optional[Dict] = None) -> Dict[str, str]:
   """Writes the BruteForce and the ScaNN SavedModels; returns their paths.
 
   Also writes, next to them, TF Serving's models.config (every model under
   export_dir) and batching_parameters.txt, and into each version its warmup
   requests.
+
+  Args:
+    model: the trained `TwoTowerModel`.
+    catalogue: the catalogue it was trained on: the candidates (every
+      catalogued item), the raw ids, and the history length N.
+    export_dir: where <model_name>_<kind>/<version>/ go.
+    model_name: the served models' name prefix.
+    k: items each request returns (at most the catalogue's size).
+    scann_options: `ScaNN` settings (default: `default_scann_options`).
+
+  Returns:
+    {"bruteforce": version folder, "scann": version folder}.
   """
+  history_length = catalogue.history_length
   num_indices = catalogue.num_items + 1
   # Index 0 ("unknown") is never served: candidates are indices 1..n.
-  candidates = evaluate.candidate_embeddings(model, num_indices).numpy()[1:]
+  candidates = ranking.candidate_embeddings(model, num_indices).numpy()[1:]
   identifiers = catalogue.item_ids[1:]
-  query_model = ServingQueryModel(model.query_tower, catalogue, history_length)
+  query_model = ServingQueryModel(model.query_tower, catalogue)
   k = min(k, catalogue.num_items)
   scann_options = scann_options or default_scann_options(len(candidates), k)
-  warmup = tf_serving.warmup_inputs(catalogue, history_length)
+  warmup = tf_serving.warmup_inputs(catalogue)
   paths = {}
   for kind in ("bruteforce", "scann"):
     index = build_index(kind, query_model, candidates, identifiers, k,

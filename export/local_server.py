@@ -1,4 +1,4 @@
-r"""A small TF Serving stand-in: the exported models over REST and gRPC from Python.
+r"""A small TF Serving stand-in: the exported models over REST and gRPC.
 
   python -m export.local_server \
       --model_config_file=/tmp/tfrs_yambda/demo/export/models.config \
@@ -49,7 +49,7 @@ _PREDICT_PATH = re.compile(
     r"^/v1/models/(?P<name>[^/:]+)(/versions/(?P<version>\d+))?:predict$")
 
 
-class BadRequest(ValueError):
+class BadRequest(ValueError):  # noqa: N818 (named after HTTP 400)
   """A request that TF Serving would refuse with INVALID_ARGUMENT."""
 
 
@@ -170,7 +170,8 @@ def rest_handler(models: Models):
     def do_POST(self):  # pylint: disable=invalid-name
       match = _PREDICT_PATH.match(self.path)
       if not match:
-        return self._reply(404, {"error": f"Malformed request: POST {self.path}"})
+        return self._reply(404,
+                           {"error": f"Malformed request: POST {self.path}"})
       name = match["name"]
       version = int(match["version"]) if match["version"] else None
       try:
@@ -263,13 +264,21 @@ def start(base_paths: Dict[str, str], rest_port: int = 0,
   return f"{host}:{rest.server_address[1]}", grpc_address, stop
 
 
-flags.DEFINE_string("model_config_file", None,
-                    "models.config written by the export (all its models).")
-flags.DEFINE_string("model_name", None, "One model: its name ...")
-flags.DEFINE_string("model_base_path", None, "... and its base path.")
-flags.DEFINE_integer("rest_api_port", 8501, "REST port.")
-flags.DEFINE_integer("port", 8500, "gRPC port.")
-flags.DEFINE_string("host", "0.0.0.0", "Interface to listen on.")
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines the server's flags in `flag_values` (called by its main): the
+  names `tensorflow_model_server` uses."""
+  fv = flag_values
+  flags.DEFINE_string("model_config_file", None,
+                      "models.config written by the export (all its models).",
+                      flag_values=fv)
+  flags.DEFINE_string("model_name", None, "One model: its name ...",
+                      flag_values=fv)
+  flags.DEFINE_string("model_base_path", None, "... and its base path.",
+                      flag_values=fv)
+  flags.DEFINE_integer("rest_api_port", 8501, "REST port.", flag_values=fv)
+  flags.DEFINE_integer("port", 8500, "gRPC port.", flag_values=fv)
+  flags.DEFINE_string("host", "0.0.0.0", "Interface to listen on.",
+                      flag_values=fv)
 
 
 def main(argv):
@@ -290,4 +299,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -19,23 +19,36 @@ from export import client
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_integer("user_id", None, "The listener's uid.")
-flags.DEFINE_integer("seed_item_id", None, "The track playing now.")
-flags.DEFINE_list("history_item_ids", [],
-                  "Recently played track ids, oldest first.")
-flags.DEFINE_string("server", None,
-                    "TF Serving host:port; unset: run --saved_model here.")
-flags.DEFINE_enum("protocol", "rest", ["rest", "grpc"], "How to reach it.")
-flags.DEFINE_string("model_name", client.DEFAULT_MODEL_NAME, "Served model.")
-flags.DEFINE_integer("model_version", None, "Pin a version (default latest).")
-flags.DEFINE_string("saved_model", None,
-                    "A SavedModel version folder (in-process serving, and "
-                    "where the history length is read from).")
-flags.DEFINE_integer("history_length", None,
-                     "The model's history length N (default: from "
-                     "--saved_model's metadata).")
-flags.DEFINE_integer("top", 10, "How many results to print.")
-flags.DEFINE_bool("json", False, "Print JSON instead of a table.")
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines this program's flags in `flag_values` (called by its main)."""
+  fv = flag_values
+  flags.DEFINE_integer("user_id", None, "The listener's uid.", flag_values=fv)
+  flags.DEFINE_integer("seed_item_id", None, "The track playing now.",
+                       flag_values=fv)
+  flags.DEFINE_list("history_item_ids", [],
+                    "Recently played track ids, oldest first.",
+                    flag_values=fv)
+  flags.DEFINE_string("server", None,
+                      "TF Serving host:port; unset: run --saved_model here.",
+                      flag_values=fv)
+  flags.DEFINE_enum("protocol", "rest", ["rest", "grpc"], "How to reach it.",
+                    flag_values=fv)
+  flags.DEFINE_string("model_name", client.DEFAULT_MODEL_NAME,
+                      "Served model.", flag_values=fv)
+  flags.DEFINE_integer("model_version", None,
+                       "Pin a version (default latest).", flag_values=fv)
+  flags.DEFINE_string("saved_model", None,
+                      "A SavedModel version folder (in-process serving, and "
+                      "where the history length is read from).",
+                      flag_values=fv)
+  flags.DEFINE_integer("history_length", None,
+                       "The model's history length N (default: from "
+                       "--saved_model's metadata).", flag_values=fv)
+  flags.DEFINE_integer("top", 10, "How many results to print.",
+                       flag_values=fv)
+  flags.DEFINE_bool("json", False, "Print JSON instead of a table.",
+                    flag_values=fv)
 
 
 def main(argv):
@@ -69,5 +82,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["user_id", "seed_item_id"])
   app.run(main)

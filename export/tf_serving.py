@@ -1,4 +1,4 @@
-"""What TF Serving reads next to the SavedModels: warmup, model and batching config.
+"""What TF Serving reads next to the SavedModels: warmup, models, batching.
 
   <export_dir>/models.config                 ModelServerConfig (text proto),
                                              every model under <export_dir>
@@ -26,6 +26,7 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from tfrs_yambda import atomic
 from tfrs_yambda import catalogue as catalogue_lib
 from tfrs_yambda import schema
 
@@ -41,7 +42,8 @@ WARMUP_BATCH_SIZES = (1, 2, 8, 32)
 
 def predict_request(model_name: str, inputs: Dict[str, np.ndarray],
                     signature_name: str = SIGNATURE_NAME,
-                    version: Optional[int] = None) -> predict_pb2.PredictRequest:
+                    version: Optional[int] = None
+                    ) -> predict_pb2.PredictRequest:
   """A PredictRequest proto with int64 tensors for the named inputs."""
   request = predict_pb2.PredictRequest()
   request.model_spec.name = model_name
@@ -54,17 +56,25 @@ def predict_request(model_name: str, inputs: Dict[str, np.ndarray],
   return request
 
 
-def warmup_inputs(catalogue: catalogue_lib.Catalogue, history_length: int,
+def warmup_inputs(catalogue: catalogue_lib.Catalogue,
                   seed: int = 0) -> List[Dict[str, np.ndarray]]:
   """Requests built from real catalogue ids, one per warmup batch size.
 
   Users are the most active training users, items are drawn by training
-  popularity, as live traffic would be. Histories are exactly
-  `history_length` wide, left-padded with -1: the width clients send (see
-  `client.make_inputs`), so warmup exercises the shapes that traffic will.
-  The first rows cover the edge cases: an unknown user and seed with an empty
-  history, and a short history.
+  popularity, as live traffic would be. Histories are exactly the model's N
+  (`catalogue.history_length`) wide, left-padded with -1: the width clients
+  send (see `client.make_inputs`), so warmup exercises the shapes that
+  traffic will. The first rows cover the edge cases: an unknown user and
+  seed with an empty history, and a short history.
+
+  Args:
+    catalogue: the catalogue the model was trained on.
+    seed: seed of the drawn users and items.
+
+  Returns:
+    One dict of serving inputs per `WARMUP_BATCH_SIZES` entry.
   """
+  history_length = catalogue.history_length
   rng = np.random.default_rng(seed)
   users = catalogue.user_ids[1:][np.argsort(-catalogue.user_train_count[1:],
                                             kind="stable")]
@@ -207,14 +217,16 @@ def write_batching_parameters(export_dir: str,
   text = _BATCHING_PARAMETERS % {"threads": threads or os.cpu_count() or 1}
   # Parse before writing: a typo would otherwise surface only in the server.
   text_format.Parse(text, batching_parameters_class()())
-  return _write_atomically(os.path.join(export_dir, BATCHING_FILE), text)
+  return atomic.write_text(text, os.path.join(export_dir, BATCHING_FILE))
 
 
 def write_model_config(export_dir: str) -> str:
   """Writes models.config serving every model under export_dir."""
   config = model_server_config(export_dir, served_models(export_dir))
-  return _write_atomically(os.path.join(export_dir, MODEL_CONFIG_FILE),
-                           text_format.MessageToString(config))
+  # Atomically: TF Serving may poll models.config
+  # (--model_config_file_poll_wait_seconds) and must never see half a file.
+  return atomic.write_text(text_format.MessageToString(config),
+                           os.path.join(export_dir, MODEL_CONFIG_FILE))
 
 
 def read_model_config(path: str) -> Dict[str, str]:
@@ -223,15 +235,3 @@ def read_model_config(path: str) -> Dict[str, str]:
     config = text_format.Parse(f.read(),
                                model_server_config_pb2.ModelServerConfig())
   return {c.name: c.base_path for c in config.model_config_list.config}
-
-
-def _write_atomically(path: str, text: str) -> str:
-  # TF Serving may poll models.config (--model_config_file_poll_wait_seconds):
-  # it must never see a half-written file.
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-  return path
-
-

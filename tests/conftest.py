@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny generated dataset, prepared once per test session."""
+"""Shared fixtures: one tiny generated dataset, prepared once per session."""
 
 import os
 
@@ -17,24 +17,16 @@ from tfrs_yambda import towers  # pylint: disable=g-import-not-at-top
 
 HISTORY_LENGTH = 20
 EXPORT_K = 20
+# Tests that use these fixtures load SavedModels or start servers: the
+# end-to-end tier (setup.cfg's markers), whatever their file.
+_E2E_FIXTURES = {"exported", "servers"}
 
 
-def pytest_addoption(parser):
-  parser.addoption("--runslow", action="store_true",
-                   help="Also run the tests marked slow (e.g. Spark).")
-
-
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: over 30 s; run with --runslow")
-
-
-def pytest_collection_modifyitems(config, items):
-  if config.getoption("--runslow"):
-    return
-  skip = pytest.mark.skip(reason="slow: run with --runslow")
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items):
   for item in items:
-    if "slow" in item.keywords:
-      item.add_marker(skip)
+    if _E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
@@ -91,11 +83,11 @@ def trained_model(prepared, catalogue):
 
 @pytest.fixture(scope="session")
 def exported(trained_model, catalogue, tmp_path_factory):
-  """(export dir, {kind: SavedModel path}) of the trained model, top EXPORT_K."""
+  """(export dir, {kind: SavedModel path}) of the trained model, top
+  EXPORT_K."""
   from export import export  # pylint: disable=g-import-not-at-top
   export_dir = str(tmp_path_factory.mktemp("export"))
-  paths = export.export_all(trained_model, catalogue, HISTORY_LENGTH,
-                            export_dir, k=EXPORT_K)
+  paths = export.export_all(trained_model, catalogue, export_dir, k=EXPORT_K)
   return export_dir, paths
 
 
@@ -122,7 +114,8 @@ def same_target_batch(catalogue, n=8, target=3):
 
 
 def small_model(catalogue, **kwargs):
-  """A seeded TwoTowerModel with SMALL_TOWERS (kwargs: model options)."""
+  """A seeded TwoTowerModel with SMALL_TOWERS (kwargs: `RetrievalConfig`)."""
   tf.keras.utils.set_random_seed(1)
-  return model_lib.TwoTowerModel(
-      catalogue, towers.TowerConfig(**SMALL_TOWERS), **kwargs)
+  return model_lib.TwoTowerModel(catalogue,
+                                 towers.TowerConfig(**SMALL_TOWERS),
+                                 model_lib.RetrievalConfig(**kwargs))

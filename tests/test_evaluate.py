@@ -18,8 +18,11 @@ from tfrs_yambda import baselines
 from tfrs_yambda import evaluate
 from tfrs_yambda import input_pipeline
 from tfrs_yambda import metrics
+from tfrs_yambda import oracle
 from tfrs_yambda import plots
 from tfrs_yambda import projector
+from tfrs_yambda import ranking
+from tfrs_yambda import report
 from tfrs_yambda import schema
 from tfrs_yambda import yambda_protocol
 from tests.conftest import HISTORY_LENGTH
@@ -140,7 +143,7 @@ def _reference_states(root, catalogue, uids):
   train_end = catalogue.metadata["train_end"]
   expected = {}
   for uid, listens in reference_listens(root, uids, before=train_end).items():
-    before = [l for l in listens if l[0] < train_end]
+    before = [listen for listen in listens if listen[0] < train_end]
     positives = [item for _, item, ratio, fb in before
                  if round(ratio) >= catalogue.metadata["min_played_ratio"]
                  and fb != schema.FEEDBACK_DISLIKED]
@@ -156,9 +159,8 @@ def test_user_states_match_a_row_by_row_reference(tiny_yambda, prepared,
       min_played_ratio=catalogue.metadata["min_played_ratio"])
   states = yambda_protocol.user_states(
       prepared, catalogue.metadata["train_end"], HISTORY_LENGTH, rule)
-  test = yambda_protocol.evaluate_lib.load_examples(
-      prepared, "test", HISTORY_LENGTH, rule,
-      keys=[schema.USER_ID, schema.TARGET_ITEM])
+  test = evaluate.load_examples(prepared, "test", HISTORY_LENGTH, rule,
+                                keys=[schema.USER_ID, schema.TARGET_ITEM])
   uids, _, _ = yambda_protocol.relevant_sets(test, catalogue.user_ids[1:])
   expected = _reference_states(tiny_yambda, catalogue, uids)
   assert len(expected) == len(uids) > 50
@@ -175,8 +177,7 @@ def test_protocol_scores_model_and_baselines(trained_model, prepared,
       np.repeat(np.arange(len(catalogue.item_train_count)),
                 catalogue.item_train_count))
   protocol = yambda_protocol.evaluate(trained_model, catalogue, prepared,
-                                      HISTORY_LENGTH, rule, [popular],
-                                      ks=(10, 50, 100))
+                                      rule, [popular], ks=(10, 50, 100))
   assert set(protocol["retrievers"]) == {"model", "most_popular"}
   assert protocol["users"] > 50
   assert protocol["users_without_training_listens"] == 0
@@ -187,7 +188,7 @@ def test_protocol_scores_model_and_baselines(trained_model, prepared,
   candidates = catalogue.num_candidates(catalogue.metadata["test_start"])
   assert protocol["retrievers"]["most_popular"]["coverage@50"] == (
       pytest.approx(50 / candidates))
-  table = yambda_protocol.format_table(protocol)
+  table = report.protocol_table(protocol)
   assert table.splitlines()[0].split()[1:4] == ["recall@10", "recall@50",
                                                 "recall@100"]
 
@@ -197,30 +198,45 @@ def test_weighted_metrics_count_each_test_example_at_its_weight(
   # Training without weights must not change what weighted metrics mean.
   unweighted = input_pipeline.ExampleRule(use_weights=False)
   results = evaluate.evaluate(trained_model, catalogue, prepared,
-                              HISTORY_LENGTH, unweighted, ks=(10, 100),
-                              with_baselines=False)
+                              unweighted, ks=(10, 100), with_baselines=False)
   test = evaluate.load_examples(prepared, "test", HISTORY_LENGTH,
                                 input_pipeline.ExampleRule())
   weights = test[schema.WEIGHT]
   assert weights.min() < 1 < weights.max()
   candidates = catalogue.num_candidates(catalogue.metadata["test_start"])
-  ranks = evaluate.model_ranks(trained_model, test,
-                               evaluate.candidate_embeddings(
-                                   trained_model, candidates + 1))
+  ranks = ranking.model_ranks(trained_model, test,
+                              ranking.candidate_embeddings(
+                                  trained_model, candidates + 1))
   hit = ranks <= 100
   assert results["model"]["weighted_recall@100"] == pytest.approx(
       np.sum(weights * hit) / weights.sum())
   assert results["model"]["recall@100"] == pytest.approx(hit.mean())
 
 
+def test_window_examples_have_the_prepared_history_length_and_weights(
+    prepared, catalogue):
+  # The catalogue carries the N the records were written with: nothing
+  # downstream of the prep is told it again.
+  assert catalogue.history_length == HISTORY_LENGTH
+  unweighted = input_pipeline.ExampleRule(use_weights=False)
+  test = evaluate.window_examples(catalogue, prepared, "test", unweighted)
+  assert test[schema.HISTORY_ITEMS].shape[1] == HISTORY_LENGTH
+  # Scored examples always carry their weights (`evaluate.test_rule`).
+  assert test[schema.WEIGHT].min() < 1 < test[schema.WEIGHT].max()
+  np.testing.assert_array_equal(
+      test[schema.TARGET_ITEM],
+      evaluate.load_examples(prepared, "test", HISTORY_LENGTH, unweighted,
+                             keys=[schema.TARGET_ITEM])[schema.TARGET_ITEM])
+
+
 def test_oracle_files_without_components_still_give_ranks(
     prepared, catalogue, tmp_path):
-  path = evaluate.oracle_path(catalogue)
+  path = oracle.oracle_path(catalogue)
   older = str(tmp_path / "oracle.parquet")  # as written before components
   pq.write_table(pq.read_table(path).drop(["component"]), older)
   test = evaluate.load_examples(prepared, "test", HISTORY_LENGTH,
                                 input_pipeline.ExampleRule())
-  new, old = (evaluate.oracle_ranks(p, catalogue, test) for p in (path, older))
+  new, old = (oracle.oracle_ranks(p, catalogue, test) for p in (path, older))
   np.testing.assert_array_equal(old["oracle_rank"], new["oracle_rank"])
   assert (new["oracle_rank"] > 0).mean() > 0.99
   assert set(old["component"]) == {""}

@@ -1,5 +1,6 @@
 """SavedModels: layout, reload equivalence, robust inputs, saved_model_cli."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import tensorflow as tf
 from export import export
 from tfrs_yambda import evaluate
 from tfrs_yambda import input_pipeline
+from tfrs_yambda import ranking
 from tfrs_yambda import schema
 from tests.conftest import EXPORT_K
 from tests.conftest import HISTORY_LENGTH
@@ -54,11 +56,10 @@ def test_layout_is_tf_serving_layout(exported):
               if d.startswith(".tmp")]
 
 
+@pytest.mark.e2e  # two exports
 def test_a_new_export_gets_a_new_version(trained_model, catalogue, tmp_path):
-  first = export.export_all(trained_model, catalogue, HISTORY_LENGTH,
-                            str(tmp_path), k=5)
-  second = export.export_all(trained_model, catalogue, HISTORY_LENGTH,
-                             str(tmp_path), k=5)
+  first = export.export_all(trained_model, catalogue, str(tmp_path), k=5)
+  second = export.export_all(trained_model, catalogue, str(tmp_path), k=5)
   assert first["bruteforce"].endswith("/1")
   assert second["bruteforce"].endswith("/2")
   assert os.path.exists(os.path.join(first["bruteforce"], "saved_model.pb"))
@@ -72,7 +73,7 @@ def test_bruteforce_savedmodel_gives_the_in_memory_top_k(
 
   queries = trained_model.query_tower(
       {k: tf.constant(features[k]) for k in schema.QUERY_FEATURES}).numpy()
-  candidates = evaluate.candidate_embeddings(
+  candidates = ranking.candidate_embeddings(
       trained_model, catalogue.num_items + 1).numpy()[1:]
   scores = queries @ candidates.T
   top = np.argsort(-scores, axis=1, kind="stable")[:, :K]
@@ -88,10 +89,9 @@ def test_scann_savedmodel_gives_the_in_memory_index_top_k(
   with open(os.path.join(exported[1]["scann"], "assets.extra",
                          "export_metadata.json")) as f:
     options = json.load(f)["scann_options"]
-  candidates = evaluate.candidate_embeddings(
+  candidates = ranking.candidate_embeddings(
       trained_model, catalogue.num_items + 1).numpy()[1:]
-  query_model = export.ServingQueryModel(trained_model.query_tower, catalogue,
-                                         HISTORY_LENGTH)
+  query_model = export.ServingQueryModel(trained_model.query_tower, catalogue)
   # ScaNN's tree training samples at random: compare a saved index with itself.
   index = export.build_index("scann", query_model, candidates,
                              catalogue.item_ids[1:], K, options)
@@ -160,8 +160,12 @@ def test_serving_history_is_laid_out_as_in_training(catalogue):
       seen.update(features)
       return tf.zeros([tf.shape(features[schema.USER_ID])[0], 2])
 
-  query_model = export.ServingQueryModel(Capture(), catalogue,
-                                         history_length=4)
+  # A model of N = 4: the catalogue of data prepared with --history_length=4.
+  four = dataclasses.replace(catalogue, metadata={
+      **catalogue.metadata,
+      "prep_config": {**catalogue.metadata["prep_config"],
+                      "history_length": 4}})
+  query_model = export.ServingQueryModel(Capture(), four)
   ids = catalogue.item_ids
   unknown = int(ids.max()) + 1
   query_model({

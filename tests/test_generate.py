@@ -9,6 +9,13 @@ import pytest
 
 from data_prep import generate
 from data_prep import yambda
+from data_prep.generate import components
+from data_prep.generate import distribution
+from data_prep.generate import oracle as oracle_lib
+from data_prep.generate import played_ratio
+from data_prep.generate import positive_oracle
+from data_prep.generate import simulation
+from data_prep.generate import world as world_lib
 
 SIZE = "tiny"
 
@@ -112,8 +119,8 @@ def test_oracle_ranks(oracle, events):
   rec = generate.oracle_recall(ranks)
   assert rec["recall@10"] <= rec["recall@100"] <= rec["recall@500"]
   assert rec["recall@100"] > 0.3
-  components = oracle["component"].combine_chunks().dictionary_decode()
-  assert set(components.to_pylist()) == set(generate.COMPONENTS)
+  drawn_from = oracle["component"].combine_chunks().dictionary_decode()
+  assert set(drawn_from.to_pylist()) == set(generate.COMPONENTS)
   # Every oracle row is a listen event (joinable on uid, timestamp, item_id).
   listen = events.filter(events["played_ratio_pct"].is_valid())
   keys = set(zip(listen["uid"].to_pylist(), listen["timestamp"].to_pylist(),
@@ -148,17 +155,25 @@ def test_same_seed_same_files(root, tmp_path):
       assert a.read() == b.read(), path
 
 
+def _streams():
+  """The catalogue, users and simulation streams, as generate() spawns them."""
+  return np.random.default_rng(0).spawn(3)
+
+
 @pytest.fixture(scope="module")
 def world():
-  """The tiny size's catalogue, timeline, users and oracle-window snapshots."""
-  p = generate.SIZES[SIZE]
-  cat_rng, user_rng, sim_rng = np.random.default_rng(0).spawn(3)
-  cat = generate._make_catalogue(cat_rng, p)
-  tl = generate._make_timeline(cat, p)
-  users = generate._make_users(user_rng, cat, p)
-  _, snapshots = generate._simulate_chunk(sim_rng, cat, tl, users, p, 0,
-                                          p.n_users)
-  return p, cat, tl, users, snapshots
+  """The tiny size's world: catalogue, timeline and users."""
+  catalogue_rng, users_rng, _ = _streams()
+  return world_lib.make_world(generate.SIZES[SIZE], catalogue_rng, users_rng)
+
+
+@pytest.fixture(scope="module")
+def snapshots(world):
+  """The snapshots of the tiny size's listens in the oracle window."""
+  _, _, simulation_rng = _streams()
+  _, snapshots = simulation.simulate_chunk(simulation_rng, world, 0,
+                                           world.size.n_users)
+  return snapshots
 
 
 def _expected_rank(probs, target, item_ids):
@@ -171,115 +186,121 @@ def _expected_rank(probs, target, item_ids):
           int(close.sum()))
 
 
-def _dense_next_probs(world, i):
+def _dense_next_probs(world, sn, i):
   """P(next item) of snapshot i over the whole catalogue, written out
   component by component: the reference for the oracle and the sampler."""
-  p, cat, tl, users, sn = world
-  u, seed, per, mix = sn.user[i], sn.seed[i], sn.per[i], sn.mix[i]
+  cat, tl, users = world.catalogue, world.timeline, world.users
+  u, seed, per, mix = sn.user[i], sn.seed[i], sn.period[i], sn.mixture[i]
   items = np.arange(cat.n_items)
-  fresh = generate._freshness(cat, items, np.full(cat.n_items, per),
-                              p.period_days)
+  fresh = cat.freshness(items, np.full(cat.n_items, per),
+                        world.size.period_days)
   probs = np.zeros(cat.n_items)
 
   def add_artist(artist, weight):
-    w = np.where(cat.artist == artist, cat.base * fresh, 0.0)
+    w = np.where(cat.artist == artist, cat.base_popularity * fresh, 0.0)
     probs[:] += weight * w / w.sum()
 
   def normalised(w):
     return w / w.sum() if w.sum() > 0 else w
 
-  if mix[generate.ALBUM] > 0:
-    probs[cat.next_in_album[seed]] += mix[generate.ALBUM]
-  if mix[generate.ARTIST] > 0:
-    add_artist(cat.artist[seed], mix[generate.ARTIST])
-  if mix[generate.NEIGHBOUR] > 0:
+  if mix[components.ALBUM] > 0:
+    probs[cat.next_in_album[seed]] += mix[components.ALBUM]
+  if mix[components.ARTIST] > 0:
+    add_artist(cat.artist[seed], mix[components.ARTIST])
+  if mix[components.NEIGHBOUR] > 0:
     neighbours = cat.neighbours[cat.artist[seed]]
-    w = normalised(cat.neighbour_w[cat.artist[seed]] *
-                   (tl.z[per, neighbours] > 0))
+    w = normalised(cat.neighbour_weights[cat.artist[seed]] *
+                   (tl.artist_norm[per, neighbours] > 0))
     for artist, weight in zip(neighbours, w):
       if weight > 0:
-        add_artist(artist, mix[generate.NEIGHBOUR] * weight)
-  w = normalised(users.ft_w[u] *
+        add_artist(artist, mix[components.NEIGHBOUR] * weight)
+  w = normalised(users.fav_track_weights[u] *
                  (cat.release_period[users.fav_tracks[u]] <= per))
-  np.add.at(probs, users.fav_tracks[u], mix[generate.FAV_TRACK] * w)
-  w = normalised(users.fa_w[u] * (tl.z[per, users.fav_artists[u]] > 0))
+  np.add.at(probs, users.fav_tracks[u], mix[components.FAV_TRACK] * w)
+  w = normalised(users.fav_artist_weights[u] *
+                 (tl.artist_norm[per, users.fav_artists[u]] > 0))
   for artist, weight in zip(users.fav_artists[u], w):
     if weight > 0:
-      add_artist(artist, mix[generate.FAV_ARTIST] * weight)
-  n = sn.hist_len[i]
+      add_artist(artist, mix[components.FAV_ARTIST] * weight)
+  n = sn.history_len[i]
   if n:
-    np.add.at(probs, sn.hist[i, :n], mix[generate.REPEAT] / n)
+    np.add.at(probs, sn.history[i, :n], mix[components.REPEAT] / n)
   np.add.at(probs, tl.trend_items[per],
-            mix[generate.TRENDING] * tl.trend_prob[per])
+            mix[components.TRENDING] * tl.trend_prob[per])
   released = cat.release_period <= per
-  probs[released] += mix[generate.EXPLORE] / released.sum()
+  probs[released] += mix[components.EXPLORE] / released.sum()
   return probs
 
 
 @pytest.fixture(scope="module")
-def oracle_arrays(world):
+def oracle_arrays(world, snapshots):
   """(rank, prob, positive rank, positive prob) of every snapshot."""
-  p, cat, tl, users, sn = world
-  return generate._oracle(cat, tl, users, p, sn)
+  return oracle_lib.oracle(world, snapshots)
 
 
-def test_oracle_equals_the_dense_distribution(world, oracle_arrays):
-  p, cat, tl, users, sn = world
-  ranks, target_probs = oracle_arrays[:2]
+def test_oracle_equals_the_dense_distribution(world, snapshots,
+                                              oracle_arrays):
+  sn = snapshots
+  ranks, target_probs = oracle_arrays.rank, oracle_arrays.prob
   rows = np.random.default_rng(1).choice(len(sn.user), 60, replace=False)
   # Targets drawn by explore alone tie with every other such item.
   explore_only = 0
   for i in rows:
-    probs = _dense_next_probs(world, i)
+    probs = _dense_next_probs(world, sn, i)
     np.testing.assert_allclose(probs.sum(), 1.0, rtol=1e-9)
     target = sn.target[i]
     pt = probs[target]
     np.testing.assert_allclose(target_probs[i], pt, rtol=1e-9)
-    expected, ties = _expected_rank(probs, target, cat.item_ids)
+    expected, ties = _expected_rank(probs, target, world.catalogue.item_ids)
     assert ranks[i] == expected, i
     explore_only += ties > 10
   assert explore_only > 0
 
 
-def test_sampler_follows_the_dense_distribution(world):
-  p, cat, tl, users, sn = world
-  i = int(np.argmax(sn.hist_len))  # a context with every component
-  n = 400_000
+def _sample_next_of(rng, world, sn, i, n):
+  """n next listens drawn from the state of snapshot i."""
   rep = np.full(n, i)
-  items, _ = generate._sample_next(
-      np.random.default_rng(2), cat, tl, users, p, sn.user[rep],
-      sn.seed[rep], sn.per[rep], sn.mix[rep], sn.hist[rep], sn.hist_len[rep])
-  probs = _dense_next_probs(world, i)
+  return distribution.sample_next(
+      rng, world, sn.user[rep], sn.seed[rep], sn.period[rep],
+      sn.mixture[rep], sn.history[rep], sn.history_len[rep])
+
+
+def test_sampler_follows_the_dense_distribution(world, snapshots):
+  sn = snapshots
+  i = int(np.argmax(sn.history_len))  # a context with every component
+  n = 400_000
+  items, _ = _sample_next_of(np.random.default_rng(2), world, sn, i, n)
+  probs = _dense_next_probs(world, sn, i)
   assert np.all(probs[items] > 0)
-  empirical = np.bincount(items, minlength=cat.n_items) / n
+  empirical = np.bincount(items, minlength=world.catalogue.n_items) / n
   assert 0.5 * np.abs(empirical - probs).sum() < 0.03
 
 
-def _dense_positive_weights(world, i):
+def _dense_positive_weights(world, sn, i):
   """P(next listen is positive and is item j) of snapshot i over the whole
   catalogue: P(next listen) times P(positive | affinity), the affinity
   written out (the cosine of taste and latent plus the favourite bonuses)."""
-  p, cat, tl, users, sn = world
+  cat, users = world.catalogue, world.users
   u = sn.user[i]
-  affinity = (cat.latent.astype(np.float64) @ users.vec[u] /
+  affinity = (cat.latent.astype(np.float64) @ users.taste[u] /
               np.linalg.norm(cat.latent, axis=1))
-  affinity += generate._FAV_TRACK_BONUS * np.isin(np.arange(cat.n_items),
-                                                  users.fav_tracks[u])
-  affinity += generate._FAV_ARTIST_BONUS * np.isin(cat.artist,
-                                                   users.fav_artists[u])
-  return _dense_next_probs(world, i) * generate.positive_prob(affinity)
+  affinity += played_ratio._FAV_TRACK_BONUS * np.isin(
+      np.arange(cat.n_items), users.fav_tracks[u])
+  affinity += played_ratio._FAV_ARTIST_BONUS * np.isin(cat.artist,
+                                                       users.fav_artists[u])
+  return _dense_next_probs(world, sn, i) * generate.positive_prob(affinity)
 
 
-def _dense_positive_probs(world, i):
+def _dense_positive_probs(world, sn, i):
   """P(next positive listen) of snapshot i over the whole catalogue."""
-  weights = _dense_positive_weights(world, i)
+  weights = _dense_positive_weights(world, sn, i)
   return weights / weights.sum()
 
 
 def _positive_prob_reference(affinity):
-  """P(played ratio >= 50 | affinity), written out from _played_ratio's
+  """P(played ratio >= 50 | affinity), written out from draw_played_ratio's
   probabilities: not skipped, then played through or partly (31..99)."""
-  p_skip, p_full = generate._ratio_probs(affinity)
+  p_skip, p_full = played_ratio._ratio_probs(affinity)
   return (1 - p_skip) * (p_full + (1 - p_full) * 50 / 69)
 
 
@@ -292,67 +313,73 @@ def test_positive_prob_matches_the_played_ratio():
   rng = np.random.default_rng(3)
   n = 200_000
   for a in (-0.8, 0.0, 0.3, 0.6, 1.2):
-    ratio = generate._played_ratio(rng, np.full(n, a))
+    ratio = played_ratio.draw_played_ratio(rng, np.full(n, a))
     empirical = np.mean(ratio >= generate.LISTEN_PLUS_RATIO)
     expected = generate.positive_prob(np.array([a]))[0]
     assert abs(empirical - expected) < 4 * np.sqrt(0.25 / n), a
 
 
-def test_positive_oracle_equals_the_dense_distribution(world, oracle_arrays):
-  p, cat, tl, users, sn = world
-  ranks, target_probs = oracle_arrays[2:]
+def test_positive_oracle_equals_the_dense_distribution(world, snapshots,
+                                                       oracle_arrays):
+  sn = snapshots
+  ranks = oracle_arrays.positive_rank
+  target_probs = oracle_arrays.positive_prob
   rows = np.random.default_rng(1).choice(len(sn.user), 60, replace=False)
   # Rows with a target drawn by explore (the hard case: every unlisted item
   # has its own score) and rows with a target that has a favourite bonus.
-  rows = np.r_[rows, np.nonzero(sn.comp == generate.EXPLORE)[0][:15],
-               np.nonzero(sn.comp == generate.FAV_ARTIST)[0][:5]]
+  rows = np.r_[rows, np.nonzero(sn.component == components.EXPLORE)[0][:15],
+               np.nonzero(sn.component == components.FAV_ARTIST)[0][:5]]
   for i in rows:
-    probs = _dense_positive_probs(world, i)
+    probs = _dense_positive_probs(world, sn, i)
     target = sn.target[i]
     pt = probs[target]
     # The normaliser is summed from float32 terms: float32 precision.
     np.testing.assert_allclose(target_probs[i], pt, rtol=1e-6)
-    assert ranks[i] == _expected_rank(probs, target, cat.item_ids)[0], i
+    assert ranks[i] == _expected_rank(probs, target,
+                                      world.catalogue.item_ids)[0], i
 
 
-def test_positive_oracle_sample(world, oracle_arrays):
-  p, cat, tl, users, sn = world
-  sample = generate._positive_sample(np.random.default_rng(4), sn, 500)
+def test_positive_oracle_sample(world, snapshots, oracle_arrays):
+  sn = snapshots
+  sample = positive_oracle.positive_sample(np.random.default_rng(4), sn, 500)
   assert 0 < sample.sum() <= 500
   # Whole users: a user is in the sample with all of its snapshots or none.
   assert not set(sn.user[sample]) & set(sn.user[~sample])
-  _, _, ranks, probs = generate._oracle(cat, tl, users, p, sn, sample)
-  np.testing.assert_array_equal(ranks[sample], oracle_arrays[2][sample])
-  np.testing.assert_allclose(probs[sample], oracle_arrays[3][sample],
-                             rtol=1e-6)
+  result = oracle_lib.oracle(world, sn, sample)
+  ranks, probs = result.positive_rank, result.positive_prob
+  np.testing.assert_array_equal(ranks[sample],
+                                oracle_arrays.positive_rank[sample])
+  np.testing.assert_allclose(probs[sample],
+                             oracle_arrays.positive_prob[sample], rtol=1e-6)
   assert np.all(ranks[~sample] == -1) and np.all(np.isnan(probs[~sample]))
 
 
-def test_sampler_follows_the_positive_distribution(world):
+def test_sampler_follows_the_positive_distribution(world, snapshots):
   """Next listens and their outcomes drawn for fixed states, kept where
   positive, follow the positive oracle's distribution."""
-  p, cat, tl, users, sn = world
+  sn = snapshots
   rng = np.random.default_rng(5)
-  explore_rows = np.nonzero(sn.comp == generate.EXPLORE)[0]
-  for i in (int(np.argmax(sn.hist_len)), int(explore_rows[0])):
+  explore_rows = np.nonzero(sn.component == components.EXPLORE)[0]
+  for i in (int(np.argmax(sn.history_len)), int(explore_rows[0])):
     n = 400_000
-    rep = np.full(n, i)
-    items, comp = generate._sample_next(
-        rng, cat, tl, users, p, sn.user[rep], sn.seed[rep], sn.per[rep],
-        sn.mix[rep], sn.hist[rep], sn.hist_len[rep])
-    _, ratio, _, dislike, _, _ = generate._listen_outcome(
-        rng, cat, users, p, sn.user[rep], items, comp)
-    positive = (ratio >= generate.LISTEN_PLUS_RATIO) & ~dislike
-    np.testing.assert_array_equal(positive,
-                                  ratio >= generate.LISTEN_PLUS_RATIO)
+    items, comp = _sample_next_of(rng, world, sn, i, n)
+    outcome = simulation.listen_outcome(rng, world, sn.user[np.full(n, i)],
+                                        items, comp)
+    positive = ((outcome.ratio >= generate.LISTEN_PLUS_RATIO) &
+                ~outcome.dislike)
+    np.testing.assert_array_equal(
+        generate.is_positive(outcome.ratio, outcome.dislike), positive)
+    np.testing.assert_array_equal(
+        positive, outcome.ratio >= generate.LISTEN_PLUS_RATIO)
     # The share of positives is the normaliser.
-    weights = _dense_positive_weights(world, i)
+    weights = _dense_positive_weights(world, sn, i)
     assert abs(positive.mean() - weights.sum()) < 4 * np.sqrt(0.25 / n)
     probs = weights / weights.sum()
-    empirical = np.bincount(items[positive], minlength=cat.n_items)
+    empirical = np.bincount(items[positive],
+                            minlength=world.catalogue.n_items)
     empirical = empirical / positive.sum()
     assert np.all(probs[items[positive]] > 0)
     # Sampling noise alone is about 0.02; the next-listen distribution is
     # 0.16 or more away from this one.
     assert 0.5 * np.abs(empirical - probs).sum() < 0.035
-    assert 0.5 * np.abs(_dense_next_probs(world, i) - probs).sum() > 0.1
+    assert 0.5 * np.abs(_dense_next_probs(world, sn, i) - probs).sum() > 0.1

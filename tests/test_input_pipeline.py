@@ -1,4 +1,4 @@
-"""The tf.data pipeline: record expansion on a hand-built record, shapes, dtypes."""
+"""The tf.data pipeline: a hand-built record's expansion, shapes, dtypes."""
 
 import os
 

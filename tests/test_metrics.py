@@ -5,8 +5,9 @@ import pytest
 import tensorflow as tf
 
 from tfrs_yambda import baselines
-from tfrs_yambda import evaluate
 from tfrs_yambda import metrics
+from tfrs_yambda import ranking
+from tfrs_yambda import report
 
 
 def test_rank_metrics_on_known_ranks():
@@ -41,8 +42,8 @@ def test_model_ranks_match_numpy_ranks():
   candidates[5] = candidates[6]  # a tie
   targets = np.array([1, 5, 6, 19, 2, 3, 4])
   expected = metrics.ranks_from_scores(queries @ candidates.T, targets)
-  actual = evaluate._ranks(tf.constant(queries), tf.constant(candidates),
-                           tf.constant(targets, tf.int64)).numpy()
+  actual = ranking.target_ranks(tf.constant(queries), tf.constant(candidates),
+                                tf.constant(targets, tf.int64)).numpy()
   np.testing.assert_array_equal(actual, expected)
 
 
@@ -52,8 +53,9 @@ def test_model_top_k_comes_from_the_same_scores_as_the_ranks():
   candidates = rng.normal(size=(30, 4)).astype(np.float32)
   candidates[7] = candidates[3]  # a tie: the lower index comes first
   targets = np.array([1, 3, 7, 29, 2, 5])
-  ranks, top = evaluate._ranks(tf.constant(queries), tf.constant(candidates),
-                               tf.constant(targets, tf.int64), 5)
+  ranks, top = ranking.target_ranks(
+      tf.constant(queries), tf.constant(candidates),
+      tf.constant(targets, tf.int64), 5)
   np.testing.assert_array_equal(
       ranks.numpy(), metrics.ranks_from_scores(queries @ candidates.T, targets))
   scores = queries @ candidates.T
@@ -113,16 +115,16 @@ def test_format_table_lists_every_retriever():
   row = metrics.rank_metrics(np.array([1, 50]), ks=(10, 100))
   row.update({f"cold_target_{k}": v for k, v in metrics.rank_metrics(
       np.array([200]), ks=(10, 100)).items()})
-  table = evaluate.format_table({"model": row, "oracle": row}, (10, 100))
+  table = report.format_table({"model": row, "oracle": row}, (10, 100))
   assert table.splitlines()[1].split()[:3] == ["model", "0.5000", "1.0000"]
-  cold = evaluate.format_table({"model": row}, (10, 100), prefix="cold_target_")
+  cold = report.format_table({"model": row}, (10, 100), prefix="cold_target_")
   assert cold.splitlines()[1].split()[:3] == ["model", "0.0000", "0.0000"]
 
 
 def test_format_table_marks_missing_values_and_skips_sections():
   results = {"model": {"coverage@10": 0.25}, "oracle": {"recall@10": 0.5},
              "recall_curve": {"k": [1]}, "test_targets": {"coverage": 0.1}}
-  table = evaluate.format_table(results, (10,), columns=["coverage@10"])
+  table = report.format_table(results, (10,), columns=["coverage@10"])
   assert [line.split() for line in table.splitlines()] == [
       ["retriever", "coverage@10"], ["model", "0.2500"], ["oracle", "-"]]
 

@@ -1,4 +1,4 @@
-"""The two-tower model: the loss goes down, logQ and accidental hits are used."""
+"""The two-tower model: the loss goes down, logQ and accidental hits work."""
 
 import numpy as np
 import pytest
@@ -10,7 +10,6 @@ from tfrs_yambda import metrics
 from tfrs_yambda import model as model_lib
 from tfrs_yambda import schema
 from tfrs_yambda import towers
-from tests.conftest import HISTORY_LENGTH
 from tests.conftest import SMALL_TOWERS
 from tests.conftest import same_target_batch
 from tests.conftest import small_model
@@ -112,7 +111,7 @@ def test_pooled_history_is_the_mean_of_item_features(catalogue):
 
 def test_trained_model_beats_most_popular(trained_model, prepared, catalogue):
   results = evaluate.evaluate(trained_model, catalogue, prepared,
-                              HISTORY_LENGTH, input_pipeline.ExampleRule(),
+                              input_pipeline.ExampleRule(),
                               ks=metrics.DEFAULT_KS)
   assert set(results) >= {"model", "most_popular", "recent_popular",
                           "seed_cooccurrence", "oracle"}

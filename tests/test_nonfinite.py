@@ -11,21 +11,22 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
+from benchmarks import reference_prep
 from data_prep import prep
-from data_prep import prep_in_memory
 from data_prep import yambda
+from data_prep.prep import catalogue as prep_catalogue
 from export import export
 from tests.conftest import HISTORY_LENGTH
 from tests.conftest import small_model
 from tfrs_yambda import callbacks
 from tfrs_yambda import catalogue as catalogue_lib
-from tfrs_yambda import evaluate
 from tfrs_yambda import metrics
+from tfrs_yambda import ranking
 
 _REPORT_KEY = "items_with_nonfinite_embedding_treated_as_missing"
 
 
-# --- Prep ------------------------------------------------------------------------
+# --- Prep --------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,9 @@ def poisoned(tiny_yambda, tmp_path_factory):
                 "inf": (int(ids[inf_row]), inf_row)}
 
 
-def _config(module, **kwargs):
-  return module.PrepConfig(history_length=HISTORY_LENGTH, chunk_length=64,
-                           num_shards=2, **kwargs)
+def _config(**kwargs):
+  return prep.PrepConfig(history_length=HISTORY_LENGTH, chunk_length=64,
+                         num_shards=2, **kwargs)
 
 
 def _assert_names_file_column_item_and_row(error, root, item_id, row):
@@ -73,11 +74,11 @@ def test_prep_rejects_a_nonfinite_embedding_and_leaves_no_output(
   root, bad = poisoned
   # Small batches: the bad row is in a later batch, so its row number must
   # count the rows of the batches before.
-  monkeypatch.setattr(prep, "_AUDIO_BATCH_ROWS", 500)
+  monkeypatch.setattr(prep_catalogue, "AUDIO_BATCH_ROWS", 500)
   assert bad["nan"][1] >= 500
   out = str(tmp_path / "out")
   with pytest.raises(yambda.YambdaFormatError) as error:
-    prep.prepare(root, "tiny", out, _config(prep))
+    prep.prepare(root, "tiny", out, _config())
   # The first bad row in file order is named.
   _assert_names_file_column_item_and_row(error.value, root, *bad["nan"])
   assert not os.path.exists(out) and not os.path.exists(out + ".tmp")
@@ -88,7 +89,7 @@ def missing_prepared(poisoned, tmp_path_factory):
   root, _ = poisoned
   out = os.path.join(str(tmp_path_factory.mktemp("missing")), "out")
   report = prep.prepare(root, "tiny", out,
-                        _config(prep, nonfinite_embeddings="missing"))
+                        _config(nonfinite_embeddings="missing"))
   return out, report
 
 
@@ -116,14 +117,13 @@ def test_in_memory_prep_does_the_same(poisoned, missing_prepared, tmp_path):
   root, bad = poisoned
   out = str(tmp_path / "error")
   with pytest.raises(yambda.YambdaFormatError) as error:
-    prep_in_memory.prepare(root, "tiny", out, _config(prep_in_memory))
+    reference_prep.prepare(root, "tiny", out, _config())
   _assert_names_file_column_item_and_row(error.value, root, *bad["nan"])
   assert not os.path.exists(out)
 
   out = str(tmp_path / "missing")
-  report = prep_in_memory.prepare(
-      root, "tiny", out,
-      _config(prep_in_memory, nonfinite_embeddings="missing"))
+  report = reference_prep.prepare(
+      root, "tiny", out, _config(nonfinite_embeddings="missing"))
   streaming_out, streaming_report = missing_prepared
   assert report[_REPORT_KEY] == streaming_report[_REPORT_KEY] == 2
   assert (report["items_without_audio_embedding"] ==
@@ -137,7 +137,7 @@ def test_in_memory_prep_does_the_same(poisoned, missing_prepared, tmp_path):
   np.testing.assert_array_equal(ours.audio[mine], theirs.audio[1:])
 
 
-# --- Training ----------------------------------------------------------------------
+# --- Training -----------------------------------------------------------------
 
 
 def test_training_fails_at_the_first_nonfinite_loss_naming_step_and_epoch():
@@ -159,7 +159,7 @@ def test_training_fails_at_the_first_nonfinite_loss_naming_step_and_epoch():
   assert len(seen) == 3 and np.isfinite(seen).all()  # stopped at once
 
 
-# --- Ranking ------------------------------------------------------------------------
+# --- Ranking ------------------------------------------------------------------
 
 
 def test_nonfinite_scores_are_misses_and_never_in_top_k_ahead_of_finite():
@@ -174,8 +174,8 @@ def test_nonfinite_scores_are_misses_and_never_in_top_k_ahead_of_finite():
   ])
 
   def ranks(targets, k=0):
-    return evaluate._ranks(queries, candidates,  # pylint: disable=protected-access
-                           tf.constant(targets, tf.int64), k)
+    return ranking.target_ranks(queries, candidates,
+                                tf.constant(targets, tf.int64), k)
 
   # NaN, +inf, -inf, NaN and index-0 targets: all misses, beyond every k.
   for targets in ([2, 2, 2], [3, 3, 3], [0, 0, 0]):
@@ -187,14 +187,14 @@ def test_nonfinite_scores_are_misses_and_never_in_top_k_ahead_of_finite():
   np.testing.assert_array_equal(found.numpy(), [2, 3, 2])
   expected_top = [[5, 1, 4], [4, 1, 5], [1, 4, 5]]
   np.testing.assert_array_equal(top.numpy(), expected_top)
-  top = evaluate._top_k(queries, candidates, 5).numpy()  # pylint: disable=protected-access
+  top = ranking.top_k(queries, candidates, 5).numpy()
   np.testing.assert_array_equal(top[:, :3], expected_top)
   assert set(top[:, 3:].ravel()) <= {0, 2, 3}  # after every finite one
   result = metrics.rank_metrics(ranks([2, 3, 0]).numpy(), ks=(1, 1000))
   assert result["recall@1000"] == 0.0 and result["mrr"] == pytest.approx(0)
 
 
-# --- Export ---------------------------------------------------------------------------
+# --- Export -------------------------------------------------------------------
 
 
 def test_export_refuses_nonfinite_candidate_embeddings(catalogue, tmp_path,
@@ -202,19 +202,18 @@ def test_export_refuses_nonfinite_candidate_embeddings(catalogue, tmp_path,
   embeddings = np.random.default_rng(0).normal(
       size=(catalogue.num_items + 1, 16)).astype(np.float32)
   embeddings[[4, 9], 3] = [np.nan, np.inf]
-  monkeypatch.setattr(evaluate, "candidate_embeddings",
+  monkeypatch.setattr(ranking, "candidate_embeddings",
                       lambda model, n: tf.constant(embeddings[:n]))
   export_dir = str(tmp_path / "export")
   ids = catalogue.item_ids[[4, 9]].tolist()
   with pytest.raises(ValueError, match=(
       rf"2 of {catalogue.num_items} candidate embeddings are not finite .*"
       rf"item ids \[{ids[0]}, {ids[1]}\]")):
-    export.export_all(small_model(catalogue), catalogue, HISTORY_LENGTH,
-                      export_dir, k=5)
+    export.export_all(small_model(catalogue), catalogue, export_dir, k=5)
   assert not os.path.exists(export_dir) or not os.listdir(export_dir)
 
 
-# --- TensorBoard -------------------------------------------------------------------------
+# --- TensorBoard --------------------------------------------------------------
 
 
 def _scalars(folder):
@@ -230,8 +229,8 @@ def _scalars(folder):
 
 
 def test_eval_scalars_of_every_epoch_reach_tensorboard(tmp_path):
-  """Wired as train.py does, keras's TensorBoard callback first: during fit it
-  keeps record_if(step % update_freq == 0) pushed, which dropped the eval
+  """Wired as trainer.py does, keras's TensorBoard callback first: during fit
+  it keeps record_if(step % update_freq == 0) pushed, which dropped the eval
   scalars of every epoch ending off that grid."""
   logs = str(tmp_path / "logs")
   x = np.random.default_rng(0).normal(size=(28, 2)).astype(np.float32)

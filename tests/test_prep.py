@@ -1,4 +1,4 @@
-"""Data prep: validation errors, feedback rule, catalogue, and the record round trip."""
+"""Data prep: validation errors, feedback rule, catalogue, record round trip."""
 
 import collections
 import json
@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep import prep
+from data_prep import rules
 from data_prep import yambda
 from tfrs_yambda import evaluate
 from tfrs_yambda import input_pipeline
@@ -102,17 +103,17 @@ def test_feedback_attaches_to_the_latest_earlier_listen():
       "item_id": [r[2] for r in rows],
       "event_type": np.array([yambda.EVENT_TYPES.index(r[3]) for r in rows],
                              np.int8)})
-  listens, orphans = prep.attach_feedback(events)
+  listens, orphans = rules.attach_feedback(events)
   assert orphans == 2
   assert listens["feedback"].tolist() == [
       schema.FEEDBACK_LIKED, schema.FEEDBACK_NONE, schema.FEEDBACK_NONE,
       schema.FEEDBACK_NONE, schema.FEEDBACK_DISLIKED]
   # What a window starting at `before` may know: only earlier feedback.
-  listens, _ = prep.attach_feedback(events, before=13)
+  listens, _ = rules.attach_feedback(events, before=13)
   assert listens["feedback"].tolist() == [
       schema.FEEDBACK_LIKED, schema.FEEDBACK_DISLIKED, schema.FEEDBACK_NONE,
       schema.FEEDBACK_NONE, schema.FEEDBACK_DISLIKED]
-  listens, _ = prep.attach_feedback(events, before=5)
+  listens, _ = rules.attach_feedback(events, before=5)
   assert listens["feedback"].tolist() == [
       schema.FEEDBACK_NONE, schema.FEEDBACK_NONE, schema.FEEDBACK_NONE,
       schema.FEEDBACK_NONE, schema.FEEDBACK_DISLIKED]

@@ -1,4 +1,4 @@
-"""Out-of-core prep: validation, resuming, shuffled input, staged and Spark runs.
+"""Out-of-core prep: validation, resuming, shuffled input, staged, Spark runs.
 
 Every run is compared with the session's `prepared` folder through the input
 pipeline's examples, which tests/test_prep.py checks against a row-by-row
@@ -17,6 +17,12 @@ import pytest
 
 from data_prep import prep
 from data_prep import yambda
+from data_prep.prep import buckets
+from data_prep.prep import catalogue as prep_catalogue
+from data_prep.prep import records as prep_records
+from data_prep.prep import stats as prep_stats
+from data_prep.prep import validation
+from data_prep.prep import work as work_lib
 from tests.test_prep import _copy_with_events
 from tests.test_prep import _pipeline_examples
 
@@ -87,6 +93,7 @@ def test_oddities_are_counted_not_errors(tiny_yambda, events_table, prep_config,
           report["explicit_events_dropped_no_earlier_listen"]}
 
 
+@pytest.mark.e2e  # worker processes
 def test_shuffled_input_on_a_process_pool_gives_the_same_examples(
     tiny_yambda, events_table, prepared, catalogue, prep_config, tmp_path):
   order = np.random.default_rng(0).permutation(events_table.num_rows)
@@ -108,14 +115,14 @@ def test_interrupted_run_resumes_without_redoing_finished_units(
     tiny_yambda, prepared, catalogue, prep_config, tmp_path, monkeypatch):
   config = _small_units(prep_config)
   out = str(tmp_path / "out")
-  original = prep.records_unit
+  original = prep_records.records_unit
 
   def fail_on_last_bucket(work_root, split, cfg, bucket):
     if bucket == 3:
       raise KeyboardInterrupt("simulated interruption")
     return original(work_root, split, cfg, bucket)
 
-  monkeypatch.setattr(prep, "records_unit", fail_on_last_bucket)
+  monkeypatch.setattr(prep_records, "records_unit", fail_on_last_bucket)
   with pytest.raises(KeyboardInterrupt):
     prep.prepare(tiny_yambda, "tiny", out, config)
   assert not os.path.exists(out)  # nothing that looks finished
@@ -124,11 +131,11 @@ def test_interrupted_run_resumes_without_redoing_finished_units(
 
   # The rerun reads no input and processes only the buckets left (3 and on).
   read, validated = [], []
-  read_bucket, validate = prep._read_bucket, prep.validate_batch
-  monkeypatch.setattr(prep, "records_unit", original)
-  monkeypatch.setattr(prep, "_read_bucket",
+  read_bucket, validate = buckets.read_bucket, validation.validate_batch
+  monkeypatch.setattr(prep_records, "records_unit", original)
+  monkeypatch.setattr(buckets, "read_bucket",
                       lambda work, b: read.append(b) or read_bucket(work, b))
-  monkeypatch.setattr(prep, "validate_batch",
+  monkeypatch.setattr(validation, "validate_batch",
                       lambda *a: validated.append(1) or validate(*a))
   prep.prepare(tiny_yambda, "tiny", out, config)
   assert read and min(read) == 3 and not validated
@@ -173,18 +180,18 @@ def test_catalogue_merge_in_batches_equals_one_sort(
     for shard in range(config.num_shards):
       prep.prepare(tiny_yambda, "tiny", out, config, stage=stage,
                    shard_index=shard)
-  work = prep._Work(out)
+  work = work_lib.Work(out)
   with open(work.job) as f:
     num_buckets = json.load(f)["num_buckets"]
   assert num_buckets >= 4
   buckets = [np.load(work.bucket_stats(b)) for b in range(num_buckets)]
-  one_sort = prep._reduce_keys(
+  one_sort = prep_stats.reduce_keys(
       *(np.concatenate([z[k] for z in buckets])
         for k in ("keys", "key_listens", "key_train")))
   # Merging after every bucket, in a few batches, and once at the end.
   for min_keys in (0, 300, 10**9):
-    monkeypatch.setattr(prep, "_MERGE_MIN_KEYS", min_keys)
-    merged = prep._merge_stats(work, num_buckets)
+    monkeypatch.setattr(prep_catalogue, "MERGE_MIN_KEYS", min_keys)
+    merged = prep_catalogue.merge_stats(work, num_buckets)
     for got, want in zip(merged[:3], one_sort):
       np.testing.assert_array_equal(got, want)
 
@@ -192,10 +199,11 @@ def test_catalogue_merge_in_batches_equals_one_sort(
 def test_encoded_examples_parse_as_tf_examples():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   values = np.array([0, 1, 127, 128, 300, 2**31, 2**40, 5], np.int64)
-  buf, offsets = prep.varint_encode(values)
+  buf, offsets = prep_records.varint_encode(values)
   packed = buf[offsets[2]:offsets[7]]
   parsed = tf.train.Example.FromString(
-      prep.encode_example(123456, 2, {"items": packed, "feedback": b"\x01"}))
+      prep_records.encode_example(123456, 2,
+                                  {"items": packed, "feedback": b"\x01"}))
   expected = tf.train.Example(features=tf.train.Features(feature={
       "uid": tf.train.Feature(int64_list=tf.train.Int64List(value=[123456])),
       "num_context": tf.train.Feature(int64_list=tf.train.Int64List(value=[2])),

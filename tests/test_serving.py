@@ -20,7 +20,6 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from export import client
-from export import export
 from export import local_server
 from export import tf_serving
 from tfrs_yambda import evaluate
@@ -52,7 +51,8 @@ def queries(prepared, catalogue):
   ids = catalogue.item_ids
   users = test[schema.USER_ID][pick].tolist()
   seeds = ids[test[schema.SEED_ITEM][pick]].tolist()
-  histories = [h[h >= 0].tolist() for h in ids[test[schema.HISTORY_ITEMS][pick]]]
+  histories = [h[h >= 0].tolist()
+               for h in ids[test[schema.HISTORY_ITEMS][pick]]]
   unknown = int(ids.max()) + 999
   long_history = ids[1:1 + 2 * HISTORY_LENGTH].tolist()
   # Unknown user and seed; an empty history; a history longer than N.

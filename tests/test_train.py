@@ -16,6 +16,9 @@ import tensorflow as tf
 from data_prep import generate
 from tests.conftest import HISTORY_LENGTH
 
+# Every test here runs the main job in subprocesses.
+pytestmark = pytest.mark.e2e
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -1,4 +1,4 @@
-"""Two-tower candidate retrieval for the Yambda music dataset (TFRS, Keras 2)."""
+"""Two-tower candidate retrieval for Yambda music listens, TFRS on Keras 2."""
 
 import os
 

@@ -17,7 +17,6 @@ TensorBoard's HParams dashboard (`tensorboard --logdir <ablation_dir>`);
 everything goes to <ablation_dir>/ablation.json. Finished runs are not rerun.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -27,18 +26,9 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from tfrs_yambda import atomic
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("base_flagfile", "configs/demo.cfg",
-                    "The configuration every variant starts from.")
-flags.DEFINE_string("ablation_dir", "/tmp/tfrs_yambda/ablation",
-                    "Where the variants' runs and the tables go.")
-# Repeated rather than a list: variant names contain commas.
-flags.DEFINE_multi_string("variant", None,
-                          "A variant of VARIANTS to run; repeat the flag for "
-                          "several (default: all).")
-flags.DEFINE_integer("seeds", 3, "Training seeds per variant (1..N).")
-flags.DEFINE_string("compare_metric", "recall@100",
-                    "Validation metric of the difference column.")
 
 # Variant -> the train flags that switch one design element off or on.
 VARIANTS = {
@@ -63,26 +53,57 @@ COLUMNS = ("recall@10", "recall@100", "recall@500", "ndcg@100",
            "weighted_recall@100", "cold_target_recall@100")
 
 
-def _run_dir(name: str, seed: int) -> str:
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines this program's flags in `flag_values` (called by its main)."""
+  fv = flag_values
+  flags.DEFINE_string("base_flagfile", "configs/demo.cfg",
+                      "The configuration every variant starts from.",
+                      flag_values=fv)
+  flags.DEFINE_string("ablation_dir", "/tmp/tfrs_yambda/ablation",
+                      "Where the variants' runs and the tables go.",
+                      flag_values=fv)
+  # Repeated rather than a list: variant names contain commas.
+  flags.DEFINE_multi_string("variant", None,
+                            "A variant of VARIANTS to run; repeat the flag "
+                            "for several (default: all).", flag_values=fv)
+  flags.DEFINE_integer("seeds", 3, "Training seeds per variant (1..N).",
+                       flag_values=fv)
+  flags.DEFINE_string("compare_metric", "recall@100",
+                      "Validation metric of the difference column.",
+                      flag_values=fv)
+
+
+def _run_dir(ablation_dir: str, name: str, seed: int) -> str:
   slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-  return os.path.join(FLAGS.ablation_dir, slug, f"seed-{seed}")
+  return os.path.join(ablation_dir, slug, f"seed-{seed}")
 
 
-def run_variant(name: str, seed: int) -> dict:
-  """Trains one variant with one seed (unless done); returns results.json."""
-  workdir = _run_dir(name, seed)
+def run_variant(name: str, seed: int, ablation_dir: str,
+                base_flagfile: str) -> dict:
+  """Trains one variant with one seed (unless done); returns results.json.
+
+  Args:
+    name: a key of `VARIANTS`.
+    seed: the training seed (--seed).
+    ablation_dir: the runs go to <ablation_dir>/<variant>/seed-<seed>/, and
+      the data every run shares to <ablation_dir>/data/.
+    base_flagfile: the configuration the variant changes.
+
+  Returns:
+    The run's results.json.
+  """
+  workdir = _run_dir(ablation_dir, name, seed)
   results = os.path.join(workdir, "eval", "results.json")
   if not os.path.exists(results):
-    data = os.path.join(FLAGS.ablation_dir, "data")
+    data = os.path.join(ablation_dir, "data")
     subprocess.run(
         [sys.executable, "-m", "tfrs_yambda.train",
-         f"--flagfile={FLAGS.base_flagfile}", f"--workdir={workdir}",
+         f"--flagfile={base_flagfile}", f"--workdir={workdir}",
          f"--yambda_dir={data}/yambda", f"--prepared_dir={data}/prepared",
          f"--seed={seed}", "--export=false", "--projector_items=0",
          *VARIANTS[name]],
         check=True)
-  with open(results) as f:
-    return json.load(f)
+  return atomic.read_json(results)
 
 
 def spread(rows: Sequence[Dict[str, float]],
@@ -140,7 +161,8 @@ def main(argv):
     raise app.UsageError(f"Unknown variants {sorted(unknown)}; known: "
                          f"{list(VARIANTS)}")
   seeds = range(1, FLAGS.seeds + 1)
-  runs = {name: [run_variant(name, seed) for seed in seeds]
+  runs = {name: [run_variant(name, seed, FLAGS.ablation_dir,
+                            FLAGS.base_flagfile) for seed in seeds]
           for name in names}
   columns = [c for c in COLUMNS]
   ablation = {name: spread([r["validation"]["model"] for r in results],
@@ -160,14 +182,12 @@ def main(argv):
       print(f"\nFull model and baselines, {window} day, mean ± std over "
             f"{FLAGS.seeds} seeds:")
       print(table(rows, columns))
-  os.makedirs(FLAGS.ablation_dir, exist_ok=True)
-  path = os.path.join(FLAGS.ablation_dir, "ablation.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(output, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  path = atomic.write_json(output,
+                           os.path.join(FLAGS.ablation_dir, "ablation.json"))
   print(f"Written to {path}; TensorBoard: tensorboard --logdir "
         f"{FLAGS.ablation_dir}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -1,4 +1,4 @@
-"""The item catalogue: vocabularies and per-item metadata, on disk and in memory.
+"""The item catalogue: vocabularies and per-item metadata, on disk and in RAM.
 
 Data prep writes it next to the records; the model, the evaluation and the
 export read it. Items are indexed 1..n in decreasing training frequency (index
@@ -14,7 +14,8 @@ Layout of a catalogue folder:
   users.parquet     index, uid, train_count      (index 1..; 0 is "unknown")
   artists.parquet   index, artist_id
   albums.parquet    index, album_id
-  metadata.json     time split, positive rule, example counts, input source
+  metadata.json     time split, positive rule, example counts, input source,
+                    the prep's settings ("prep_config", e.g. history_length)
 
 Candidates. Items are ordered by training count, then by first listen
 (never-listened items last), so the items first listened before any time
@@ -63,6 +64,17 @@ class Catalogue:
   def audio_dim(self) -> int:
     return self.audio.shape[1]
 
+  @property
+  def history_length(self) -> int:
+    """N, the positives of history the prep wrote each record's context for.
+
+    The one definition of N for everything downstream of the prep: examples
+    read from these records, the model's queries, the Yambda protocol's
+    states and the serving signature all use N history items. The prep's
+    --history_length decides it; nothing after the prep sets it again.
+    """
+    return int(self.metadata["prep_config"]["history_length"])
+
   def sampling_probability(self) -> np.ndarray:
     """Probability that a training positive is each item (float32 [n + 1]).
 
@@ -102,7 +114,7 @@ def id_vocabulary_size(counts: np.ndarray, min_count: int) -> int:
 
 
 def _lookup(vocab: np.ndarray, raw) -> np.ndarray:
-  """Raw ids -> indices into `vocab` (whose entry 0 is a placeholder), 0 if absent."""
+  """Raw ids -> indices into `vocab` (entry 0 a placeholder), 0 if absent."""
   raw = np.asarray(raw, dtype=np.int64)
   keys = vocab[1:]
   if not len(keys):

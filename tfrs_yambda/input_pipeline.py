@@ -13,6 +13,7 @@ from typing import Dict, Optional
 
 import tensorflow as tf
 
+from data_prep import rules
 from tfrs_yambda import schema
 
 _SECONDS_PER_DAY = 86_400.0
@@ -23,7 +24,9 @@ class ExampleRule:
   """Which listens are positives and how much each one weighs.
 
   A positive is a listen played at least `min_played_ratio` percent that the
-  user did not dislike (a dislike is never a positive). Its weight is
+  user did not dislike (a dislike is never a positive): the prep's rule,
+  `data_prep.rules.is_positive`, so examples here are the ones the prep
+  counted and wrote context for. Its weight is
   min(played_ratio, max_played_ratio) / 100, so a replay counts more than one
   play, up to a cap, times `like_weight` when the user liked the track. With
   `use_weights=False` every positive weighs 1.
@@ -34,8 +37,8 @@ class ExampleRule:
   use_weights: bool = True
 
   def positive(self, played_ratio: tf.Tensor, feedback: tf.Tensor) -> tf.Tensor:
-    return ((played_ratio >= self.min_played_ratio) &
-            (feedback != schema.FEEDBACK_DISLIKED))
+    """Whether each listen is a positive (tensors or numpy arrays)."""
+    return rules.is_positive(played_ratio, feedback, self.min_played_ratio)
 
   def weight(self, played_ratio: tf.Tensor, feedback: tf.Tensor) -> tf.Tensor:
     if not self.use_weights:
@@ -68,7 +71,8 @@ def expand_record(record: Dict[str, tf.Tensor], history_length: int,
   positions = tf.range(tf.size(items, out_type=tf.int64), dtype=tf.int64)
 
   positive = rule.positive(ratios, feedback)
-  first_target = tf.maximum(record[schema.NUM_CONTEXT], 1)  # targets need a seed
+  # Targets need a seed, the listen before them.
+  first_target = tf.maximum(record[schema.NUM_CONTEXT], 1)
   targets = tf.boolean_mask(positions, positive & (positions >= first_target))
   positive_positions = tf.boolean_mask(positions, positive)
 

@@ -1,5 +1,8 @@
 """The two-tower `tfrs.Model`: sampled softmax with logQ correction."""
 
+import dataclasses
+from typing import Optional
+
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
@@ -44,6 +47,62 @@ def mixed_sampling_probability(in_batch_count: tf.Tensor, batch_size,
   return (in_batch_count + uniform) / (batch_size + num_uniform)
 
 
+@dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+  """The retrieval task's settings: its negatives and its score corrections.
+
+  The towers (`towers.TowerConfig`) decide what a query and a candidate
+  embed; these decide what the softmax compares a query's target with and
+  how its scores are corrected for the way negatives are sampled. See
+  `TwoTowerModel` for the ideas behind each.
+
+  Attributes:
+    temperature: softmax temperature of the unit-length embeddings' scores.
+    logq_correction: correct scores by log sampling probability.
+    uniform_negatives: M, negatives per step drawn uniformly from the
+      `uniform_pool` (never index 0, unknown / padding), shared by the
+      batch's queries; 0: in-batch negatives only.
+    uniform_pool: "all" items, or only "trained" ones, those with an id row
+      of their own: the others share the "unknown" row, which uniform draws
+      of them would teach to mean "negative".
+    sampling_probability: where the logQ correction's target frequencies
+      come from: the catalogue's training "counts", or "streaming", estimated
+      while training.
+    frequency_alpha: the streaming estimate's moving-average rate.
+    frequency_buckets: the streaming estimate's hash buckets; 0: one per
+      catalogue index (no collisions).
+  """
+  temperature: float = 0.05
+  logq_correction: bool = True
+  uniform_negatives: int = 0
+  uniform_pool: str = "trained"
+  sampling_probability: str = "counts"
+  frequency_alpha: float = 0.01
+  frequency_buckets: int = 0
+
+  def __post_init__(self):
+    if self.sampling_probability not in SAMPLING_PROBABILITIES:
+      raise ValueError(f"sampling_probability must be one of "
+                       f"{SAMPLING_PROBABILITIES}, got "
+                       f"{self.sampling_probability}")
+    if self.uniform_pool not in UNIFORM_POOLS:
+      raise ValueError(f"uniform_pool must be one of {UNIFORM_POOLS}, got "
+                       f"{self.uniform_pool}")
+    if self.uniform_negatives < 0:
+      raise ValueError(f"uniform_negatives must be >= 0, got "
+                       f"{self.uniform_negatives}")
+
+  def estimate_buckets(self, num_items: int) -> int:
+    """Buckets of the streaming frequency estimate (0: none is kept).
+
+    Args:
+      num_items: the catalogue's items (indices 1..num_items).
+    """
+    if self.sampling_probability != "streaming":
+      return 0
+    return self.frequency_buckets or num_items + 1
+
+
 class TwoTowerModel(tfrs.Model):
   """Query and candidate towers trained with `tfrs.tasks.Retrieval`.
 
@@ -62,76 +121,57 @@ class TwoTowerModel(tfrs.Model):
   not counted as a negative of that query (accidental-hit removal). Example
   age enters the training scores only, through each candidate's popularity
   trend (`towers.age_features`, `towers.ItemEncoder.trend`), and is 0 at
-  serving.
+  serving. The options named here are `RetrievalConfig`'s.
   """
 
   def __init__(self, catalogue: catalogue_lib.Catalogue,
-               config: towers.TowerConfig = towers.TowerConfig(),
-               temperature: float = 0.05, logq_correction: bool = True,
-               uniform_negatives: int = 0, uniform_pool: str = "trained",
-               sampling_probability: str = "counts",
-               frequency_alpha: float = 0.01, frequency_buckets: int = 0):
+               config: Optional[towers.TowerConfig] = None,
+               retrieval: Optional[RetrievalConfig] = None):
     """See the class docstring.
 
     Args:
       catalogue: items and users.
-      config: tower sizes and switches.
-      temperature: softmax temperature of the unit-length embeddings' scores.
-      logq_correction: correct scores by log sampling probability.
-      uniform_negatives: M, negatives per step drawn uniformly from the
-        `uniform_pool` (never index 0, unknown / padding), shared by the
-        batch's queries.
-      uniform_pool: "all" items, or only "trained" ones, those with an id row
-        of their own: the others share the "unknown" row, which uniform draws
-        of them would teach to mean "negative".
-      sampling_probability: "counts" or "streaming", see the class docstring.
-      frequency_alpha: the streaming estimate's moving-average rate.
-      frequency_buckets: the streaming estimate's hash buckets; 0: one per
-        catalogue index (no collisions).
+      config: tower sizes and switches (default: `towers.TowerConfig()`).
+      retrieval: negatives and score corrections (default:
+        `RetrievalConfig()`).
     """
     super().__init__()
-    if sampling_probability not in SAMPLING_PROBABILITIES:
-      raise ValueError(f"sampling_probability must be one of "
-                       f"{SAMPLING_PROBABILITIES}, got {sampling_probability}")
-    if uniform_pool not in UNIFORM_POOLS:
-      raise ValueError(f"uniform_pool must be one of {UNIFORM_POOLS}, got "
-                       f"{uniform_pool}")
-    if uniform_negatives < 0:
-      raise ValueError(f"uniform_negatives must be >= 0, got "
-                       f"{uniform_negatives}")
+    config = config or towers.TowerConfig()
+    retrieval = retrieval or RetrievalConfig()
     item_encoder = towers.ItemEncoder(catalogue, config, name="item_encoder")
     self.item_encoder = item_encoder
     self.age_scale_days = (config.example_age_scale_days
                            if config.use_example_age else None)
-    self.temperature = temperature
+    self.temperature = retrieval.temperature
     self.query_tower = towers.QueryTower(catalogue, item_encoder, config,
                                          name="query_tower")
     self.candidate_tower = towers.CandidateTower(item_encoder, config,
                                                  name="candidate_tower")
-    self.logq_correction = logq_correction
+    self.logq_correction = retrieval.logq_correction
     self.num_items = catalogue.num_items
-    self.uniform_negatives = uniform_negatives
+    self.uniform_negatives = retrieval.uniform_negatives
     # Indices 1..pool_size are drawn: items are indexed by training count,
     # so those with an id row of their own come first.
     self.pool_size = (item_encoder.id_vocabulary_size - 1
-                      if uniform_pool == "trained" else catalogue.num_items)
-    if uniform_negatives and self.pool_size < 1:
+                      if retrieval.uniform_pool == "trained"
+                      else catalogue.num_items)
+    if self.uniform_negatives and self.pool_size < 1:
       raise ValueError("No items to draw uniform negatives from.")
     self.sampling_probability = tf.Variable(
         catalogue.sampling_probability(), trainable=False,
         name="sampling_probability")
     self.frequency_estimator = None
-    if sampling_probability == "streaming":
+    buckets = retrieval.estimate_buckets(catalogue.num_items)
+    if buckets:
       self.frequency_estimator = frequency.StreamingFrequencyEstimator(
-          frequency_buckets or catalogue.num_items + 1, frequency_alpha,
-          name="frequency_estimator")
+          buckets, retrieval.frequency_alpha, name="frequency_estimator")
     # Per-example losses, averaged over the global batch in compute_loss: the
     # loss and learning rate then do not scale with the batch size, and the
     # gradients summed across replicas are those of the global mean.
     self.task = tfrs.tasks.Retrieval(
         loss=tf.keras.losses.CategoricalCrossentropy(
             from_logits=True, reduction=tf.keras.losses.Reduction.NONE),
-        temperature=temperature, remove_accidental_hits=True)
+        temperature=retrieval.temperature, remove_accidental_hits=True)
 
   def call(self, features, training=False):
     """(query embeddings, target candidate embeddings) of a batch.
@@ -209,7 +249,8 @@ def memory_estimate(catalogue: catalogue_lib.Catalogue,
                                                   config.min_item_count),
       user_vocab=catalogue_lib.id_vocabulary_size(catalogue.user_train_count,
                                                   config.min_user_count),
-      num_artists=len(catalogue.artist_ids), num_albums=len(catalogue.album_ids),
+      num_artists=len(catalogue.artist_ids),
+      num_albums=len(catalogue.album_ids),
       audio_dim=catalogue.audio_dim, config=config,
       optimizer_slots=optimizer_slots, frequency_buckets=frequency_buckets)
 
@@ -228,7 +269,8 @@ def table_bytes(num_items: int, item_vocab: int, user_vocab: int,
   """
   embeddings = 4 * (item_vocab * config.item_id_dim +
                     num_artists * config.artist_dim +
-                    num_albums * config.album_dim + user_vocab * config.user_dim)
+                    num_albums * config.album_dim +
+                    user_vocab * config.user_dim)
   if config.use_example_age:
     embeddings += 4 * 2 * (item_vocab + num_albums)  # trend coefficients
   content = (num_items + 1) * (4 * (audio_dim + 3) + 8 * 2 + 4)

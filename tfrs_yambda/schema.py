@@ -36,19 +36,22 @@ PLAYED_RATIOS = "played_ratios"
 FEEDBACK = "feedback"
 IS_ORGANIC = "is_organic"
 
-RECORD_SEQUENCE_FEATURES = (ITEMS, TIMESTAMPS, PLAYED_RATIOS, FEEDBACK, IS_ORGANIC)
+RECORD_SEQUENCE_FEATURES = (ITEMS, TIMESTAMPS, PLAYED_RATIOS, FEEDBACK,
+                            IS_ORGANIC)
 
 RECORD_FEATURES = {
     UID: tf.io.FixedLenFeature([], tf.int64),
     NUM_CONTEXT: tf.io.FixedLenFeature([], tf.int64),
-    **{name: tf.io.RaggedFeature(tf.int64) for name in RECORD_SEQUENCE_FEATURES},
+    **{name: tf.io.RaggedFeature(tf.int64)
+       for name in RECORD_SEQUENCE_FEATURES},
 }
 
 # --- Model example features -----------------------------------------------
 # Query side.
 USER_ID = "user_id"                # raw uid, int64 []
 SEED_ITEM = "seed_item"            # item index, int64 []
-HISTORY_ITEMS = "history_items"    # item indices, int64 [N], oldest first, 0-padded in front
+# Item indices, int64 [N], oldest first, 0-padded in front.
+HISTORY_ITEMS = "history_items"
 # Training only: train end - event time, float32 []; scores through the items'
 # popularity trends (towers.age_features), which are 0 at age 0, i.e. serving.
 EXAMPLE_AGE = "example_age_days"
@@ -77,7 +80,8 @@ def example_spec(history_length: int):
 # --- Serving signature (raw Yambda ids in, raw ids out) --------------------
 SERVING_USER_ID = "user_id"
 SERVING_SEED_ITEM_ID = "seed_item_id"
-SERVING_HISTORY_ITEM_IDS = "history_item_ids"   # [batch, any], -1 pads, oldest first
+# [batch, any], oldest first, -1 pads.
+SERVING_HISTORY_ITEM_IDS = "history_item_ids"
 SERVING_PADDING_ID = -1
 
 

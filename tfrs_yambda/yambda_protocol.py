@@ -23,16 +23,17 @@ window (`query_cut`): `train_end` for the validation day, `validation_end`
 for the test day (what a model serving on the test day has seen, and the end
 of training in the authors' retraining stage). Nothing from the gap or the
 window enters it; the candidates are the window's authors' catalogue (see
-`tfrs_yambda.evaluate`). It is rebuilt from the prepared records (`user_states`): a
-user's last training record holds every listen up to its last training
-target plus N positives of context, so its history is exact; the seed is
-also taken from the context of the user's test records (which reaches back
-over the gap) when that holds a later training-window listen, because
-trailing listens after a user's last positive are not written to the
+`tfrs_yambda.evaluate`). It is rebuilt from the prepared records
+(`user_states`): a user's last training record holds every listen up to its
+last training target plus N positives of context, so its history is exact;
+the seed is also taken from the context of the user's test records (which
+reaches back over the gap) when that holds a later training-window listen,
+because trailing listens after a user's last positive are not written to the
 training records when no target follows them in their chunk.
 
 Baselines under the same protocol: most popular and recent popular (no
-query), and seed co-occurrence from the same end-of-training seed.
+query), and seed co-occurrence from the same end-of-training seed. The
+protocol's table is `tfrs_yambda.report.protocol_table`.
 """
 
 import os
@@ -46,6 +47,7 @@ from tfrs_yambda import catalogue as catalogue_lib
 from tfrs_yambda import evaluate as evaluate_lib
 from tfrs_yambda import input_pipeline
 from tfrs_yambda import metrics
+from tfrs_yambda import ranking
 from tfrs_yambda import schema
 
 DEFAULT_KS = (10, 50, 100)
@@ -219,21 +221,31 @@ def queries(uids: np.ndarray, states: pd.DataFrame,
 
 
 def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
-             history_length: int, rule: input_pipeline.ExampleRule,
+             rule: input_pipeline.ExampleRule,
              fitted_baselines: Sequence = (),
              ks: Sequence[int] = DEFAULT_KS,
              test: Optional[Dict[str, np.ndarray]] = None,
              window: str = "test") -> Dict:
   """The protocol's metrics of one window for the model and the baselines.
 
-  `test`: the window's examples (`evaluate.load_examples`), if the caller
-  has them already; only their user ids and targets are read.
+  Args:
+    model: the trained `TwoTowerModel`.
+    catalogue: the prepared data's catalogue; its history length is the
+      queries' N.
+    prepared_dir: the folder holding its records.
+    rule: the positive rule (Listen+).
+    fitted_baselines: baselines to score beside the model.
+    ks: the cut-offs; the top lists are max(ks) long.
+    test: the window's examples (`evaluate.load_examples`), if the caller
+      has them already; only their user ids and targets are read.
+    window: "validation" or "test".
 
   Returns:
     {"users": evaluated users, "users_unseen_in_training": left out,
      "mean_relevant_items": mean |relevant|, "ks": ks,
      "retrievers": {name: metrics.set_metrics(...)}}.
   """
+  history_length = catalogue.history_length
   num_candidates = catalogue.num_candidates(
       evaluate_lib.window_start(catalogue, window))
   if test is None:
@@ -255,9 +267,9 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
 
   # Items 1..num_candidates are the candidates: a prefix of the embeddings;
   # the baselines' lists, in index order on ties, never leave it for k <= n.
-  rows = {"model": scored(evaluate_lib.model_top_k(
+  rows = {"model": scored(ranking.model_top_k(
       model, features,
-      evaluate_lib.candidate_embeddings(model, num_candidates + 1), k))}
+      ranking.candidate_embeddings(model, num_candidates + 1), k))}
   for baseline in fitted_baselines:
     rows[baseline.name] = scored(np.asarray(
         baseline.top_k(features[schema.SEED_ITEM], k)))
@@ -273,11 +285,3 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
       "ks": list(ks),
       "retrievers": rows,
   }
-
-
-def format_table(protocol: Dict) -> str:
-  """The protocol's table: Recall@k, NDCG@k, Coverage@k per retriever."""
-  ks = protocol["ks"]
-  columns = [f"{m}@{k}" for m in ("recall", "ndcg", "coverage") for k in ks]
-  return evaluate_lib.format_table(protocol["retrievers"], ks,
-                                   columns=columns)

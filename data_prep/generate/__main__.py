@@ -1,0 +1,28 @@
+"""Writes a generated dataset in the raw Yambda layout, with its oracle.
+
+Usage:
+  python -m data_prep.generate --size=demo --output_dir=/tmp/gen_demo [--seed=0]
+"""
+
+from typing import List
+
+from absl import app
+from absl import flags
+
+from data_prep.generate import run
+from data_prep.generate import sizes
+
+_SIZE = flags.DEFINE_enum("size", "demo", list(sizes.SIZES), "Dataset size.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
+                                  "Where to write the dataset.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.mark_flag_as_required("output_dir")
+
+
+def main(argv: List[str]) -> None:
+  del argv
+  run.generate(_OUTPUT_DIR.value, _SIZE.value, _SEED.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

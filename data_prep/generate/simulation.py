@@ -1,0 +1,219 @@
+"""Simulating a chunk of users: their events, and snapshots for the oracles.
+
+Users of a chunk advance together, one listen per active user per step: the
+next item from `distribution.sample_next`, then its outcome (organic flag,
+played ratio, like/dislike, the gap to the next listen). Listens in the last
+`oracle_days` days also leave a `Snapshots` row: the state the listen was
+drawn from, which is all the oracles need.
+"""
+
+import dataclasses
+from typing import Dict, NamedTuple, Tuple
+
+import numpy as np
+
+from data_prep import yambda
+from data_prep.generate import components
+from data_prep.generate import distribution
+from data_prep.generate import played_ratio
+from data_prep.generate import sizes
+from data_prep.generate import world as world_lib
+
+# P(undoing a like / a dislike) later, with an unlike / undislike.
+_UNLIKE_PROB = 0.08
+_UNDISLIKE_PROB = 0.12
+
+
+@dataclasses.dataclass
+class ChunkEvents:
+  """Events of a chunk of users, sorted by (user, timestamp, event type)."""
+  user: np.ndarray     # chunk-local user index
+  timestamp: np.ndarray
+  item: np.ndarray
+  organic: np.ndarray
+  ratio: np.ndarray    # played ratio, percent; -1 for non-listens
+  event_type: np.ndarray  # index into yambda.EVENT_TYPES
+
+
+@dataclasses.dataclass
+class Snapshots:
+  """What the oracles need about each listen in the oracle window: the state
+  it was drawn from (see `distribution.sample_next`) and its outcome."""
+  user: np.ndarray
+  timestamp: np.ndarray
+  target: np.ndarray       # the listened item
+  seed: np.ndarray
+  period: np.ndarray
+  mixture: np.ndarray      # (m, len(COMPONENTS)) the state's mixture weights
+  history: np.ndarray      # (m, repeat_window)
+  history_len: np.ndarray
+  component: np.ndarray    # the component the target was drawn from
+  ratio: np.ndarray        # the target listen's played ratio
+  disliked: np.ndarray     # and whether it was disliked: its positivity
+
+  def take(self, rows: np.ndarray) -> "Snapshots":
+    """The snapshots at these row indices, in their order."""
+    return Snapshots(**{field.name: getattr(self, field.name)[rows]
+                        for field in dataclasses.fields(self)})
+
+
+class ListenOutcome(NamedTuple):
+  """How each listen went, and when the user's next listen starts."""
+  organic: np.ndarray
+  ratio: np.ndarray        # played ratio, percent
+  like: np.ndarray
+  dislike: np.ndarray
+  gap: np.ndarray          # seconds to the user's next listen
+  ends_session: np.ndarray
+
+
+def listen_outcome(rng: np.random.Generator, world: world_lib.World,
+                   user: np.ndarray, item: np.ndarray,
+                   component: np.ndarray) -> ListenOutcome:
+  """Draws the outcome of each listen.
+
+  None of it feeds back into the next-listen distribution, so the listen
+  oracle does not need it; the positive oracle needs P(positive), which
+  `played_ratio.positive_prob` derives from the same affinity.
+
+  Args:
+    rng: the random stream.
+    world: the world.
+    user: user indices.
+    item: the listened items.
+    component: the component each was drawn from.
+
+  Returns:
+    The outcomes.
+  """
+  m = len(user)
+  organic = rng.random(m) < components.ORGANIC_PROB[component]
+  affinity = played_ratio.affinity(world, user, item)
+  ratio = played_ratio.draw_played_ratio(rng, affinity)
+  skip = ratio <= 30
+  like = ~skip & (rng.random(m) < 0.25 * np.clip(affinity - 0.3, 0, 1))
+  dislike = skip & (rng.random(m) < 0.1 * np.clip(0.6 - affinity, 0, 1))
+
+  # Within a session the next listen starts when this one stops playing.
+  played = np.maximum(1, (world.catalogue.length[item] * ratio) // 100)
+  ends_session = rng.random(m) < 1.0 / world.size.session_mean
+  pause = np.maximum(600, rng.exponential(world.users.session_gap[user])
+                     ).astype(np.int64)
+  gap = played + np.where(ends_session, pause, rng.integers(2, 12, m))
+  return ListenOutcome(organic=organic, ratio=ratio, like=like,
+                       dislike=dislike, gap=gap, ends_session=ends_session)
+
+
+def simulate_chunk(rng: np.random.Generator, world: world_lib.World,
+                   lo: int, hi: int) -> Tuple[ChunkEvents, Snapshots]:
+  """Simulates users [lo, hi) over the whole timeline.
+
+  Args:
+    rng: the simulation's random stream, shared by the chunks in order.
+    world: the world.
+    lo: the chunk's first user.
+    hi: one past its last user.
+
+  Returns:
+    (the chunk's events, the snapshots of its listens in the oracle window).
+  """
+  size = world.size
+  n = hi - lo
+  user = np.arange(lo, hi)
+  end = size.days * sizes.DAY
+  oracle_start = end - size.oracle_days * sizes.DAY
+  period_seconds = size.period_days * sizes.DAY
+  window = size.repeat_window
+
+  now = world.users.start[lo:hi] + rng.integers(0, 3600, n)
+  seed = np.full(n, -1, np.int64)
+  first = np.ones(n, bool)
+  history = np.zeros((n, window), np.int64)
+  history_pos = np.zeros(n, np.int64)  # the ring buffer's next slot
+  history_len = np.zeros(n, np.int64)
+  n_done = np.zeros(n, np.int64)
+  max_events = world.users.max_events[lo:hi]
+
+  listens = {k: [] for k in ("user", "ts", "item", "organic", "ratio",
+                             "like", "dislike", "gap")}
+  snaps = {f.name: [] for f in dataclasses.fields(Snapshots)}
+  active = np.nonzero(now < end)[0]  # chunk-local users still listening
+  while len(active):
+    # The state each active user's next listen is drawn from (copies).
+    u, times, seeds = user[active], now[active], seed[active]
+    hist, hist_len = history[active], history_len[active]
+    period = times // period_seconds
+    mix = distribution.mixture(world, u, seeds, period, first[active],
+                               hist_len)
+    item, comp = distribution.sample_next(rng, world, u, seeds, period, mix,
+                                          hist, hist_len)
+    outcome = listen_outcome(rng, world, u, item, comp)
+
+    in_window = np.nonzero(times >= oracle_start)[0]
+    if len(in_window):
+      for k, v in (("user", u), ("timestamp", times), ("target", item),
+                   ("seed", seeds), ("period", period), ("mixture", mix),
+                   ("history", hist), ("history_len", hist_len),
+                   ("component", comp), ("ratio", outcome.ratio),
+                   ("disliked", outcome.dislike)):
+        snaps[k].append(v[in_window])
+    for k, v in (("user", active), ("ts", times), ("item", item),
+                 ("organic", outcome.organic), ("ratio", outcome.ratio),
+                 ("like", outcome.like), ("dislike", outcome.dislike),
+                 ("gap", outcome.gap)):
+      listens[k].append(v)
+
+    history[active, history_pos[active]] = item
+    history_pos[active] = (history_pos[active] + 1) % window
+    history_len[active] = np.minimum(hist_len + 1, window)
+    seed[active] = item
+    first[active] = outcome.ends_session
+    now[active] += outcome.gap
+    n_done[active] += 1
+    active = active[(now[active] < end) &
+                    (n_done[active] < max_events[active])]
+
+  cols = {k: np.concatenate(v) if v else np.zeros(0, np.int64)
+          for k, v in listens.items()}
+  events = _assemble_events(rng, cols, end)
+  if snaps["user"]:
+    snapshots = Snapshots(**{k: np.concatenate(v) for k, v in snaps.items()})
+  else:
+    shapes = {"mixture": (0, len(components.COMPONENTS)),
+              "history": (0, window)}
+    snapshots = Snapshots(**{
+        k: np.zeros(shapes.get(k, 0), bool if k == "disliked" else np.int64)
+        for k in snaps})
+  return events, snapshots
+
+
+def _assemble_events(rng: np.random.Generator, out: Dict[str, np.ndarray],
+                     end: int) -> ChunkEvents:
+  """Listens plus like/dislike/unlike/undislike rows, sorted by (user, ts)."""
+  listen_t, like_t, dislike_t, unlike_t, undislike_t = range(5)
+  assert yambda.EVENT_TYPES == ("listen", "like", "dislike", "unlike",
+                                "undislike")
+  user, ts, item = out["user"], out["ts"], out["item"]
+  parts = [(user, ts, item, out["organic"], out["ratio"],
+            np.full(len(user), listen_t))]
+  for flag, code, undo_code, undo_prob in (
+      ("like", like_t, unlike_t, _UNLIKE_PROB),
+      ("dislike", dislike_t, undislike_t, _UNDISLIKE_PROB)):
+    i = np.nonzero(out[flag])[0]
+    # Strictly between this listen and the next one of the user.
+    r_ts = ts[i] + 1 + (rng.random(len(i)) * (out["gap"][i] - 1)).astype(
+        np.int64)
+    parts.append((user[i], r_ts, item[i], out["organic"][i],
+                  np.full(len(i), -1), np.full(len(i), code)))
+    j = rng.random(len(i)) < undo_prob
+    u_ts = r_ts[j] + 1 + rng.exponential(2 * sizes.DAY, j.sum()).astype(
+        np.int64)
+    parts.append((user[i][j], u_ts, item[i][j], out["organic"][i][j],
+                  np.full(j.sum(), -1), np.full(j.sum(), undo_code)))
+  cols = [np.concatenate([pt[c] for pt in parts]) for c in range(6)]
+  keep = cols[1] < end
+  cols = [c[keep] for c in cols]
+  order = np.lexsort((cols[5], cols[1], cols[0]))
+  cols = [c[order] for c in cols]
+  return ChunkEvents(user=cols[0], timestamp=cols[1], item=cols[2],
+                     organic=cols[3], ratio=cols[4], event_type=cols[5])

@@ -1,0 +1,189 @@
+"""Ranking kernels: the model's scores over a whole catalogue, ranks, top-k.
+
+Evaluation, the per-epoch validation score, the Yambda protocol and the
+export all rank the same way, so they share these functions:
+
+  * a candidate is a catalogue index; `candidate_embeddings` embeds indices
+    0..n-1 with the candidate tower, and index 0 ("unknown") is never a hit;
+  * a query's score of a candidate is the dot product of their embeddings,
+    as `tfrs.layers.factorized_top_k.BruteForce` serves it;
+  * ties rank by index, which is popularity order (see
+    `tfrs_yambda.catalogue`), so ranks and top-k lists agree: the top k are
+    exactly the candidates of ranks 1..k;
+  * a non-finite score (NaN, +inf, -inf) is a miss: it sorts after every
+    finite score and its target's rank is `metrics.NOT_RETRIEVED`. A NaN would
+    otherwise compare false both ways and rank as a hit.
+
+Queries are scored in batches whose score matrix stays under a fixed number
+of floats (`query_batch_size`), so memory does not grow with the catalogue
+times the number of queries.
+"""
+
+from typing import Dict, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tfrs_yambda import metrics
+from tfrs_yambda import schema
+
+# Bound on the scores matrix of one query batch (floats), to cap memory.
+MAX_SCORES_PER_BATCH = 1 << 25
+
+
+def candidate_embeddings(model, num_indices: int,
+                         batch_size: int = 8192) -> tf.Tensor:
+  """Candidate-tower embeddings of catalogue indices 0..num_indices-1.
+
+  Args:
+    model: a model with a `candidate_tower` taking int64 item indices.
+    num_indices: how many indices to embed; a prefix of the catalogue's
+      indices is a window's candidates (`Catalogue.num_candidates`).
+    batch_size: indices embedded per call of the tower.
+
+  Returns:
+    float [num_indices, d]; row i embeds index i.
+  """
+  items = tf.data.Dataset.range(num_indices).batch(batch_size)
+  return tf.concat([model.candidate_tower(b) for b in items], axis=0)
+
+
+def scores(queries: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:
+  """Query-candidate scores, [batch, num_indices]; index 0 is never a hit.
+
+  Args:
+    queries: float [batch, d], query-tower embeddings.
+    candidates: float [num_indices, d], `candidate_embeddings`.
+
+  Returns:
+    The dot products, with index 0 and every non-finite score (NaN, +inf,
+    -inf) set to -inf: such a candidate sorts after every finite one and
+    such a target is a miss (see `target_ranks`).
+  """
+  products = tf.matmul(queries, candidates, transpose_b=True)
+  index = tf.range(tf.shape(candidates)[0])
+  never = (index[tf.newaxis, :] == 0) | ~tf.math.is_finite(products)
+  return tf.where(never, tf.constant(-np.inf, products.dtype), products)
+
+
+@tf.function(reduce_retracing=True)
+def target_ranks(queries: tf.Tensor, candidates: tf.Tensor,
+                 targets: tf.Tensor, k: int = 0):
+  """Ranks of `targets`, and with k > 0 also the top-k indices, [batch, k].
+
+  Both come from one score matrix. Ties rank by index in both, so the top k
+  are the items of ranks 1..k.
+
+  Args:
+    queries: float [batch, d].
+    candidates: float [num_indices, d].
+    targets: int64 [batch], each query's target index (< num_indices).
+    k: also return the top-k indices when > 0.
+
+  Returns:
+    int64 [batch] 1-based ranks; a target whose score is non-finite (or
+    index 0) is a miss, `metrics.NOT_RETRIEVED`, beyond every k. With k > 0,
+    (ranks, int32 [batch, k] top-k indices).
+  """
+  scored = scores(queries, candidates)
+  index = tf.range(tf.shape(candidates)[0], dtype=targets.dtype)
+  target_scores = tf.gather(scored, targets, batch_dims=1)[:, tf.newaxis]
+  ahead = (scored > target_scores) | ((scored == target_scores) & (
+      index[tf.newaxis, :] < targets[:, tf.newaxis]))
+  ranks = 1 + tf.reduce_sum(tf.cast(ahead, tf.int64), axis=1)
+  # `scores` made every non-finite score -inf; such a target is never a hit.
+  ranks = tf.where(tf.math.is_inf(target_scores[:, 0]),
+                   tf.constant(metrics.NOT_RETRIEVED, tf.int64), ranks)
+  if not k:
+    return ranks
+  return ranks, tf.math.top_k(scored, k, sorted=True).indices
+
+
+@tf.function(reduce_retracing=True)
+def top_k(queries: tf.Tensor, candidates: tf.Tensor, k: int) -> tf.Tensor:
+  """Top-k indices of each query, int32 [batch, k], ties by index.
+
+  Non-finite scores (-inf in `scores`) come after all finite ones.
+  """
+  return tf.math.top_k(scores(queries, candidates), k, sorted=True).indices
+
+
+def query_batch_size(num_indices: int) -> int:
+  """Queries per batch: at most 4096, and at most `MAX_SCORES_PER_BATCH`
+  scores over `num_indices` candidates."""
+  return max(1, min(4096, MAX_SCORES_PER_BATCH // num_indices))
+
+
+def miss_non_candidates(ranks: np.ndarray, targets: np.ndarray,
+                        num_candidates: int) -> np.ndarray:
+  """Ranks with every target outside indices 1..num_candidates a miss.
+
+  Args:
+    ranks: int [n], ranks of the targets.
+    targets: int [n], the targets' catalogue indices.
+    num_candidates: the window's candidates are indices 1..num_candidates.
+
+  Returns:
+    `ranks`, with `metrics.NOT_RETRIEVED` where the target is not a
+    candidate.
+  """
+  outside = (targets < 1) | (targets > num_candidates)
+  return np.where(outside, metrics.NOT_RETRIEVED, ranks)
+
+
+def model_ranks(model, test: Dict[str, np.ndarray], candidates: tf.Tensor,
+                retrieved: Optional[metrics.RetrievedItemStats] = None
+                ) -> np.ndarray:
+  """Rank of each test example's target under the model's scores.
+
+  Args:
+    model: a model with a `query_tower` over `schema.QUERY_FEATURES`.
+    test: examples (numpy arrays by feature name), targets included.
+    candidates: the embeddings of indices 0..n (`candidate_embeddings`); a
+      target outside 1..n is a miss (`metrics.NOT_RETRIEVED`).
+    retrieved: if given, each batch's top-max(k) lists are added to it, from
+      the same scores (one matrix product per batch either way).
+
+  Returns:
+    int64 [examples], 1-based ranks.
+  """
+  num_candidates = int(candidates.shape[0]) - 1
+  targets = test[schema.TARGET_ITEM]
+  features = {k: test[k] for k in schema.QUERY_FEATURES}
+  # Index 0 stands in for targets that are not candidates (a miss anyway).
+  features[schema.TARGET_ITEM] = np.where(targets <= num_candidates, targets,
+                                          0)
+  k = retrieved.ks[-1] if retrieved else 0
+  ranks = []
+  for batch in tf.data.Dataset.from_tensor_slices(features).batch(
+      query_batch_size(candidates.shape[0])):
+    queries = model.query_tower(batch)
+    out = target_ranks(queries, candidates, batch[schema.TARGET_ITEM], k)
+    if retrieved:
+      out, top = out
+      retrieved.add(top.numpy())
+    ranks.append(out.numpy())
+  if not ranks:
+    return np.zeros([0], np.int64)
+  return miss_non_candidates(np.concatenate(ranks), targets, num_candidates)
+
+
+def model_top_k(model, queries: Dict[str, np.ndarray], candidates: tf.Tensor,
+                k: int) -> np.ndarray:
+  """The model's top-k catalogue indices for each query.
+
+  Args:
+    model: a model with a `query_tower`.
+    queries: query features (numpy arrays by feature name).
+    candidates: the embeddings of indices 0..n (`candidate_embeddings`).
+    k: the list length.
+
+  Returns:
+    int64 [queries, k].
+  """
+  top = []
+  for batch in tf.data.Dataset.from_tensor_slices(queries).batch(
+      query_batch_size(candidates.shape[0])):
+    top.append(top_k(model.query_tower(batch), candidates, k).numpy())
+  return (np.concatenate(top).astype(np.int64) if top
+          else np.zeros([0, k], np.int64))

@@ -1,0 +1,275 @@
+"""The main job's command line: its flags, and the configs they become.
+
+`tfrs_yambda.train` runs the stages; this module says what each of its
+flags means and which stage's config it sets:
+
+  data         --workdir, --yambda_dir, --size, --generate, --prepared_dir,
+               and the prep's own (`data_prep.prep.config.PrepConfig`);
+  training     `trainer.TrainConfig` (`train_config`);
+  towers       `towers.TowerConfig` (`tower_config`);
+  retrieval    `model.RetrievalConfig` (`retrieval_config`);
+  examples     `input_pipeline.ExampleRule` (`example_rule`);
+  evaluation   --eval_ks, --recent_half_life_days, --yambda_protocol, ...;
+  export       --export, --export_k, --model_name.
+
+No flag is defined on import: a program calls `define_flags` before it
+parses its command line, so any modules can be imported together.
+"""
+
+from absl import app
+from absl import flags
+
+from data_prep.prep import config as prep_config
+from tfrs_yambda import catalogue as catalogue_lib
+from tfrs_yambda import input_pipeline
+from tfrs_yambda import model as model_lib
+from tfrs_yambda import towers
+from tfrs_yambda import trainer
+from tfrs_yambda import yambda_protocol
+
+FLAGS = flags.FLAGS
+
+# Flags that become the fields of the same name of a config.
+TOWER_FLAGS = ("item_id_dim", "artist_dim", "album_dim", "user_dim",
+               "hidden_dim", "output_dim", "recent_history", "min_item_count",
+               "min_user_count", "use_user_id", "use_seed", "use_history",
+               "use_audio", "use_artist_album", "use_example_age")
+RETRIEVAL_FLAGS = ("temperature", "logq_correction", "uniform_negatives",
+                   "uniform_pool", "sampling_probability", "frequency_alpha",
+                   "frequency_buckets")
+# Recorded in TensorBoard's HParams dashboard, to compare runs (with the
+# history length, which the prepared data defines).
+HPARAM_FLAGS = ("batch_size", "epochs", "optimizer", "learning_rate",
+                "temperature", "logq_correction", "uniform_negatives",
+                "uniform_pool", "sampling_probability", "frequency_alpha",
+                "frequency_buckets", "use_example_weights", "use_user_id",
+                "use_seed", "use_history", "use_audio", "use_artist_album",
+                "use_example_age", "min_item_count", "min_user_count",
+                "history_length", "output_dim", "recent_history")
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines the job's flags, the prep's included, in `flag_values`.
+
+  A flag that sets a config field takes its default from the config, so
+  each default is written once.
+
+  Args:
+    flag_values: where to define them (the program's `flags.FLAGS`).
+  """
+  fv = flag_values
+  train = trainer.TrainConfig()
+  tower = towers.TowerConfig()
+  retrieval = model_lib.RetrievalConfig()
+  # Data: where the run reads and writes, and the prep (PrepConfig).
+  flags.DEFINE_string("workdir", None,
+                      "Where everything this run produces goes.",
+                      flag_values=fv)
+  flags.DEFINE_string("yambda_dir", None,
+                      "Yambda folder (default: <workdir>/yambda).",
+                      flag_values=fv)
+  flags.DEFINE_string("size", "demo", "Which flat/<size>/ to use.",
+                      flag_values=fv)
+  flags.DEFINE_bool("generate", False,
+                    "Generate a Yambda-layout dataset of --size into "
+                    "--yambda_dir if it is not there (sizes: tiny, demo, "
+                    "large).",
+                    flag_values=fv)
+  flags.DEFINE_integer("generator_seed", 0, "Seed of the generated dataset.",
+                       flag_values=fv)
+  flags.DEFINE_string("prepared_dir", None,
+                      "Prepared data (default: <workdir>/prepared).",
+                      flag_values=fv)
+  prep_config.define_flags(flag_values)
+  # Training: trainer.TrainConfig.
+  flags.DEFINE_integer("batch_size", train.batch_size,
+                       "Training batch (= in-batch negatives).",
+                       flag_values=fv)
+  flags.DEFINE_integer("epochs", train.epochs,
+                       "Passes over the training examples.", flag_values=fv)
+  flags.DEFINE_enum("optimizer", train.optimizer, list(trainer.OPTIMIZERS),
+                    "Optimizer.", flag_values=fv)
+  flags.DEFINE_float("learning_rate", train.learning_rate,
+                     "Peak learning rate.", flag_values=fv)
+  flags.DEFINE_float("warmup_fraction", train.warmup_fraction,
+                     "Share of steps with a linear learning-rate warm-up; the "
+                     "rest decays by cosine.", flag_values=fv)
+  flags.DEFINE_integer("shuffle_buffer", train.shuffle_buffer,
+                       "Examples in the shuffle buffer.", flag_values=fv)
+  flags.DEFINE_integer("checkpoint_every_steps", train.checkpoint_every_steps,
+                       "Steps between backups an interrupted run resumes from.",
+                       flag_values=fv)
+  flags.DEFINE_list("profile_steps", [],
+                    "Two step numbers FIRST,LAST: trace those training steps "
+                    "with TensorFlow's profiler into <workdir>/logs/plugins "
+                    "(TensorBoard's Profile tab, which needs "
+                    "`pip install tensorboard-plugin-profile`).",
+                    flag_values=fv)
+  flags.DEFINE_bool("eval_every_epoch", train.eval_every_epoch,
+                    "Evaluate the model on the validation day after every "
+                    "epoch (TensorBoard), and keep the best epoch.",
+                    flag_values=fv)
+  flags.DEFINE_string("select_metric", train.select_metric,
+                      "Validation metric that chooses the epoch to keep.",
+                      flag_values=fv)
+  flags.DEFINE_list("eval_ks", [str(k) for k in train.eval_ks],
+                    "Recall@k cut-offs.", flag_values=fv)
+  flags.DEFINE_integer("seed", train.seed,
+                       "Seed of initialisation and shuffling.", flag_values=fv)
+
+  flags.DEFINE_bool("retrain", False,
+                    "The authors' second stage: after choosing on the "
+                    "validation day, retrain with the chosen settings and "
+                    "epoch count on everything before the test gap, and score "
+                    "the test day with that model.", flag_values=fv)
+  # Retrieval task: model.RetrievalConfig.
+  flags.DEFINE_float("temperature", retrieval.temperature,
+                     "Softmax temperature (unit vectors).", flag_values=fv)
+  flags.DEFINE_bool("logq_correction", retrieval.logq_correction,
+                    "Correct in-batch scores by log sampling probability.",
+                    flag_values=fv)
+  flags.DEFINE_integer("uniform_negatives", retrieval.uniform_negatives,
+                       "Negatives per step drawn uniformly from the catalogue "
+                       "besides the in-batch ones (mixed negative sampling); "
+                       "0: in-batch only.", flag_values=fv)
+  flags.DEFINE_enum("uniform_pool", retrieval.uniform_pool,
+                    list(model_lib.UNIFORM_POOLS),
+                    "Draw uniform negatives from all items, or only those with "
+                    "an id row of their own ('trained').", flag_values=fv)
+  flags.DEFINE_enum("sampling_probability", retrieval.sampling_probability,
+                    list(model_lib.SAMPLING_PROBABILITIES),
+                    "Target frequencies of the logQ correction: the prepared "
+                    "training counts, or estimated while training (Yi et al. "
+                    "2019).", flag_values=fv)
+  flags.DEFINE_float("frequency_alpha", retrieval.frequency_alpha,
+                     "Moving-average rate of the streaming frequency estimate.",
+                     flag_values=fv)
+  flags.DEFINE_integer("frequency_buckets", retrieval.frequency_buckets,
+                       "Hash buckets of the streaming frequency estimate "
+                       "(item index mod buckets); 0: one per item.",
+                       flag_values=fv)
+  # Towers: towers.TowerConfig.
+  flags.DEFINE_integer("item_id_dim", tower.item_id_dim,
+                       "Item id embedding width.", flag_values=fv)
+  flags.DEFINE_integer("artist_dim", tower.artist_dim,
+                       "Artist embedding width.", flag_values=fv)
+  flags.DEFINE_integer("album_dim", tower.album_dim, "Album embedding width.",
+                       flag_values=fv)
+  flags.DEFINE_integer("user_dim", tower.user_dim, "User embedding width.",
+                       flag_values=fv)
+  flags.DEFINE_integer("hidden_dim", tower.hidden_dim,
+                       "Hidden layer width of each tower.", flag_values=fv)
+  flags.DEFINE_integer("output_dim", tower.output_dim,
+                       "Query / candidate embedding width.", flag_values=fv)
+  flags.DEFINE_integer("recent_history", tower.recent_history,
+                       "Also pool the latest this many history items on their "
+                       "own (0: only the whole history's mean).",
+                       flag_values=fv)
+  flags.DEFINE_integer("min_item_count", tower.min_item_count,
+                       "Items with fewer training positives share one id row.",
+                       flag_values=fv)
+  flags.DEFINE_integer("min_user_count", tower.min_user_count,
+                       "Users with fewer training positives share one id row.",
+                       flag_values=fv)
+  flags.DEFINE_bool("use_user_id", tower.use_user_id,
+                    "Ablation switch: user id embedding.", flag_values=fv)
+  flags.DEFINE_bool("use_seed", tower.use_seed,
+                    "Ablation switch: seed-track features.", flag_values=fv)
+  flags.DEFINE_bool("use_history", tower.use_history,
+                    "Ablation switch: history features.", flag_values=fv)
+  flags.DEFINE_bool("use_audio", tower.use_audio,
+                    "Ablation switch: audio embeddings.", flag_values=fv)
+  flags.DEFINE_bool("use_artist_album", tower.use_artist_album,
+                    "Ablation switch: artist and album embeddings.",
+                    flag_values=fv)
+  flags.DEFINE_bool("use_example_age", tower.use_example_age,
+                    "Ablation switch: example age.", flag_values=fv)
+  # Examples: input_pipeline.ExampleRule (its positive threshold: the prep's).
+  flags.DEFINE_integer("max_played_ratio", 200,
+                       "Played-ratio cap (percent) in the example weight.",
+                       flag_values=fv)
+  flags.DEFINE_float("like_weight", 2.0, "Weight multiplier of liked listens.",
+                     flag_values=fv)
+  flags.DEFINE_bool("use_example_weights", True,
+                    "Weight examples by played ratio and likes (else all 1).",
+                    flag_values=fv)
+  # Evaluation beyond the training's own.
+  flags.DEFINE_float("recent_half_life_days", 7.0,
+                     "Half-life of the recent-popularity baseline.",
+                     flag_values=fv)
+  flags.DEFINE_bool("yambda_protocol", True,
+                    "Also score the Yambda authors' protocol: one query per "
+                    "user from their state at the end of training, all their "
+                    "test-window Listen+ items relevant.", flag_values=fv)
+  flags.DEFINE_list("protocol_ks", [str(k) for k in yambda_protocol.DEFAULT_KS],
+                    "Cut-offs of the Yambda protocol (its top list is max k).",
+                    flag_values=fv)
+  flags.DEFINE_integer("projector_items", 20_000,
+                       "Items written for TensorBoard's embedding projector "
+                       "(most popular first, up to a tenth cold); 0: none.",
+                       flag_values=fv)
+  # Export.
+  flags.DEFINE_bool("export", True, "Write the SavedModels after training.",
+                    flag_values=fv)
+  flags.DEFINE_integer("export_k", 100, "Items returned by the SavedModels.",
+                       flag_values=fv)
+  flags.DEFINE_string("model_name", "yambda", "Served model name prefix.",
+                      flag_values=fv)
+
+
+def train_config(flag_values: flags.FlagValues = FLAGS) -> trainer.TrainConfig:
+  """--batch_size, --epochs, ... as a `trainer.TrainConfig`."""
+  return trainer.TrainConfig(
+      batch_size=flag_values.batch_size, epochs=flag_values.epochs,
+      optimizer=flag_values.optimizer,
+      learning_rate=flag_values.learning_rate,
+      warmup_fraction=flag_values.warmup_fraction,
+      shuffle_buffer=flag_values.shuffle_buffer,
+      checkpoint_every_steps=flag_values.checkpoint_every_steps,
+      profile_steps=profile_steps(flag_values.profile_steps),
+      eval_every_epoch=flag_values.eval_every_epoch,
+      select_metric=flag_values.select_metric,
+      eval_ks=tuple(int(k) for k in flag_values.eval_ks),
+      seed=flag_values.seed)
+
+
+def profile_steps(value) -> tuple:
+  """--profile_steps FIRST,LAST as a tuple; () for none."""
+  if not value:
+    return ()
+  steps = [int(step) for step in value]
+  if len(steps) != 2 or not 0 < steps[0] <= steps[1]:
+    raise app.UsageError(f"--profile_steps takes FIRST,LAST with 0 < FIRST "
+                         f"<= LAST, not {value}.")
+  return tuple(steps)
+
+
+def tower_config(flag_values: flags.FlagValues = FLAGS) -> towers.TowerConfig:
+  """--item_id_dim, --use_history, ... as a `towers.TowerConfig`."""
+  return towers.TowerConfig(**{
+      name: flag_values[name].value for name in TOWER_FLAGS})
+
+
+def retrieval_config(flag_values: flags.FlagValues = FLAGS
+                     ) -> model_lib.RetrievalConfig:
+  """--temperature, --uniform_negatives, ... as a `model.RetrievalConfig`."""
+  return model_lib.RetrievalConfig(**{
+      name: flag_values[name].value for name in RETRIEVAL_FLAGS})
+
+
+def example_rule(catalogue: catalogue_lib.Catalogue,
+                 flag_values: flags.FlagValues = FLAGS
+                 ) -> input_pipeline.ExampleRule:
+  """The examples' rule: the prep's positive threshold, the flags' weights."""
+  return input_pipeline.ExampleRule(
+      min_played_ratio=catalogue.metadata["min_played_ratio"],
+      max_played_ratio=flag_values.max_played_ratio,
+      like_weight=flag_values.like_weight,
+      use_weights=flag_values.use_example_weights)
+
+
+def hparams(catalogue: catalogue_lib.Catalogue,
+            flag_values: flags.FlagValues = FLAGS) -> dict:
+  """The settings recorded in TensorBoard's HParams dashboard."""
+  return {name: (catalogue.history_length if name == "history_length"
+                 else flag_values[name].value) for name in HPARAM_FLAGS}
