@@ -33,7 +33,7 @@ setuptools.setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "hypothesis>=6.100"],
         # `ruff check .` (configuration: ruff.toml), run by .ci/run.
         "lint": ["ruff>=0.15,<0.18"],
         # benchmarks/ann_benchmark.py's HNSW rows (skipped without it).

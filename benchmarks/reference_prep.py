@@ -24,11 +24,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_prep import item_metadata
 from data_prep import records_plan
 from data_prep import rules
 from data_prep import yambda
+from data_prep.prep import buckets as prep_buckets
 from data_prep.prep import catalogue as prep_catalogue
 from data_prep.prep import config as config_lib
+from data_prep.prep import validation
 from tfrs_yambda import atomic
 from tfrs_yambda import catalogue as catalogue_lib
 from tfrs_yambda import schema
@@ -40,71 +43,35 @@ _STREAMING_ONLY_FIELDS = ("bucket_events", "num_workers", "read_batch_rows",
                           "runner")
 
 
-def _bad_rows(path: str, table: pa.Table, column: str, problem: str,
-              mask: np.ndarray, first: str = "first"
-              ) -> yambda.YambdaFormatError:
-  """The error naming the file, the column, the problem and the first row."""
-  row = int(np.flatnonzero(mask)[0])
-  example = {k: v[0] for k, v in table.slice(row, 1).to_pydict().items()}
-  return yambda.YambdaFormatError(
-      f"{path}: column '{column}' {problem}; {first}: {example}")
-
-
 def _read_events(path: str) -> Tuple[pd.DataFrame, Dict[str, int]]:
-  """Reads and validates multi_event.parquet into numpy-backed columns."""
+  """Reads multi_event.parquet into int64 / float32 columns, in file order.
+
+  The rows are checked by the streaming prep's validation, so both refuse the
+  same rows with the same error and count the same oddities.
+  """
   table = yambda.read_table(path, "multi_event")
-  n = table.num_rows
-  event_type = table.column("event_type")
-  if pa.types.is_dictionary(event_type.type):
-    event_type = event_type.cast(event_type.type.value_type)
-  codes = pc.index_in(event_type, value_set=pa.array(yambda.EVENT_TYPES))
-  codes = codes.to_numpy(zero_copy_only=False)
-  unknown = np.isnan(codes) if codes.dtype.kind == "f" else np.zeros(n, bool)
-  if unknown.any():
-    raise _bad_rows(path, table, "event_type",
-                    f"has {int(unknown.sum())} values outside "
-                    f"{list(yambda.EVENT_TYPES)}", unknown, "first bad row")
-  codes = np.nan_to_num(codes).astype(np.int8)
-
-  def column(name, dtype):
-    col = table.column(name)
-    nulls = col.is_null().to_numpy(zero_copy_only=False)
-    values = col.fill_null(0).to_numpy().astype(dtype, copy=False)
-    return values, nulls
-
-  frame = {}
+  parts, counts, first_row = [], {}, 0
+  for batch in table.to_batches():
+    part, batch_counts = validation.validate_batch(path, batch, first_row)
+    first_row += batch.num_rows
+    parts.append(part)
+    for k, v in batch_counts.items():
+      counts[k] = counts.get(k, 0) + v
+  events = pa.concat_tables(
+      parts or [prep_buckets.BUCKET_SCHEMA.empty_table()]).to_pandas()
   for name in ("uid", "timestamp", "item_id", "is_organic"):
-    values, nulls = column(name, np.int64)
-    if nulls.any():
-      raise _bad_rows(path, table, name, f"has {int(nulls.sum())} nulls",
-                      nulls)
-    if (values < 0).any():
-      raise _bad_rows(path, table, name, "has negative values", values < 0)
-    frame[name] = values
-  is_listen = codes == rules.LISTEN
-  ratio, ratio_null = column("played_ratio_pct", np.float32)
-  if (ratio_null & is_listen).any():
-    raise _bad_rows(path, table, "played_ratio_pct",
-                    f"is null for {int((ratio_null & is_listen).sum())} "
-                    "listen events", ratio_null & is_listen)
-  if (ratio < 0).any():
-    raise _bad_rows(path, table, "played_ratio_pct", "has negative values",
-                    ratio < 0)
-  length, length_null = column("track_length_seconds", np.float32)
-  frame["played_ratio_pct"] = ratio
-  frame["track_length_seconds"] = np.where(length_null, np.nan, length)
-  frame["event_type"] = codes
-  counts = {f"events_{t}": int(np.sum(codes == i))
-            for i, t in enumerate(yambda.EVENT_TYPES)}
-  counts["events"] = n
-  return pd.DataFrame(frame), counts
+    events[name] = events[name].astype(np.int64)
+  counts["events"] = len(events)
+  return events, counts
 
 
 def _read_audio(path: str, items: np.ndarray,
                 nonfinite_embeddings: str = "error"
-                ) -> Tuple[np.ndarray, np.ndarray, int]:
+                ) -> Tuple[np.ndarray, np.ndarray, int, int]:
   """(audio [n + 1, width], has_audio [n + 1], count of items whose
-  embedding was non-finite and so treated as missing) for sorted `items`.
+  embedding was non-finite and so treated as missing, count of rows ignored
+  as an item's repeated row) for sorted `items`. An item's first row in the
+  file is its embedding (`item_metadata.first_embedding_rows`).
 
   A NaN or inf value in a kept item's embedding is an error naming the item
   and its row in the file, or with nonfinite_embeddings="missing" the item
@@ -116,24 +83,28 @@ def _read_audio(path: str, items: np.ndarray,
                      f"{nonfinite_embeddings!r}")
   table = yambda.read_table(path, "embeddings", ["item_id", "normalized_embed"])
   ids = table.column("item_id").to_numpy().astype(np.int64)
-  keep = np.isin(ids, items)
-  file_rows = np.flatnonzero(keep)
-  table = table.filter(pa.array(keep))
-  ids = ids[keep]
-  embed = table.column("normalized_embed").combine_chunks()
-  widths = pc.list_value_length(embed).to_numpy(zero_copy_only=False)
+  # Every row's width is checked, kept or not, as the streaming prep does.
+  widths = pc.list_value_length(table.column("normalized_embed")).to_numpy(
+      zero_copy_only=False)
   if len(widths) and (widths != widths[0]).any():
     raise yambda.YambdaFormatError(
         f"{path}: column 'normalized_embed' has lists of different lengths "
         f"({sorted(set(widths.tolist()))[:5]}...).")
+  catalogued = np.isin(ids, items)
+  keep = item_metadata.first_embedding_rows(ids, catalogued)
+  repeated = int(np.sum(catalogued & ~keep))
+  file_rows = np.flatnonzero(keep)
+  table = table.filter(pa.array(keep))
+  ids = ids[keep]
+  embed = table.column("normalized_embed").combine_chunks()
   width = int(widths[0]) if len(widths) else 0
   values = embed.flatten().to_numpy(zero_copy_only=False).astype(
       np.float32).reshape(len(ids), width)
   finite = np.isfinite(values).all(axis=1)
   if not finite.all() and nonfinite_embeddings == "error":
     first = int(np.flatnonzero(~finite)[0])
-    raise rules.nonfinite_embedding_error(path, int(ids[first]),
-                                          int(file_rows[first]))
+    raise item_metadata.nonfinite_embedding_error(path, int(ids[first]),
+                                                  int(file_rows[first]))
   audio = np.zeros((len(items) + 1, width), np.float32)
   has_audio = np.zeros(len(items) + 1, bool)
   index = np.searchsorted(items, ids)  # items is sorted
@@ -141,7 +112,7 @@ def _read_audio(path: str, items: np.ndarray,
   has_audio[index + 1] = finite
   nonfinite = np.zeros(len(items) + 1, bool)
   nonfinite[index[~finite] + 1] = True
-  return audio, has_audio, int(np.sum(nonfinite & ~has_audio))
+  return audio, has_audio, int(np.sum(nonfinite & ~has_audio)), repeated
 
 
 def _build_catalogue(root: str, listens: pd.DataFrame, is_train_target,
@@ -162,7 +133,7 @@ def _build_catalogue(root: str, listens: pd.DataFrame, is_train_target,
   np.minimum.at(first_listen, inverse, ts)
   sorted_items = listened
   if metadata_items:
-    sorted_items = np.union1d(listened, rules.metadata_item_ids(root))
+    sorted_items = np.union1d(listened, item_metadata.metadata_item_ids(root))
     first = np.full(len(sorted_items), rules.NEVER_LISTENED, np.int64)
     first[np.searchsorted(sorted_items, listened)] = first_listen
     first_listen = first
@@ -172,9 +143,9 @@ def _build_catalogue(root: str, listens: pd.DataFrame, is_train_target,
   order = rules.item_order(sorted_items, counts, first_listen)
   known = (first_listen != rules.NEVER_LISTENED) & (first_listen < train_end)
 
-  mapped = rules.artists_and_albums(root, sorted_items, known)
+  mapped = item_metadata.artists_and_albums(root, sorted_items, known)
   # The prep's config (metadata["prep_config"]) says how NaN/inf is handled.
-  audio, has_audio, nonfinite = _read_audio(
+  audio, has_audio, nonfinite, repeated = _read_audio(
       yambda.embeddings_path(root), sorted_items,
       metadata.get("prep_config", {}).get("nonfinite_embeddings", "error"))
   # Track length: the median over training-window listens (0 = unknown).
@@ -210,7 +181,7 @@ def _build_catalogue(root: str, listens: pd.DataFrame, is_train_target,
   )
   return cat, prep_catalogue.catalogue_counts(
       cat, len(uids), mapped["multi_artist"], mapped["multi_album"],
-      nonfinite)
+      nonfinite, repeated)
 
 
 def _write_records(path_pattern: str, columns: Dict[str, np.ndarray],
@@ -273,6 +244,11 @@ def prepare(yambda_dir: str, size: str, output_dir: str,
 
   events, report = _read_events(events_path)
   logging.info("Read %d events in %.1fs", len(events), time.time() - started)
+  dropped, duplicates = rules.duplicate_events(*(
+      events[name].to_numpy()
+      for name in ("uid", "timestamp", "item_id", "event_type")))
+  report.update(duplicates)
+  events = events[~dropped]
   listens, orphans = rules.attach_feedback(events)
   report["explicit_events_dropped_no_earlier_listen"] = orphans
   listens = listens.sort_values(["uid", "timestamp"], kind="stable")
@@ -283,7 +259,8 @@ def prepare(yambda_dir: str, size: str, output_dir: str,
     return attached["feedback"].loc[listens.index].to_numpy()
 
   ts = listens["timestamp"].to_numpy()
-  split = rules.time_split(config, int(ts.min()), int(ts.max()))
+  split = rules.time_split(config, *((int(ts.min()), int(ts.max())) if len(
+      ts) else (None, None)))
   uid = listens["uid"].to_numpy()
   feedback = listens["feedback"].to_numpy()  # all of it: the report's counts
   # Rounded as the records store it, so the pipeline sees the same positives.

@@ -45,7 +45,7 @@ def plan_records(uid: np.ndarray, ts: np.ndarray, positive: np.ndarray,
   per listen, never copied into each example.
 
   Args:
-    uid: user per listen, sorted by (uid, timestamp) like `ts`.
+    uid: user per listen, each user's listens together and in time order.
     ts: timestamp per listen.
     positive: `rules.is_positive` per listen, as the window knows it.
     window_start: the window's first target time.
@@ -57,12 +57,16 @@ def plan_records(uid: np.ndarray, ts: np.ndarray, positive: np.ndarray,
     (context_start, target_start, stop) per record: listens [context_start,
     target_start) are context, [target_start, stop) may be targets.
   """
+  if not len(uid):
+    return (np.zeros(0, np.int64),) * 3
   user_start = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]])
-  # Within a user timestamps are sorted, so the window is a contiguous range.
-  key = (uid.astype(np.int64) << 32) + ts
-  user_key = uid[user_start].astype(np.int64) << 32
-  first = np.searchsorted(key, user_key + window_start)
-  last = np.searchsorted(key, user_key + window_stop)
+  # Within a user timestamps are sorted, so the window is a contiguous range
+  # that starts after the user's listens before it. Counting them, rather than
+  # searching a (uid, time) key, works for every uint32 uid and time.
+  first = user_start + np.add.reduceat((ts < window_start).astype(np.int64),
+                                       user_start)
+  last = user_start + np.add.reduceat((ts < window_stop).astype(np.int64),
+                                      user_start)
   owner, seg_start, seg_stop = segments(first, last, chunk_length)
   positions = np.flatnonzero(positive)
   before = np.searchsorted(positions, seg_start)  # positives before seg_start

@@ -25,12 +25,30 @@ What a prepared dataset decides (and records in the catalogue's metadata.json):
     carry only the feedback given before its cut (`window_feedback`), so
     nothing later changes a weight or a positive.
   * Catalogue: every listened item (and with --metadata_items every item of
-    the metadata files, `metadata_item_ids`), indexed by `item_order`;
-    training counts, track lengths and the artist and album vocabularies
-    (`first_mapping`, `to_vocab`) come from before train_end.
+    the metadata files, `item_metadata.metadata_item_ids`), indexed by
+    `item_order`; training counts, track lengths and the artist and album
+    vocabularies (`item_metadata.first_mapping`, `to_vocab`) come from before
+    train_end.
   * Records (`data_prep.records_plan`): each user's listens are cut into
     chunks with a bounded context, and a user's records all go to one shard.
 Rows of one user with equal timestamps keep their order in the input file.
+
+Odd inputs (each counted in prep_report.json, never a silent guess):
+  * Ids and times: every uint32 value works, 0 and 4294967295 included, for
+    uid, item_id, artist_id, album_id and timestamp (the test window may end
+    at 2**32); a negative one or one above is a YambdaFormatError.
+  * Duplicate events (`duplicate_events`): rows equal in uid, timestamp,
+    item_id and event_type are one event. The first row in file order is
+    kept (its played ratio, organic flag and track length, even where a
+    copy's differ); copies are dropped (duplicate_events_dropped, and per
+    type), so a repeated listen is neither an extra example nor a seed.
+  * Several rows of an item in embeddings.parquet
+    (`item_metadata.first_embedding_rows`): the first in file order is its
+    embedding, even where later ones differ; those are ignored
+    (embedding_rows_duplicate_item_first_kept).
+  * An item mapped to several artists (albums): the smallest id is kept
+    (items_with_several_artists_first_kept); identical rows count as one.
+  * No listen at all, or windows that leave no training time: an error.
 """
 
 from typing import Callable, Dict, Tuple
@@ -71,16 +89,19 @@ def time_split(config, listen_min: int, listen_max: int) -> Dict[str, int]:
   Args:
     config: a `PrepConfig` (last_timestamp, test_window_seconds, gap_seconds,
       validation_window_seconds).
-    listen_min: the earliest listen's timestamp.
-    listen_max: the latest listen's timestamp.
+    listen_min: the earliest listen's timestamp (None: there are none).
+    listen_max: the latest listen's timestamp (None: there are none).
 
   Returns:
     {"last_timestamp", "test_start", "validation_start", "validation_end",
     "train_end"} in seconds.
 
   Raises:
+    yambda.YambdaFormatError: there are no listens (listen_min is None).
     ValueError: the windows and gaps leave no training time.
   """
+  if listen_min is None or listen_max is None:
+    raise yambda.YambdaFormatError("The input has no listen events.")
   last = config.last_timestamp or listen_max + 1
   test_start = last - config.test_window_seconds
   validation_end = test_start - config.gap_seconds
@@ -116,6 +137,74 @@ def windows(split: Dict[str, int]) -> Dict[str, Tuple[int, int]]:
     out["validation"] = (split["validation_start"], split["validation_end"])
   out["test"] = (split["test_start"], split["last_timestamp"])
   return out
+
+
+# --- Duplicates ---------------------------------------------------------------
+
+
+def repeated_rows(*keys: np.ndarray, order: np.ndarray = None
+                  ) -> np.ndarray:
+  """Rows equal in every key to an earlier row (the first in file order kept).
+
+  Sorting by the first key alone, then only the (few) rows that tie on it by
+  every key, keeps the cost near one sort.
+
+  Args:
+    *keys: equally long arrays, one value per row, in file order.
+    order: the rows' stable sort by the first key, where the caller has it.
+
+  Returns:
+    A boolean mask: True for each row after the first of its kind.
+  """
+  first_key = keys[0]
+  repeated = np.zeros(len(first_key), bool)
+  if order is None:
+    order = np.argsort(first_key, kind="stable")
+  tie = first_key[order[1:]] == first_key[order[:-1]]
+  if not tie.any():
+    return repeated
+  rows = np.sort(order[np.r_[tie, False] | np.r_[False, tie]])
+  # lexsort is stable and `rows` ascend, so each run starts at its first row.
+  rows = rows[np.lexsort([k[rows] for k in reversed(keys)])]
+  same = np.ones(len(rows) - 1, bool)
+  for k in keys:
+    same &= k[rows[1:]] == k[rows[:-1]]
+  repeated[rows[1:][same]] = True
+  return repeated
+
+
+def user_time_key(uid: np.ndarray, ts: np.ndarray) -> np.ndarray:
+  """(uid, timestamp) as one uint64 sort key (both fit 32 bits, validated)."""
+  return (uid.astype(np.uint64) << np.uint64(32)) | ts.astype(np.uint64)
+
+
+def duplicate_events(uid: np.ndarray, ts: np.ndarray, item: np.ndarray,
+                     code: np.ndarray, order: np.ndarray = None
+                     ) -> Tuple[np.ndarray, Dict[str, int]]:
+  """Event rows that repeat an earlier row's (uid, timestamp, item, type).
+
+  Such rows are one event: the first row in file order is kept, whatever the
+  copies' played ratio or other columns, and the copies are dropped before
+  anything else (feedback, seeds, targets) is decided.
+
+  Args:
+    uid: user per event row (uint32 values).
+    ts: timestamp per row (uint32 values).
+    item: item per row.
+    code: event code per row.
+    order: the rows' stable sort by `user_time_key`, where the caller has it.
+
+  Returns:
+    (a boolean mask, True for each dropped copy; the report's counts:
+    duplicate_events_dropped, and duplicate_events_dropped_<type> per type).
+  """
+  dropped = repeated_rows(user_time_key(uid, ts), item, code, order=order)
+  by_type = np.bincount(code[dropped].astype(np.int64),
+                        minlength=len(yambda.EVENT_TYPES))
+  counts = {"duplicate_events_dropped": int(by_type.sum())}
+  counts.update({f"duplicate_events_dropped_{t}": int(by_type[i])
+                 for i, t in enumerate(yambda.EVENT_TYPES)})
+  return dropped, counts
 
 
 # --- Positives ----------------------------------------------------------------
@@ -287,45 +376,6 @@ def item_order(item_ids: np.ndarray, train_counts: np.ndarray,
   return np.lexsort((item_ids, first, -train_counts))
 
 
-def metadata_item_ids(root: str) -> np.ndarray:
-  """Sorted ids of every item in the metadata files (embeddings, mappings).
-
-  Args:
-    root: a folder with the Yambda layout.
-
-  Returns:
-    int64 raw item ids, ascending, unique.
-  """
-  ids = [yambda.read_table(path, kind, ["item_id"]).column(
-      "item_id").to_numpy().astype(np.int64) for path, kind in (
-          (yambda.embeddings_path(root), "embeddings"),
-          (yambda.artist_mapping_path(root), "artist_mapping"),
-          (yambda.album_mapping_path(root), "album_mapping"))]
-  return np.unique(np.concatenate(ids))
-
-
-def first_mapping(path: str, kind: str, key: str, items: np.ndarray
-                  ) -> Tuple[np.ndarray, int]:
-  """Each item's artist (or album): the smallest id it maps to.
-
-  Args:
-    path: the mapping file.
-    kind: "artist_mapping" or "album_mapping".
-    key: the mapped column ("artist_id" or "album_id").
-    items: sorted raw item ids of the catalogue.
-
-  Returns:
-    (mapped id per item, -1 where none; the count of items mapped to more
-    than one).
-  """
-  table = yambda.read_table(path, kind).to_pandas()
-  table = table[table["item_id"].isin(items)]
-  multi = int((table.groupby("item_id").size() > 1).sum())
-  first = table.groupby("item_id")[key].min()
-  mapped = first.reindex(items).fillna(-1).to_numpy(np.int64)
-  return mapped, multi
-
-
 def to_vocab(raw: np.ndarray, known: np.ndarray
              ) -> Tuple[np.ndarray, np.ndarray]:
   """Raw ids -> vocabulary indices, from the items known at the training cut.
@@ -348,44 +398,3 @@ def to_vocab(raw: np.ndarray, known: np.ndarray
       len(raw), bool)
   index = np.where(found, pos + 1, 0)
   return index.astype(np.int64), np.concatenate([[-1], vocab]).astype(np.int64)
-
-
-def artists_and_albums(root: str, items: np.ndarray, known: np.ndarray):
-  """Each item's artist and album index, and both vocabularies (both preps).
-
-  Args:
-    root: the Yambda folder (its mapping files).
-    items: sorted raw item ids of the catalogue.
-    known: whether each item was listened to before the training cut.
-
-  Returns:
-    {"artist", "album": index per item (0 = none), "artist_ids",
-    "album_ids": the vocabularies ([0] = -1), "multi_artist", "multi_album":
-    items mapped to several (the first kept)}.
-  """
-  found = {}
-  for kind, path in (("artist", yambda.artist_mapping_path(root)),
-                     ("album", yambda.album_mapping_path(root))):
-    raw, found[f"multi_{kind}"] = first_mapping(
-        path, f"{kind}_mapping", f"{kind}_id", items)
-    found[kind], found[f"{kind}_ids"] = to_vocab(raw, known)
-  return found
-
-
-def nonfinite_embedding_error(path: str, item_id: int, row: int
-                              ) -> yambda.YambdaFormatError:
-  """The error of a NaN/inf embedding of a catalogue item (both preps).
-
-  Args:
-    path: the embeddings file.
-    item_id: the item's raw id.
-    row: its row in the file.
-
-  Returns:
-    The error to raise, naming the file, column, item and row.
-  """
-  return yambda.YambdaFormatError(
-      f"{path}: column 'normalized_embed' has NaN or inf values for item_id "
-      f"{item_id} (row {row} of the file), an item the catalogue keeps. Fix "
-      f"the file, or pass --nonfinite_embeddings=missing to treat such items "
-      f"as having no audio embedding.")

@@ -7,6 +7,16 @@
 
 Without `server`, the same signature runs in this process from `saved_model`.
 
+A history is what the model was trained on: the user's most recent
+*positive* listens (played at least 50%, not disliked), oldest first, of
+tracks the model knows; not every recent play. From a user's raw events
+(item, played ratio, event type), `recommend_from_events` builds it with the
+prep's own rules (`export.events`):
+
+  recs = client.recommend_from_events(
+      42, [(7, 100, "listen"), (8, 12, "listen"), (7, None, "dislike")],
+      server="localhost:8501", saved_model=path)  # path: ids known, N
+
 Requests are checked here, before they leave the client, so a malformed query
 fails with a message that names the input rather than a server-side shape or
 type error. Histories are sent exactly `history_length` wide (oldest first,
@@ -25,9 +35,13 @@ from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 
+from data_prep import rules
+from export import events as events_lib
 from tfrs_yambda import schema
 
 SIGNATURE_NAME = "serving_default"
+# In each exported version's assets.extra/: the raw item ids the model knows.
+KNOWN_ITEM_IDS_FILE = "known_item_ids.npy"
 DEFAULT_MODEL_NAME = "yambda_bruteforce"
 INPUT_NAMES = (schema.SERVING_USER_ID, schema.SERVING_SEED_ITEM_ID,
                schema.SERVING_HISTORY_ITEM_IDS)
@@ -105,9 +119,13 @@ def make_inputs(user_id: IntOrInts, seed_item_id: IntOrInts,
 
   Args:
     user_id: a uid, or one per query.
-    seed_item_id: the track playing now, or one per query.
-    history_item_ids: recent tracks, oldest first: a list for one query, a
-      list of lists (any lengths) for a batch; None or [] for no history.
+    seed_item_id: the track just played (any listen, skips too), or one
+      per query.
+    history_item_ids: the user's recent *positive* listens (played at least
+      the prep's min_played_ratio, not disliked) of known tracks, oldest
+      first, as `events.history_item_ids` makes them from raw events: a list
+      for one query, a list of lists (any lengths) for a batch; None or []
+      for no history.
     history_length: the model's N: histories are cut to their N most recent
       items and left-padded with -1 to exactly N. None: padded to the
       longest history in the request.
@@ -253,6 +271,13 @@ def export_metadata(saved_model: str) -> Dict:
     return json.load(f)
 
 
+@functools.lru_cache(maxsize=4)
+def load_known_item_ids(saved_model: str) -> Optional[np.ndarray]:
+  """The raw item ids a SavedModel knows, sorted; None if not exported."""
+  path = os.path.join(saved_model, "assets.extra", KNOWN_ITEM_IDS_FILE)
+  return np.load(path) if os.path.exists(path) else None
+
+
 def predict_saved_model(saved_model: str,
                         inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
   """Runs the signature in this process."""
@@ -311,3 +336,57 @@ def recommend(user_id: IntOrInts, seed_item_id: IntOrInts,
   return Recommendations(
       item_ids=outputs["item_ids"][0] if single else outputs["item_ids"],
       scores=outputs["scores"][0] if single else outputs["scores"])
+
+
+def recommend_from_events(user_id: int, events: events_lib.Events,
+                          seed_item_id: Optional[int] = None, *,
+                          known_item_ids=None,
+                          min_played_ratio: Optional[float] = None,
+                          **kwargs) -> Recommendations:
+  """Top-k tracks for one user from their raw recent events.
+
+  The history is built as training builds it (`events.history_item_ids`):
+  the positive listens only, unknown ids dropped, then the most recent N.
+
+  Args:
+    user_id: the user's uid.
+    events: the user's recent events, oldest first, up to now:
+      (item_id, played_ratio_pct, event_type) triples, event_type "listen",
+      "like", "dislike", "unlike" or "undislike" (played_ratio_pct None for
+      all but listens). See `export.events`.
+    seed_item_id: the track just played; None: the last listen in `events`.
+    known_item_ids: the ids the model knows; None: `saved_model`'s
+      (`load_known_item_ids`), if given. Without either, unknown ids are
+      dropped by the model, but only after the cut to N.
+    min_played_ratio: the positive rule's least percent played; None:
+      `saved_model`'s export metadata, else the prep's default (50).
+    **kwargs: `recommend`'s keywords (server, protocol, model_name,
+      saved_model, history_length, ...).
+
+  Returns:
+    Recommendations of [k] item ids and scores.
+
+  Raises:
+    RequestError: malformed events, or no seed and no listen to take it from.
+    ServingError: see `recommend`.
+  """
+  saved_model = kwargs.get("saved_model")
+  metadata = export_metadata(saved_model) if saved_model else {}
+  if known_item_ids is None and saved_model:
+    known_item_ids = load_known_item_ids(saved_model)
+  if min_played_ratio is None:
+    min_played_ratio = metadata.get("min_played_ratio")
+  if min_played_ratio is None:
+    min_played_ratio = rules.LISTEN_PLUS_RATIO
+  if kwargs.get("history_length") is None:
+    kwargs["history_length"] = metadata.get("history_length")
+  try:
+    history = events_lib.history_item_ids(
+        events, known_item_ids, kwargs["history_length"], min_played_ratio)
+    if seed_item_id is None:
+      seed_item_id = events_lib.last_listen(events)
+  except (ValueError, TypeError, KeyError) as e:
+    raise RequestError(f"Malformed events: {e}") from None
+  if seed_item_id is None:
+    raise RequestError("No seed_item_id, and no listen in the events.")
+  return recommend(user_id, seed_item_id, history.tolist(), **kwargs)

@@ -1,7 +1,8 @@
 """Trained query tower + a top-k index -> SavedModels in TF Serving's layout.
 
   <export_dir>/<model_name>/<version>/saved_model.pb, variables/, assets/,
-      assets.extra/export_metadata.json, assets.extra/tf_serving_warmup_requests
+      assets.extra/export_metadata.json, assets.extra/known_item_ids.npy (the
+      raw ids the model knows, sorted), assets.extra/tf_serving_warmup_requests
   <export_dir>/models.config, <export_dir>/batching_parameters.txt
       (TF Serving's model and batching config, see export/tf_serving.py)
 
@@ -15,9 +16,12 @@ Signature `serving_default` (raw Yambda ids in and out):
   inputs   user_id int64 [batch], seed_item_id int64 [batch],
            history_item_ids int64 [batch, any] (oldest first, -1 pads)
   outputs  item_ids int64 [batch, k], scores float32 [batch, k]
-Unknown ids map to the model's "unknown" embeddings; a history longer than the
-model's N (the catalogue's `history_length`) is cut to its most recent items;
-an empty history is allowed.
+An unknown user or seed maps to the model's "unknown" embeddings. The history
+is laid out as training's: ids the model does not know are dropped (in
+training every slot holds a known item), then it is cut to its most recent N
+(the catalogue's `history_length`); an empty history is allowed. Training
+histories are the user's last N *positive* listens (`data_prep.rules`), so
+callers send those, not every recent play (`client.recommend_from_events`).
 """
 
 import os
@@ -31,6 +35,7 @@ import tensorflow_recommenders as tfrs
 from scann.scann_ops.py import scann_ops
 from scann.scann_ops.py import scann_builder
 
+from export import client
 from export import tf_serving
 from tfrs_yambda import atomic
 from tfrs_yambda import catalogue as catalogue_lib
@@ -42,7 +47,8 @@ class ServingQueryModel(tf.keras.Model):
   """Raw-id serving inputs -> query embedding, via the trained query tower.
 
   Raw ids become catalogue indices, and the history is laid out as training
-  lays it out, N = `catalogue.history_length` wide, oldest first.
+  lays it out: known items only, the most recent N =
+  `catalogue.history_length`, oldest first, index 0 padding in front.
   """
 
   def __init__(self, query_tower: tf.keras.Model,
@@ -63,14 +69,16 @@ class ServingQueryModel(tf.keras.Model):
         name="item_lookup")
 
   def call(self, inputs: Dict[str, tf.Tensor]) -> tf.Tensor:
-    history = tf.cast(inputs[schema.SERVING_HISTORY_ITEM_IDS], tf.int64)
-    # Drop padding (negative ids), keep the most recent N, and pad with index 0
-    # at the front as training does (oldest first, the latest last).
-    history = tf.ragged.boolean_mask(history, history >= 0)
+    # Look up first: padding (-1) and unknown ids both become index 0 and are
+    # dropped *before* the cut to the most recent N, so an unknown id never
+    # takes a slot. Then pad with index 0 at the front as training does
+    # (oldest first, the latest last).
+    history = self.item_lookup(
+        tf.cast(inputs[schema.SERVING_HISTORY_ITEM_IDS], tf.int64))
+    history = tf.ragged.boolean_mask(history, history > 0)
     history = history[:, -self.history_length:]
-    history = tf.reverse(tf.reverse(
-        tf.ragged.map_flat_values(self.item_lookup, history), axis=[1]
-    ).to_tensor(default_value=0, shape=[None, self.history_length]), axis=[1])
+    history = tf.reverse(tf.reverse(history, axis=[1]).to_tensor(
+        default_value=0, shape=[None, self.history_length]), axis=[1])
     user = tf.cast(inputs[schema.SERVING_USER_ID], tf.int64)
     return self.query_tower({
         schema.USER_ID: user,
@@ -208,11 +216,14 @@ def next_version(model_dir: str) -> int:
 
 def save(servable: Servable, export_dir: str, model_name: str,
          metadata: Dict,
-         warmup: Optional[Sequence[Dict[str, np.ndarray]]] = None) -> str:
+         warmup: Optional[Sequence[Dict[str, np.ndarray]]] = None,
+         known_item_ids: Optional[np.ndarray] = None) -> str:
   """Saves under <export_dir>/<model_name>/<version>/ via a temporary name.
 
   `warmup` requests (serving inputs) go to TF Serving's warmup file, which the
-  server replays before it serves the version.
+  server replays before it serves the version. `known_item_ids`, sorted, go
+  to assets.extra/known_item_ids.npy, where clients read which history ids
+  the model knows (`client.load_known_item_ids`).
   """
   model_dir = os.path.join(export_dir, model_name)
   os.makedirs(model_dir, exist_ok=True)
@@ -229,6 +240,9 @@ def save(servable: Servable, export_dir: str, model_name: str,
                     os.path.join(tmp, "assets.extra", "export_metadata.json"))
   if warmup:
     tf_serving.write_warmup(tmp, model_name, warmup)
+  if known_item_ids is not None:
+    np.save(os.path.join(tmp, "assets.extra", client.KNOWN_ITEM_IDS_FILE),
+            np.sort(np.asarray(known_item_ids, np.int64)))
   os.replace(tmp, final)
   return final
 
@@ -268,11 +282,13 @@ def export_all(model, catalogue: catalogue_lib.Catalogue, export_dir: str,
     index = build_index(kind, query_model, candidates, identifiers, k,
                         scann_options)
     metadata = {"index": kind, "k": k, "history_length": history_length,
+                # The prep's positive rule, for clients that build histories.
+                "min_played_ratio": catalogue.metadata.get("min_played_ratio"),
                 "num_candidates": int(len(candidates)),
                 "catalogue": catalogue.metadata.get("source"),
                 "scann_options": scann_options if kind == "scann" else None}
     paths[kind] = save(Servable(index, k), export_dir, f"{model_name}_{kind}",
-                       metadata, warmup)
+                       metadata, warmup, identifiers)
   tf_serving.write_model_config(export_dir)
   tf_serving.write_batching_parameters(export_dir)
   return paths

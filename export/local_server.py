@@ -4,34 +4,30 @@ r"""A small TF Serving stand-in: the exported models over REST and gRPC.
       --model_config_file=/tmp/tfrs_yambda/demo/export/models.config \
       --rest_api_port=8501 --port=8500
 
-Same URLs, JSON rules and gRPC service as `tensorflow_model_server` for the
-Predict API, so `export.client` (and curl, and any TF Serving client) talks to
-either. Two uses:
+Same URLs, JSON rules, gRPC services and answers as `tensorflow_model_server`
+for model status, model metadata and Predict (`export.serving_api` has the
+messages), so `export.client`, curl and any TF Serving client talk to either.
+Two uses:
   * tests and development where the TF Serving binary is not installed;
   * serving the ScaNN model, whose custom ops stock TF Serving lacks: this
     process imports ScaNN, so its ops are registered before the model loads.
 It is not a production server (one Python process, no request batching, no
 version hot-swap): for production use TF Serving with the BruteForce model, or
-a TF Serving build that links ScaNN's ops.
+a TF Serving build that links ScaNN's ops. It listens on localhost unless
+told otherwise (--host=0.0.0.0 exposes it on every interface).
 
-The JSON decoding follows TF Serving's REST API documentation
-(https://www.tensorflow.org/tfx/serving/api_rest): exactly one of "instances"
-(row format: a list with one object per query holding every named input; the
-rows are stacked along a new batch dimension, so all rows must have the same
-shapes) or "inputs" (column format: an object of named, already batched
-values); every value must be a rectangular list matching the signature's
-dtype (integers for int64: 1.5, "1" or true are errors); a response comes in
-the request's format, {"predictions": [{...}, ...]} or {"outputs": {...}};
-errors as {"error": "..."} with HTTP 400 (404 for an unknown model).
+As models.config's policy (and TF Serving's default) asks, each model serves
+its latest version, loaded before the server answers: status reports that
+version AVAILABLE, and any other version is NOT_FOUND. Classify, Regress,
+MultiInference and HandleReloadConfigRequest are not implemented.
 """
 
 import http.server
 import json
 import os
-import re
 import threading
 from concurrent import futures
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -39,125 +35,106 @@ from absl import logging
 import numpy as np
 
 from export import client
+from export import serving_api
 from export import tf_serving
 
 FLAGS = flags.FLAGS
 
-_DTYPE_KINDS = {"int64": "iu", "int32": "iu", "float32": "iuf",
-                "float64": "iuf"}
-_PREDICT_PATH = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)(/versions/(?P<version>\d+))?:predict$")
 
+class Servable:
+  """One loaded version of a model: its signatures and their SignatureDefs."""
 
-class BadRequest(ValueError):  # noqa: N818 (named after HTTP 400)
-  """A request that TF Serving would refuse with INVALID_ARGUMENT."""
+  def __init__(self, name: str, version: int, path: str):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    client.load_scann_ops()
+    self.name, self.version, self.path = name, version, path
+    self.signatures = dict(tf.saved_model.load(path).signatures)
+    # Read from saved_model.pb, as TF Serving reports them.
+    self.signature_defs = serving_api.read_signature_defs(path)
 
+  def signature(self, name: str, grpc: bool = False):
+    """The callable signature `name`; unknown: TF Serving's error for the API.
 
-def _tensor(name: str, value, spec) -> np.ndarray:
-  """A JSON value -> an array of the spec's dtype and rank, or BadRequest."""
-  try:
-    array = np.array(value)
-  except ValueError:
-    raise BadRequest(f"Input {name!r}: not a rectangular list.") from None
-  dtype = spec.dtype.name
-  if array.dtype == object:
-    raise BadRequest(f"Input {name!r}: not a rectangular list.")
-  if array.size and (array.dtype.kind not in _DTYPE_KINDS.get(dtype, "") or
-                     array.dtype == bool):
-    raise BadRequest(f"Input {name!r}: JSON values {array.ravel()[:1]} are "
-                     f"not of the expected type {dtype}.")
-  rank = len(spec.shape)
-  if array.ndim != rank:
-    raise BadRequest(f"Input {name!r}: expected rank {rank}, got shape "
-                     f"{list(array.shape)}.")
-  return array.astype(dtype)
+    TF Serving refuses an unknown signature with INVALID_ARGUMENT over REST
+    but FAILED_PRECONDITION over gRPC, in different words; both are HTTP 400.
+    """
+    if name not in self.signatures:
+      if grpc:
+        raise serving_api.FailedPrecondition(
+            f'Serving signature key "{name}" not found.')
+      raise serving_api.BadRequest(
+          f'Serving signature name: "{name}" not found in signature def')
+    return self.signatures[name]
 
-
-def decode_predict_body(body: Dict, input_specs: Dict):
-  """JSON predict body -> ({input name: array}, "row" or "column").
-
-  Args:
-    body: the parsed JSON request.
-    input_specs: the signature's {name: tf.TensorSpec}.
-
-  Raises:
-    BadRequest: what TF Serving answers with HTTP 400.
-  """
-  if not isinstance(body, dict):
-    raise BadRequest("The request body must be a JSON object.")
-  if ("instances" in body) == ("inputs" in body):
-    raise BadRequest("Exactly one of 'instances' or 'inputs' is required.")
-  names = set(input_specs)
-  if "instances" in body:
-    rows = body["instances"]
-    if not isinstance(rows, list) or not rows:
-      raise BadRequest("'instances' must be a non-empty list.")
-    for i, row in enumerate(rows):
-      if not isinstance(row, dict) or set(row) != names:
-        got = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise BadRequest(f"instances[{i}]: expected an object with the "
-                         f"inputs {sorted(names)}, got {got}.")
-    columns = {n: [row[n] for row in rows] for n in names}
-    fmt = "row"
-  else:
-    columns = body["inputs"]
-    if not isinstance(columns, dict) or set(columns) != names:
-      got = sorted(columns) if isinstance(columns, dict) else columns
-      raise BadRequest(f"'inputs' must name the inputs {sorted(names)}, "
-                       f"got {got}.")
-    fmt = "column"
-  return {n: _tensor(n, columns[n], input_specs[n]) for n in names}, fmt
-
-
-def encode_predict_response(outputs: Dict[str, np.ndarray], fmt: str) -> Dict:
-  """Output arrays -> TF Serving's JSON response in the request's format."""
-  outputs = {k: np.asarray(v).tolist() for k, v in outputs.items()}
-  if fmt == "column":
-    return {"outputs": outputs}
-  batch = len(next(iter(outputs.values())))
-  return {"predictions": [{k: v[i] for k, v in outputs.items()}
-                          for i in range(batch)]}
+  def predict(self, signature_name: str, inputs: Dict[str, np.ndarray],
+              grpc: bool = False) -> Dict[str, np.ndarray]:
+    """Runs a signature on checked inputs; returns its outputs."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    signature = self.signature(signature_name, grpc)
+    try:
+      outputs = signature(**{k: tf.constant(v) for k, v in inputs.items()})
+    except (TypeError, ValueError) as e:  # arguments the function refused
+      raise serving_api.BadRequest(str(e)) from None
+    return {k: v.numpy() for k, v in outputs.items()}
 
 
 class Models:
-  """The latest version of each configured model, loaded once."""
+  """The latest `num_versions` versions of each model, loaded at start."""
 
-  def __init__(self, base_paths: Dict[str, str]):
-    self.paths = {}
+  def __init__(self, base_paths: Dict[str, str], num_versions: int = 1):
+    self.servables: Dict[str, Dict[int, Servable]] = {}
     for name, base in base_paths.items():
-      versions = [int(v) for v in os.listdir(base) if v.isdigit()]
+      versions = sorted(int(v) for v in os.listdir(base) if v.isdigit())
       if not versions:
         raise FileNotFoundError(f"No numbered version under {base}.")
-      self.paths[name] = {v: os.path.join(base, str(v)) for v in versions}
-    self._lock = threading.Lock()
+      self.servables[name] = {
+          v: Servable(name, v, os.path.join(base, str(v)))
+          for v in versions[-num_versions:]}
 
-  def signature(self, name: str, version: Optional[int] = None):
-    if name not in self.paths:
-      raise KeyError(f"Servable not found for request: Latest({name})")
-    versions = self.paths[name]
-    version = max(versions) if version is None else version
+  def get(self, name: str, version: Optional[int] = None,
+          label: Optional[str] = None) -> Servable:
+    """The servable a request's model spec names (TF Serving's errors)."""
+    if not name:
+      raise serving_api.BadRequest("ModelSpec has no name specified.")
+    if label is not None:  # models.config assigns no labels
+      raise serving_api.BadRequest(
+          f"Unrecognized servable version label: {label}")
+    versions = self.servables.get(name, {})
+    if version is None and versions:
+      return versions[max(versions)]
+    if version in versions:
+      return versions[version]
+    request = (f"Latest({name})" if version is None else
+               f"Specific({name}, {version})")
+    raise serving_api.NotFound(f"Servable not found for request: {request}")
+
+  def status(self, name: str, version: Optional[int] = None):
+    """GetModelStatusResponse; a version label is ignored, as TF Serving does.
+    """
+    versions = self.servables.get(name, {})
+    if version is None:
+      if not versions:
+        raise serving_api.NotFound(
+            f"Could not find any versions of model {name}")
+      return serving_api.status_response(sorted(versions))
     if version not in versions:
-      raise KeyError(f"Servable not found for request: "
-                     f"Specific({name}, {version})")
-    with self._lock:  # Load once even when requests race.
-      return client.load_signature(versions[version])
+      raise serving_api.NotFound(
+          f"Could not find version {version} of model {name}")
+    return serving_api.status_response([version])
 
-  def predict(self, name: str, version: Optional[int],
-              inputs: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    outputs = self.signature(name, version)(
-        **{k: tf.constant(v) for k, v in inputs.items()})
-    return {k: v.numpy() for k, v in outputs.items()}
-
-  def input_specs(self, name: str, version: Optional[int] = None):
-    return self.signature(name, version).structured_input_signature[1]
+  def metadata(self, name: str, version: Optional[int] = None,
+               label: Optional[str] = None):
+    servable = self.get(name, version, label)
+    return serving_api.metadata_response(servable.name, servable.version,
+                                         servable.signature_defs)
 
 
 def rest_handler(models: Models):
-  """An http.server handler class serving POST /v1/models/<name>:predict."""
+  """An http.server handler class answering TF Serving's REST API."""
 
   class Handler(http.server.BaseHTTPRequestHandler):
-    """TF Serving's REST predict endpoint."""
+    """Status, metadata and predict; errors as {"error": ...}."""
+    timeout = 60  # seconds a client may take to send its request
 
     def _reply(self, code: int, body: Dict):
       data = json.dumps(body).encode()
@@ -167,26 +144,51 @@ def rest_handler(models: Models):
       self.end_headers()
       self.wfile.write(data)
 
-    def do_POST(self):  # pylint: disable=invalid-name
-      match = _PREDICT_PATH.match(self.path)
-      if not match:
-        return self._reply(404,
-                           {"error": f"Malformed request: POST {self.path}"})
-      name = match["name"]
-      version = int(match["version"]) if match["version"] else None
+    def _body(self) -> bytes:
       try:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        inputs, fmt = decode_predict_body(body,
-                                          models.input_specs(name, version))
-        outputs = models.predict(name, version, inputs)
-      except KeyError as e:
-        return self._reply(404, {"error": str(e.args[0])})
-      except (BadRequest, ValueError) as e:
-        return self._reply(400, {"error": str(e)})
+        length = int(self.headers.get("Content-Length") or 0)
+      except ValueError:
+        raise serving_api.BadRequest("Bad Content-Length header.") from None
+      return self.rfile.read(length) if length > 0 else b""
+
+    def _answer(self, method: str, data: bytes) -> Dict:
+      route = serving_api.parse_path(method, self.path)
+      if route.call == "status":
+        return serving_api.status_json(models.status(route.name,
+                                                     route.version))
+      if route.call == "metadata":
+        return serving_api.metadata_json(models.metadata(
+            route.name, route.version, route.label))
+      # TF Serving reads the JSON and its signature name before the model.
+      body = serving_api.parse_json(data)
+      signature_name = serving_api.signature_name(body)
+      servable = models.get(route.name, route.version, route.label)
+      signature = servable.signature(signature_name)
+      if route.call != "predict":  # TF Serving's refusal for our signatures
+        method_name = servable.signature_defs.signature_def[
+            signature_name].method_name
+        raise serving_api.BadRequest(
+            f"Expected {route.call} signature method_name to be "
+            f"tensorflow/serving/{route.call}. Was: {method_name}")
+      inputs, fmt = serving_api.decode_predict_body(
+          body, signature.structured_input_signature[1])
+      return serving_api.encode_predict_response(
+          servable.predict(signature_name, inputs), fmt)
+
+    def _handle(self):
+      try:
+        # Read the whole body first, even for a request refused unread: a
+        # socket closed on unread data may reset before the answer arrives.
+        answer = self._answer(self.command, self._body())
       except Exception as e:  # pylint: disable=broad-except
-        # A TF runtime error (e.g. InvalidArgumentError), as TF Serving does.
-        return self._reply(400, {"error": str(getattr(e, "message", e))})
-      self._reply(200, encode_predict_response(outputs, fmt))
+        code, message = serving_api.error_status(e)
+        if code == "INTERNAL":
+          logging.exception("%s %s", self.command, self.path)
+        return self._reply(serving_api.http_status(code), {"error": message})
+      self._reply(200, answer)
+
+    # Other methods get TF Serving's "Malformed request" (400) from _answer.
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle  # noqa: N815
 
     def log_message(self, format, *args):  # pylint: disable=redefined-builtin
       logging.debug(format, *args)
@@ -194,51 +196,109 @@ def rest_handler(models: Models):
   return Handler
 
 
-def grpc_servicer(models: Models):
-  """A PredictionService servicer answering Predict from the loaded models."""
+def _abort(context, error: Exception):
+  """Ends a gRPC call with TF Serving's status for `error`."""
   import grpc  # pylint: disable=g-import-not-at-top
+  code, message = serving_api.error_status(error)
+  if code == "INTERNAL":
+    logging.error("gRPC call failed: %r", error)
+  context.abort(grpc.StatusCode[code], message)
+
+
+def _model_spec(spec):
+  """(name, version or None, label or None) of a request's ModelSpec."""
+  choice = spec.WhichOneof("version_choice")
+  return (spec.name, spec.version.value if choice == "version" else None,
+          spec.version_label if choice == "version_label" else None)
+
+
+def grpc_servicers(models: Models):
+  """(PredictionService, ModelService) servicers over the loaded models."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow_serving.apis import model_service_pb2_grpc  # pylint: disable=g-import-not-at-top
   from tensorflow_serving.apis import predict_pb2  # pylint: disable=g-import-not-at-top
   from tensorflow_serving.apis import prediction_service_pb2_grpc  # pylint: disable=g-import-not-at-top
 
-  class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """Predict only; the other PredictionService methods are unimplemented."""
+  class Predictions(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """Predict and GetModelMetadata; Classify, Regress, MultiInference are
+    unimplemented."""
 
     def Predict(self, request, context):  # pylint: disable=invalid-name
-      spec = request.model_spec
-      version = spec.version.value if spec.HasField("version") else None
       try:
-        specs = models.input_specs(spec.name, version)
-        if set(request.inputs) != set(specs):
-          raise BadRequest(f"Expected inputs {sorted(specs)}, got "
-                           f"{sorted(request.inputs)}.")
+        servable = models.get(*_model_spec(request.model_spec))
+        name = (request.model_spec.signature_name or
+                serving_api.DEFAULT_SIGNATURE)
+        signature = servable.signature(name, grpc=True)
         inputs = {}
-        for name, proto in request.inputs.items():
-          array = tf.make_ndarray(proto)
-          if array.dtype != specs[name].dtype.as_numpy_dtype:
-            raise BadRequest(f"Input {name!r}: expects type "
-                             f"{specs[name].dtype.name}, got {array.dtype}.")
-          inputs[name] = array
-        outputs = models.predict(spec.name, version, inputs)
-      except KeyError as e:
-        context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
+        for key, proto in request.inputs.items():
+          try:
+            inputs[key] = tf.make_ndarray(proto)
+          except Exception as e:  # pylint: disable=broad-except
+            raise serving_api.BadRequest(f"Input {key!r}: {e}") from None
+        serving_api.check_inputs(inputs,
+                                 signature.structured_input_signature[1])
+        known = sorted(signature.structured_outputs)
+        wanted = list(request.output_filter) or known
+        for key in wanted:
+          if key not in known:
+            raise serving_api.BadRequest(
+                f"output tensor alias not found in signature: {key} "
+                f"Outputs expected to be in the set {{{','.join(known)}}}.")
+        outputs = servable.predict(name, inputs, grpc=True)
       except Exception as e:  # pylint: disable=broad-except
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                      str(getattr(e, "message", e)))
+        return _abort(context, e)
       response = predict_pb2.PredictResponse()
-      response.model_spec.CopyFrom(spec)
-      for name, value in outputs.items():
-        response.outputs[name].CopyFrom(tf.make_tensor_proto(value))
+      # The version and signature that served the request, as TF Serving.
+      response.model_spec.name = servable.name
+      response.model_spec.version.value = servable.version
+      response.model_spec.signature_name = name
+      for key in wanted:
+        response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key]))
       return response
 
-  return Servicer()
+    def GetModelMetadata(self, request, context):  # pylint: disable=invalid-name
+      try:
+        if not request.HasField("model_spec"):
+          raise serving_api.BadRequest("Missing ModelSpec")
+        if not request.metadata_field:
+          raise serving_api.BadRequest(
+              "GetModelMetadataRequest must specify at least one "
+              "metadata_field")
+        for field in request.metadata_field:
+          if field != serving_api.SIGNATURE_DEF:
+            raise serving_api.BadRequest(
+                f"Metadata field {field} is not supported")
+        return models.metadata(*_model_spec(request.model_spec))
+      except Exception as e:  # pylint: disable=broad-except
+        return _abort(context, e)
+
+  class ModelStatus(model_service_pb2_grpc.ModelServiceServicer):
+    """GetModelStatus; HandleReloadConfigRequest is unimplemented."""
+
+    def GetModelStatus(self, request, context):  # pylint: disable=invalid-name
+      try:
+        if not request.HasField("model_spec"):
+          raise serving_api.BadRequest("Missing ModelSpec")
+        name, version, _ = _model_spec(request.model_spec)
+        return models.status(name, version)
+      except Exception as e:  # pylint: disable=broad-except
+        return _abort(context, e)
+
+  return Predictions(), ModelStatus()
 
 
 def start(base_paths: Dict[str, str], rest_port: int = 0,
           grpc_port: Optional[int] = None, host: str = "localhost"):
-  """Starts the servers in threads; returns (rest address, grpc address, stop).
+  """Loads the models, starts the servers in threads.
 
-  Port 0 picks a free port. `grpc_port` None: no gRPC server.
+  Args:
+    base_paths: {model name: base path holding numbered versions}.
+    rest_port: REST port; 0 picks a free one.
+    grpc_port: gRPC port; 0 picks a free one; None: no gRPC server.
+    host: the interface to listen on ("0.0.0.0": all of them).
+
+  Returns:
+    (REST "host:port", gRPC "host:port" or None, a function that stops both).
   """
   models = Models(base_paths)
   rest = http.server.ThreadingHTTPServer((host, rest_port),
@@ -247,10 +307,14 @@ def start(base_paths: Dict[str, str], rest_port: int = 0,
   grpc_server, grpc_address = None, None
   if grpc_port is not None:
     import grpc  # pylint: disable=g-import-not-at-top
+    from tensorflow_serving.apis import model_service_pb2_grpc  # pylint: disable=g-import-not-at-top
     from tensorflow_serving.apis import prediction_service_pb2_grpc  # pylint: disable=g-import-not-at-top
     grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    predictions, model_status = grpc_servicers(models)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        grpc_servicer(models), grpc_server)
+        predictions, grpc_server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+        model_status, grpc_server)
     bound = grpc_server.add_insecure_port(f"{host}:{grpc_port}")
     grpc_server.start()
     grpc_address = f"{host}:{bound}"
@@ -277,11 +341,13 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                       flag_values=fv)
   flags.DEFINE_integer("rest_api_port", 8501, "REST port.", flag_values=fv)
   flags.DEFINE_integer("port", 8500, "gRPC port.", flag_values=fv)
-  flags.DEFINE_string("host", "0.0.0.0", "Interface to listen on.",
-                      flag_values=fv)
+  # Loopback by default: a development server, not one to expose unasked.
+  flags.DEFINE_string("host", "localhost",
+                      "Interface to listen on; --host=0.0.0.0 exposes the "
+                      "server on every interface.", flag_values=fv)
 
 
-def main(argv):
+def main(argv: Sequence[str]):
   del argv
   if FLAGS.model_config_file:
     base_paths = tf_serving.read_model_config(FLAGS.model_config_file)

@@ -8,6 +8,15 @@ r"""Command-line recommendations from TF Serving or from a SavedModel.
   python -m export.recommend --user_id=42 --seed_item_id=7 \
       --history_item_ids=1,2,3 \
       --saved_model=/tmp/tfrs_yambda/demo/export/yambda_scann/1
+  # From raw events (ITEM:PLAYED_PCT:TYPE, oldest first): the history is the
+  # positive listens of known tracks, as in training; the seed the last listen.
+  python -m export.recommend --user_id=42 \
+      --events=1:100:listen,2:10:listen,3:80:listen,3::dislike \
+      --saved_model=/tmp/tfrs_yambda/demo/export/yambda_bruteforce/1
+
+--history_item_ids is the history the model was trained on: the user's most
+recent positive listens (played at least 50%, not disliked) of tracks the
+model knows, oldest first; not every recent play. --events builds it.
 """
 
 import json
@@ -24,11 +33,18 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   """Defines this program's flags in `flag_values` (called by its main)."""
   fv = flag_values
   flags.DEFINE_integer("user_id", None, "The listener's uid.", flag_values=fv)
-  flags.DEFINE_integer("seed_item_id", None, "The track playing now.",
-                       flag_values=fv)
+  flags.DEFINE_integer("seed_item_id", None,
+                       "The track just played (default with --events: the "
+                       "last listen).", flag_values=fv)
   flags.DEFINE_list("history_item_ids", [],
-                    "Recently played track ids, oldest first.",
-                    flag_values=fv)
+                    "The user's recent positive listens (played >= 50%, not "
+                    "disliked) of known tracks, oldest first; not every "
+                    "play (use --events for raw events).", flag_values=fv)
+  flags.DEFINE_list("events", [],
+                    "Raw recent events instead of --history_item_ids, oldest "
+                    "first: ITEM:PLAYED_PCT:TYPE, TYPE listen, like, "
+                    "dislike, unlike or undislike (PLAYED_PCT empty but for "
+                    "listens), e.g. 7:100:listen,7::like.", flag_values=fv)
   flags.DEFINE_string("server", None,
                       "TF Serving host:port; unset: run --saved_model here.",
                       flag_values=fv)
@@ -51,6 +67,22 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     flag_values=fv)
 
 
+def parse_events(specs):
+  """["ITEM:PLAYED_PCT:TYPE", ...] -> (item, ratio or None, type) events."""
+  events = []
+  for spec in specs:
+    parts = spec.split(":")
+    try:
+      if len(parts) != 3:
+        raise ValueError
+      events.append((int(parts[0]), float(parts[1]) if parts[1] else None,
+                     parts[2]))
+    except ValueError:
+      raise app.UsageError(f"--events: {spec!r} is not "
+                           "ITEM:PLAYED_PCT:TYPE.") from None
+  return events
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -62,12 +94,22 @@ def main(argv):
     ) from None
   if FLAGS.server is None and FLAGS.saved_model is None:
     raise app.UsageError("Give --server or --saved_model.")
+  if FLAGS.events and history:
+    raise app.UsageError("Give --events or --history_item_ids, not both.")
+  if not FLAGS.events and FLAGS.seed_item_id is None:
+    raise app.UsageError("Give --seed_item_id (or --events).")
+  options = dict(server=FLAGS.server, protocol=FLAGS.protocol,
+                 model_name=FLAGS.model_name, saved_model=FLAGS.saved_model,
+                 history_length=FLAGS.history_length,
+                 version=FLAGS.model_version)
   try:
-    recs = client.recommend(
-        FLAGS.user_id, FLAGS.seed_item_id, history, server=FLAGS.server,
-        protocol=FLAGS.protocol, model_name=FLAGS.model_name,
-        saved_model=FLAGS.saved_model, history_length=FLAGS.history_length,
-        version=FLAGS.model_version)
+    if FLAGS.events:
+      recs = client.recommend_from_events(
+          FLAGS.user_id, parse_events(FLAGS.events), FLAGS.seed_item_id,
+          **options)
+    else:
+      recs = client.recommend(FLAGS.user_id, FLAGS.seed_item_id, history,
+                              **options)
   except (client.RequestError, client.ServingError) as e:
     raise app.UsageError(str(e)) from None
   top = slice(0, FLAGS.top)
@@ -83,5 +125,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(["user_id", "seed_item_id"])
+  flags.mark_flags_as_required(["user_id"])
   app.run(main)

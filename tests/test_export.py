@@ -176,5 +176,36 @@ def test_serving_history_is_laid_out_as_in_training(catalogue):
            [ids[1], ids[2], ids[3], ids[4], ids[5], ids[6]],
            [-1, -1, -1, ids[2], unknown, ids[7]]], tf.int64),
   })
+  # The unknown id is dropped before the cut, as padding is: no slot for it.
   np.testing.assert_array_equal(seen[schema.HISTORY_ITEMS].numpy(),
-                                [[0, 0, 3, 5], [3, 4, 5, 6], [0, 2, 0, 7]])
+                                [[0, 0, 3, 5], [3, 4, 5, 6], [0, 0, 2, 7]])
+
+
+def test_unknown_history_ids_take_no_slot(exported, catalogue):
+  """N known ids with M unknown ones among them serve as the N alone."""
+  serve = _load(exported[1]["bruteforce"])
+  known = catalogue.item_ids[1:1 + 2 * HISTORY_LENGTH]
+  unknown = int(catalogue.item_ids.max()) + 1 + np.arange(HISTORY_LENGTH)
+  recent = known[-HISTORY_LENGTH:]
+  # Unknown ids interleaved with the most recent N known, and after them.
+  mixed = np.r_[known[:-HISTORY_LENGTH],
+                np.ravel(np.c_[recent, unknown]), unknown[:3]]
+  user = tf.constant([int(catalogue.user_ids[1])] * 2, tf.int64)
+  seed = tf.constant([int(known[0])] * 2, tf.int64)
+  out = serve(user_id=user, seed_item_id=seed, history_item_ids=tf.constant(
+      np.stack([mixed, np.r_[[-1] * (len(mixed) - HISTORY_LENGTH), recent]]),
+      tf.int64))
+  np.testing.assert_array_equal(out["item_ids"][0], out["item_ids"][1])
+  np.testing.assert_allclose(out["scores"][0], out["scores"][1], atol=1e-6)
+
+
+def test_export_writes_what_clients_need(exported, catalogue):
+  """The ids the model knows and the positive rule, for raw-event clients."""
+  path = exported[1]["scann"]
+  np.testing.assert_array_equal(
+      np.load(os.path.join(path, "assets.extra", "known_item_ids.npy")),
+      np.sort(catalogue.item_ids[1:]))
+  with open(os.path.join(path, "assets.extra",
+                         "export_metadata.json")) as f:
+    assert json.load(f)["min_played_ratio"] == catalogue.metadata[
+        "min_played_ratio"]

@@ -90,7 +90,8 @@ def test_oddities_are_counted_not_errors(tiny_yambda, events_table, prep_config,
   assert report["input_sorted_by_uid_timestamp"]
   assert report["dropped_rows_by_reason"] == {
       "explicit_event_without_earlier_listen_of_the_track":
-          report["explicit_events_dropped_no_earlier_listen"]}
+          report["explicit_events_dropped_no_earlier_listen"],
+      "duplicate_event_first_row_kept": 0}
 
 
 @pytest.mark.e2e  # worker processes

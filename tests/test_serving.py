@@ -1,9 +1,11 @@
 """TF Serving path: export files, REST/gRPC client, local server, CLIs.
 
 The tensorflow_model_server binary is not available here, so the REST bodies
-are decoded by `export.local_server`, which follows TF Serving's documented
-JSON rules, and run through the exported signature; the results must equal the
-in-process call of the same SavedModel.
+are decoded by `export.serving_api`, which follows TF Serving's documented
+JSON rules, and run through the exported signature by `export.local_server`;
+the results must equal the in-process call of the same SavedModel. TF
+Serving's status, metadata and errors: test_serving_contract.py; histories
+from raw events: test_serving_history.py.
 """
 
 import json
@@ -21,6 +23,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from export import client
 from export import local_server
+from export import serving_api
 from export import tf_serving
 from tfrs_yambda import evaluate
 from tfrs_yambda import input_pipeline
@@ -107,7 +110,7 @@ def test_rest_bodies_decode_to_the_request_tensors(exported, queries):
   for fmt, decoded_fmt in (("instances", "row"), ("inputs", "column")):
     # Through real JSON text, as on the wire.
     body = json.loads(json.dumps(client.rest_body(inputs, fmt)))
-    decoded, got_fmt = local_server.decode_predict_body(body, specs)
+    decoded, got_fmt = serving_api.decode_predict_body(body, specs)
     assert got_fmt == decoded_fmt
     for name, value in inputs.items():
       assert decoded[name].dtype == np.int64

@@ -90,9 +90,11 @@ def feedback_attachments(uid: np.ndarray, item: np.ndarray, ts: np.ndarray,
 class Listens:
   """One bucket's listens sorted by (uid, timestamp), with derived flags.
 
-  `window(name)` gives each window's feedback, positives and targets as the
-  window may know them (`rules.window_feedback`); the attributes `feedback`
-  and `positive` use all feedback, for the report's counts.
+  Duplicate events are dropped first (`rules.duplicate_events`; counted in
+  `duplicates`). `window(name)` gives each window's feedback, positives and
+  targets as the window may know them (`rules.window_feedback`); the
+  attributes `feedback` and `positive` use all feedback, for the report's
+  counts.
   """
 
   def __init__(self, table: pa.Table, split: Dict[str, int],
@@ -101,15 +103,23 @@ class Listens:
     ts = table.column("timestamp").to_numpy()
     item = table.column("item_id").to_numpy()
     code = table.column("event_type").to_numpy()
+    # Stable: rows with equal (uid, time) keep file order, as in memory. The
+    # one sort finds duplicates and orders the listens.
+    order = np.argsort(rules.user_time_key(uid, ts), kind="stable")
+    # A user's rows are all in this bucket, in file order: duplicates of an
+    # event are found here, never in a global pass.
+    dropped, self.duplicates = rules.duplicate_events(uid, ts, item, code,
+                                                      order)
+    if dropped.any():
+      kept = ~dropped
+      order = (np.cumsum(kept) - 1)[order[kept[order]]]
+      uid, ts, item, code = uid[kept], ts[kept], item[kept], code[kept]
+      table = table.filter(pa.array(kept))
     self._attachments = feedback_attachments(uid, item, ts, code)
     self.orphans = self._attachments[2]
     self._code, self._event_ts = code, ts
     feedback = self._feedback_at(None)
-    listen_rows = np.flatnonzero(code == rules.LISTEN)
-    key = ((uid[listen_rows].astype(np.uint64) << np.uint64(32)) |
-           ts[listen_rows].astype(np.uint64))
-    # Stable: listens with equal (uid, time) keep file order, as in memory.
-    rows = listen_rows[np.argsort(key, kind="stable")]
+    rows = order[code[order] == rules.LISTEN]
     self._rows = rows
     self.uid = uid[rows].astype(np.int64)
     self.ts = ts[rows].astype(np.int64)

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data_prep import item_metadata
 from data_prep import rules
 from data_prep import yambda
 from data_prep.prep import stats
@@ -114,13 +115,15 @@ def _median_lengths(keys: np.ndarray, key_listens: np.ndarray,
 def _stream_audio(path: str, sorted_items: np.ndarray, index_of: np.ndarray,
                   out_path: str, batch_rows: int,
                   nonfinite_embeddings: str = "error"
-                  ) -> Tuple[np.ndarray, int, int]:
+                  ) -> Tuple[np.ndarray, int, int, int]:
   """Writes audio.npy [n_items + 1, width] in catalogue order, batch by batch.
 
   The matrix is the one catalogue piece as large as items x width (about 5 GB
   at 9.4M items), so it goes to disk through a memory map, never whole in RAM.
-  Returns has_audio in catalogue order, the width, and the count of items
-  whose embedding was non-finite and so treated as missing.
+  Returns has_audio in catalogue order, the width, the count of items whose
+  embedding was non-finite and so treated as missing, and the count of rows
+  ignored as a catalogue item's repeated row (its first row is kept,
+  `item_metadata.first_embedding_rows`).
 
   NaN or inf in a kept item's embedding is an error naming the item and its
   row in the file, as the in-memory reference does; with
@@ -136,6 +139,8 @@ def _stream_audio(path: str, sorted_items: np.ndarray, index_of: np.ndarray,
   audio = None
   has_audio = np.zeros(len(sorted_items) + 1, bool)
   nonfinite = np.zeros(len(sorted_items) + 1, bool)
+  seen = np.zeros(len(sorted_items) + 1, bool)  # items given a row so far
+  repeated = 0
   next_row = 0  # row of the file where the next batch starts
   del batch_rows  # embeddings are wide: their own, smaller batches
   for batch in parquet.iter_batches(batch_size=AUDIO_BATCH_ROWS,
@@ -158,6 +163,10 @@ def _stream_audio(path: str, sorted_items: np.ndarray, index_of: np.ndarray,
       audio = np.lib.format.open_memmap(
           out_path, mode="w+", dtype=np.float32,
           shape=(len(sorted_items) + 1, width))
+    catalogued, earlier = keep, np.zeros(len(ids), bool)
+    earlier[catalogued] = seen[index_of[pos[catalogued]]]
+    keep = item_metadata.first_embedding_rows(ids, catalogued, earlier)
+    repeated += int(np.sum(catalogued & ~keep))
     if not keep.any():
       continue
     values = embed.flatten().to_numpy(zero_copy_only=False).astype(
@@ -167,20 +176,21 @@ def _stream_audio(path: str, sorted_items: np.ndarray, index_of: np.ndarray,
     if not finite.all():
       if nonfinite_embeddings == "error":
         bad = np.flatnonzero(keep)[np.flatnonzero(~finite)[0]]
-        raise rules.nonfinite_embedding_error(
+        raise item_metadata.nonfinite_embedding_error(
             path, int(ids[bad]), first_row + int(bad))
       values[~finite] = 0
       nonfinite[rows[~finite]] = True
     by_row = np.argsort(rows)  # in file order, the writes touch fewer pages
     audio[rows[by_row]] = values[by_row]
     has_audio[rows] = finite
+    seen[rows] = True
   if audio is None:
     width = 0
     np.save(out_path, np.zeros((len(sorted_items) + 1, 0), np.float32))
   else:
     audio.flush()
     del audio
-  return has_audio, width, int(np.sum(nonfinite & ~has_audio))
+  return has_audio, width, int(np.sum(nonfinite & ~has_audio)), repeated
 
 
 def build_catalogue(root: str, work: work_lib.Work, num_buckets: int,
@@ -218,7 +228,7 @@ def build_catalogue(root: str, work: work_lib.Work, num_buckets: int,
   first_listen = first_ts
   if metadata_items:
     listened = sorted_items
-    sorted_items = np.union1d(listened, rules.metadata_item_ids(root))
+    sorted_items = np.union1d(listened, item_metadata.metadata_item_ids(root))
     at = np.searchsorted(sorted_items, listened)
     first_listen = np.full(len(sorted_items), rules.NEVER_LISTENED, np.int64)
     first_listen[at] = first_ts
@@ -231,7 +241,7 @@ def build_catalogue(root: str, work: work_lib.Work, num_buckets: int,
   known = (first_listen != rules.NEVER_LISTENED) & (
       first_listen < metadata["train_end"])
 
-  mapped = rules.artists_and_albums(root, sorted_items, known)
+  mapped = item_metadata.artists_and_albums(root, sorted_items, known)
   length = _median_lengths(keys, key_listens, sorted_items)
 
   def reorder(values, fill):
@@ -247,7 +257,7 @@ def build_catalogue(root: str, work: work_lib.Work, num_buckets: int,
   os.makedirs(tmp)
   audio_path = os.path.join(tmp, "audio.stream.npy")
   # The prep's config (metadata["prep_config"]) says how NaN/inf is handled.
-  has_audio, width, nonfinite = _stream_audio(
+  has_audio, width, nonfinite, repeated = _stream_audio(
       yambda.embeddings_path(root), sorted_items, index_of, audio_path,
       batch_rows,
       metadata.get("prep_config", {}).get("nonfinite_embeddings", "error"))
@@ -271,7 +281,7 @@ def build_catalogue(root: str, work: work_lib.Work, num_buckets: int,
   catalogue_lib.write(cat, tmp)
   os.replace(audio_path, os.path.join(tmp, "audio.npy"))
   counts.update(catalogue_counts(cat, len(uids), mapped["multi_artist"],
-                                 mapped["multi_album"], nonfinite))
+                                 mapped["multi_album"], nonfinite, repeated))
   atomic.write_json(counts, os.path.join(tmp, "counts.json"))
   os.replace(tmp, work.catalogue)
   return counts
@@ -279,16 +289,19 @@ def build_catalogue(root: str, work: work_lib.Work, num_buckets: int,
 
 def catalogue_counts(cat: catalogue_lib.Catalogue, num_users: int,
                      multi_artist: int, multi_album: int,
-                     nonfinite: int) -> Dict[str, int]:
+                     nonfinite: int, repeated_embeddings: int = 0
+                     ) -> Dict[str, int]:
   """The report's counts of a finished catalogue, as both preps count them.
 
   Args:
     cat: the catalogue (its `audio` may be a placeholder of the right width).
     num_users: users with any listen (the catalogue keeps only those with
       training positives).
-    multi_artist: items mapped to several artists (the first kept).
-    multi_album: items mapped to several albums (the first kept).
+    multi_artist: items mapped to several artists (the smallest id kept).
+    multi_album: items mapped to several albums (the smallest id kept).
     nonfinite: items whose embedding held NaN/inf, treated as missing.
+    repeated_embeddings: embedding rows ignored as a catalogue item's second
+      or later row.
 
   Returns:
     Name -> count, as prep_report.json has them.
@@ -312,6 +325,7 @@ def catalogue_counts(cat: catalogue_lib.Catalogue, num_users: int,
       "items_with_several_albums_first_kept": multi_album,
       "items_without_audio_embedding": int(np.sum(~cat.has_audio[1:])),
       "items_with_nonfinite_embedding_treated_as_missing": nonfinite,
+      "embedding_rows_duplicate_item_first_kept": repeated_embeddings,
       "items_without_track_length": int(np.sum(cat.item_length[1:] == 0)),
       "audio_dim": cat.audio_dim,
   }

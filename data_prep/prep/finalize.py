@@ -41,6 +41,7 @@ def finalize(work: work_lib.Work, plan: work_lib.Plan, scan: Dict[str, Any],
   report["dropped_rows_by_reason"] = {
       "explicit_event_without_earlier_listen_of_the_track": report[
           "explicit_events_dropped_no_earlier_listen"],
+      "duplicate_event_first_row_kept": report["duplicate_events_dropped"],
   }
   report["num_buckets"] = plan.num_buckets
   for name in ("scan", "buckets", "stats", "parts", "done", "job.json"):

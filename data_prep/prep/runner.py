@@ -139,8 +139,6 @@ def _stage_units(items: Iterable[int], shard_index: int, num_shards: int,
 
 def _time_split(config: config_lib.PrepConfig,
                 scan_counts: Dict[str, Any]) -> Dict[str, int]:
-  if scan_counts["listen_timestamp_max"] is None:
-    raise ValueError("The input has no listen events.")
   return rules.time_split(config, scan_counts["listen_timestamp_min"],
                           scan_counts["listen_timestamp_max"])
 

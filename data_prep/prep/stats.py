@@ -86,6 +86,7 @@ def bucket_stats(listens: buckets.Listens, split: Dict[str, int],
   in_gap = ((ts >= split["train_end"]) & (ts < split["validation_start"])) | (
       (ts >= split["validation_end"]) & (ts < split["test_start"]))
   counts = {
+      **listens.duplicates,
       "listens": len(listens),
       "explicit_events_dropped_no_earlier_listen": listens.orphans,
       "listens_skipped_below_min_played_ratio": int(
