@@ -7,9 +7,10 @@ from tables built from the catalogue, so serving needs nothing but ids.
 Example age is not a tower input. In training it adds a context-free term to
 each score, a per-item curve of popularity against age (`age_features` ·
 `ItemEncoder.trend`), which is 0 at age 0: serving's "now" is the towers'
-dot product itself. Fed into the query MLP instead (the YouTube way), age
-helped the trending tracks but cost the seed- and history-driven ones more
-(README, "Ablations").
+dot product itself. Feeding age into the query MLP instead (the YouTube
+way) is the alternative; which is better is not established under the
+validation protocol (docs/evaluation.md, "Earlier claims that did not
+survive").
 """
 
 import dataclasses
