@@ -8,6 +8,7 @@ from tfrs_yambda import baselines
 from tfrs_yambda import metrics
 from tfrs_yambda import ranking
 from tfrs_yambda import report
+from tfrs_yambda import schema
 
 
 def test_rank_metrics_on_known_ranks():
@@ -64,13 +65,24 @@ def test_model_top_k_comes_from_the_same_scores_as_the_ranks():
   np.testing.assert_array_equal(top.numpy(), expected)
 
 
-def _assert_top_k_agrees_with_ranks(baseline, seeds, k):
-  """Item j of a seed's top list must be the item that baseline ranks j + 1."""
-  top = np.asarray(baseline.top_k(seeds, k))
-  assert top.shape == (len(seeds), k)
-  for seed, items in zip(seeds, top):
-    np.testing.assert_array_equal(
-        baseline.ranks(np.full(k, seed), items), np.arange(1, k + 1))
+def _queries(seeds, history=None):
+  """Baseline queries: these seeds, and these histories or empty ones."""
+  seeds = np.asarray(seeds, np.int64)
+  if history is None:
+    history = np.zeros((len(seeds), 3), np.int64)
+  return {schema.SEED_ITEM: seeds,
+          schema.HISTORY_ITEMS: np.asarray(history, np.int64)}
+
+
+def _assert_top_k_agrees_with_ranks(baseline, queries, k):
+  """Item j of a query's top list must be the item that baseline ranks j + 1."""
+  top = np.asarray(baseline.top_k(queries, k))
+  assert top.shape == (len(queries[schema.SEED_ITEM]), k)
+  for row, items in enumerate(top):
+    repeated = {name: np.repeat(values[row:row + 1], k, axis=0)
+                for name, values in queries.items()}
+    np.testing.assert_array_equal(baseline.ranks(repeated, items),
+                                  np.arange(1, k + 1))
 
 
 def test_baseline_top_k_lists_follow_their_ranks():
@@ -80,10 +92,10 @@ def test_baseline_top_k_lists_follow_their_ranks():
   for baseline in (baselines.MostPopular(8, targets),
                    baselines.RecentPopular(8, targets, ages),
                    baselines.SeedCooccurrence(8, seeds, targets)):
-    _assert_top_k_agrees_with_ranks(baseline, np.array([1, 2, 5, 7]), 7)
+    _assert_top_k_agrees_with_ranks(baseline, _queries([1, 2, 5, 7]), 7)
   co = baselines.SeedCooccurrence(8, seeds, targets)
   # After seed 1: 3 (twice), 5 (once), then by index 1, 2, 4.
-  np.testing.assert_array_equal(co.top_k(np.array([1]), 5), [[3, 5, 1, 2, 4]])
+  np.testing.assert_array_equal(co.top_k(_queries([1]), 5), [[3, 5, 1, 2, 4]])
 
 
 def test_most_popular_and_recent_popular():
@@ -104,11 +116,11 @@ def test_seed_cooccurrence_ranks_transitions_then_popularity():
   co = baselines.SeedCooccurrence(7, seeds, targets)
   # After seed 1: 4 (twice), 3 (once), then by index: 1, 2, 5, 6.
   np.testing.assert_array_equal(
-      co.ranks(np.array([1, 1, 1, 1, 1]), np.array([4, 3, 1, 5, 6])),
+      co.ranks(_queries([1, 1, 1, 1, 1]), np.array([4, 3, 1, 5, 6])),
       [1, 2, 3, 5, 6])
   # Seed 2: 5 (twice), 3 (once). Unseen seed 6: popularity (index) order.
   np.testing.assert_array_equal(
-      co.ranks(np.array([2, 2, 6]), np.array([5, 1, 2])), [1, 3, 2])
+      co.ranks(_queries([2, 2, 6]), np.array([5, 1, 2])), [1, 3, 2])
 
 
 def test_format_table_lists_every_retriever():
@@ -146,9 +158,10 @@ def test_training_counts_added_in_batches_equal_the_array_baselines(
                baselines.RecentPopular(n, targets, ages, half_life_days=7),
                baselines.SeedCooccurrence(n, seeds, targets)]
   query_seeds, query_targets = rng.integers(1, n, 200), rng.integers(1, n, 200)
+  queries = _queries(query_seeds)
   for got, want in zip(streamed, reference):
     assert got.name == want.name
-    np.testing.assert_array_equal(got.ranks(query_seeds, query_targets),
-                                  want.ranks(query_seeds, query_targets))
-    np.testing.assert_array_equal(got.top_k(query_seeds[:20], 10),
-                                  want.top_k(query_seeds[:20], 10))
+    np.testing.assert_array_equal(got.ranks(queries, query_targets),
+                                  want.ranks(queries, query_targets))
+    np.testing.assert_array_equal(got.top_k(_queries(query_seeds[:20]), 10),
+                                  want.top_k(_queries(query_seeds[:20]), 10))

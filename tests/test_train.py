@@ -79,8 +79,12 @@ def test_main_job_chooses_on_validation_retrains_and_scores_test_once(
   assert results["retrain"]["train_steps"] == (
       retrain_meta["num_train_examples"] // 256 * selection["epoch"])
 
+  # ItemKNN's neighbourhood size: the best on the validation day.
+  knn = selection["itemknn_neighbours"]
+  assert knn["by_k"][str(knn["chosen"])] == max(knn["by_k"].values())
+
   retrievers = {"model", "most_popular", "recent_popular",
-                "seed_cooccurrence", "oracle"}
+                "seed_cooccurrence", "item_knn", "oracle"}
   for window in ("validation", "test"):
     scores = results[window]
     assert scores["window"] == window

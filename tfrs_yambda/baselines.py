@@ -1,12 +1,19 @@
 """Non-learned retrievers that the model must beat, ranked like the model.
 
 Each baseline is fitted on the training examples (seed, target, example age)
-and returns, for test (seed, target) pairs, the rank of the target over the
-whole catalogue, and for seeds, the top-k items of that same ordering. Ties
-are broken by catalogue index, i.e. by popularity.
+and answers queries: dicts of numpy arrays with at least `schema.SEED_ITEM`
+and `schema.HISTORY_ITEMS`, one row per query, as the examples and the Yambda
+protocol's queries hold them. `ranks(queries, targets)` is each target's
+rank over the whole catalogue and `top_k(queries, k)` the first k items of
+that same ordering. Ties are broken by catalogue index, i.e. by popularity.
+ItemKNN, which reads the histories, is `tfrs_yambda.itemknn`.
 """
 
+from typing import Dict
+
 import numpy as np
+
+from tfrs_yambda import schema
 
 
 def _rank_of_each_item(scores: np.ndarray) -> np.ndarray:
@@ -44,13 +51,15 @@ class MostPopular:
     self._rank = _rank_of_each_item(scores)
     self._by_rank = np.argsort(self._rank)  # index 0 last
 
-  def ranks(self, seeds: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    del seeds
+  def ranks(self, queries: Dict[str, np.ndarray],
+            targets: np.ndarray) -> np.ndarray:
+    del queries  # the same ranking for every query
     return self._rank[targets]
 
-  def top_k(self, seeds: np.ndarray, k: int) -> np.ndarray:
-    """The same k best items for every seed, int [len(seeds), k] (a view)."""
-    return np.broadcast_to(self._by_rank[:k], (len(seeds), k))
+  def top_k(self, queries: Dict[str, np.ndarray], k: int) -> np.ndarray:
+    """The same k best items for every query, int [queries, k] (a view)."""
+    return np.broadcast_to(self._by_rank[:k],
+                           (len(queries[schema.SEED_ITEM]), k))
 
 
 class RecentPopular(MostPopular):
@@ -96,14 +105,14 @@ class SeedCooccurrence:
                                                (seed + 1) * self._n])
     return self._keys[start:stop] - seed * self._n, self._counts[start:stop]
 
-  def top_k(self, seeds: np.ndarray, k: int) -> np.ndarray:
-    """The k best items after each seed, int [len(seeds), k].
+  def top_k(self, queries: Dict[str, np.ndarray], k: int) -> np.ndarray:
+    """The k best items after each query's seed, int [queries, k].
 
     Co-occurring items by count (ties by index), then the others by index,
     as `ranks` orders them; each distinct seed's list is built once.
     """
-    unique, inverse = np.unique(np.asarray(seeds, np.int64),
-                                return_inverse=True)
+    unique, inverse = np.unique(
+        np.asarray(queries[schema.SEED_ITEM], np.int64), return_inverse=True)
     lists = np.empty((len(unique), k), np.int64)
     for row, seed in enumerate(unique):
       items, counts = self._row(int(seed))
@@ -114,8 +123,9 @@ class SeedCooccurrence:
       lists[row] = np.concatenate([listed, fill])
     return lists[inverse.reshape(-1)]
 
-  def ranks(self, seeds: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    seeds = seeds.astype(np.int64)
+  def ranks(self, queries: Dict[str, np.ndarray],
+            targets: np.ndarray) -> np.ndarray:
+    seeds = np.asarray(queries[schema.SEED_ITEM], np.int64)
     row_start = np.searchsorted(self._keys, seeds * self._n)
     row_stop = np.searchsorted(self._keys, (seeds + 1) * self._n)
     ranks = np.empty(len(seeds), np.int64)

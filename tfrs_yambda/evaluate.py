@@ -24,12 +24,14 @@ import dataclasses
 import os
 from typing import Dict, List, Optional, Sequence
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
 from tfrs_yambda import baselines
 from tfrs_yambda import catalogue as catalogue_lib
 from tfrs_yambda import input_pipeline
+from tfrs_yambda import itemknn
 from tfrs_yambda import metrics
 from tfrs_yambda import oracle as oracle_lib
 from tfrs_yambda import ranking
@@ -78,12 +80,19 @@ def window_start(catalogue: catalogue_lib.Catalogue, window: str) -> int:
   return start
 
 
-def baseline_retrieved(baseline, seeds: np.ndarray,
+def baseline_queries(examples: Dict[str, np.ndarray]
+                     ) -> Dict[str, np.ndarray]:
+  """What a baseline reads of each example: its seed and history."""
+  return {k: examples[k] for k in (schema.SEED_ITEM, schema.HISTORY_ITEMS)}
+
+
+def baseline_retrieved(baseline, queries: Dict[str, np.ndarray],
                        retrieved: metrics.RetrievedItemStats) -> None:
-  """Adds a baseline's top lists for `seeds` to `retrieved`, in batches."""
-  for start in range(0, len(seeds), _BASELINE_BATCH):
-    retrieved.add(baseline.top_k(seeds[start:start + _BASELINE_BATCH],
-                                 retrieved.ks[-1]))
+  """Adds a baseline's top lists for `queries` to `retrieved`, in batches."""
+  for start in range(0, len(queries[schema.SEED_ITEM]), _BASELINE_BATCH):
+    retrieved.add(baseline.top_k(
+        {k: v[start:start + _BASELINE_BATCH] for k, v in queries.items()},
+        retrieved.ks[-1]))
 
 
 def load_examples(prepared_dir: str, split: str, history_length: int,
@@ -138,7 +147,8 @@ def window_examples(catalogue: catalogue_lib.Catalogue, prepared_dir: str,
 
 def fit_baselines(catalogue: catalogue_lib.Catalogue, prepared_dir: str,
                   rule: input_pipeline.ExampleRule,
-                  recent_half_life_days: float = 7.0) -> List:
+                  recent_half_life_days: float = 7.0,
+                  knn_config: Optional[itemknn.ItemKNNConfig] = None) -> List:
   """The baselines, fitted on the training examples in one streaming pass.
 
   Args:
@@ -146,21 +156,36 @@ def fit_baselines(catalogue: catalogue_lib.Catalogue, prepared_dir: str,
     prepared_dir: the folder holding its records.
     rule: which listens are training positives.
     recent_half_life_days: the recent-popularity baseline's half-life.
+    knn_config: ItemKNN's window and neighbourhood sizes (its lists hold the
+      largest; `itemknn.choose_neighbours` picks one); default
+      `itemknn.ItemKNNConfig()`.
 
   Returns:
     [MostPopular, RecentPopular, SeedCooccurrence] (see
-    `baselines.TrainingCounts.baselines`).
+    `baselines.TrainingCounts.baselines`), then `itemknn.ItemKNN`.
   """
-  counts = baselines.TrainingCounts(catalogue.num_items + 1,
-                                    recent_half_life_days)
+  knn_config = knn_config or itemknn.ItemKNNConfig()
+  num_indices = catalogue.num_items + 1
+  counts = baselines.TrainingCounts(num_indices, recent_half_life_days)
+  pairs = itemknn.PairCounts(num_indices, knn_config.window,
+                             knn_config.max_pairs)
   pattern = os.path.join(prepared_dir, "records", "train-*.tfrecord")
   for batch in input_pipeline.batches(
       pattern, 8192, catalogue.history_length, rule,
       age_reference=catalogue.metadata["train_end"], training=False):
-    counts.add(batch[schema.SEED_ITEM].numpy(),
-               batch[schema.TARGET_ITEM].numpy(),
+    targets = batch[schema.TARGET_ITEM].numpy()
+    counts.add(batch[schema.SEED_ITEM].numpy(), targets,
                batch[schema.EXAMPLE_AGE].numpy())
-  return counts.baselines()
+    pairs.add(batch[schema.HISTORY_ITEMS].numpy(), targets)
+  keys, cooccurrences = pairs.result()
+  if pairs.prune_thresholds:
+    logging.warning("ItemKNN kept %d of its pairs: counts may be short by up "
+                    "to %d.", len(keys), sum(pairs.prune_thresholds))
+  k = max(knn_config.neighbours)
+  knn = itemknn.ItemKNN(num_indices, *itemknn.neighbour_lists(
+      num_indices, keys, cooccurrences, counts.popularity, k), k,
+                        knn_config.seed_weight)
+  return counts.baselines() + [knn]
 
 
 def _subset(examples: Dict[str, np.ndarray], mask: np.ndarray
@@ -258,17 +283,17 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
     if fitted_baselines is None:
       fitted_baselines = fit_baselines(catalogue, prepared_dir, rule,
                                        recent_half_life_days)
-    seeds = test[schema.SEED_ITEM]
+    queries = baseline_queries(test)
     for baseline in fitted_baselines:
       retrieved = metrics.RetrievedItemStats(list_ks, candidate_popularity)
-      baseline_retrieved(baseline, seeds, retrieved)
+      baseline_retrieved(baseline, queries, retrieved)
       # Index order puts non-candidates after every candidate, so a
       # candidate's rank is the same among the candidates alone.
       results[baseline.name] = scored(
           baseline.name,
-          ranking.miss_non_candidates(baseline.ranks(seeds, targets),
+          ranking.miss_non_candidates(baseline.ranks(queries, targets),
                                       targets, num_candidates),
-          baseline.ranks(seeds[cold], targets[cold]), retrieved)
+          baseline.ranks(_subset(queries, cold), targets[cold]), retrieved)
 
     path = oracle_lib.oracle_path(catalogue)
     if path:

@@ -4,7 +4,8 @@ r"""The main job: (generate) -> prep -> train -> evaluate -> export.
 
 Windows, the Yambda authors' way: the model trains on the training window,
 is evaluated on the validation day after every epoch (TensorBoard's eval/*),
-and the epoch with the best validation --select_metric is kept. The test day
+and the epoch with the best validation --select_metric is kept; so is the
+ItemKNN baseline's best neighbourhood size (--itemknn_neighbours). The test day
 is scored once, at the end, by that model; with --retrain, by a model
 retrained with the chosen settings (and epoch count) on everything before
 the test gap (the authors' second stage), prepared without a validation
@@ -20,7 +21,8 @@ Everything is written under --workdir (or the explicit paths):
                          Recall@k / NDCG@k / MRR, coverage and popularity of
                          model and baselines, and the Yambda protocol's
                          metrics ("yambda_protocol"); "selection": the epoch
-                         chosen on the validation day
+                         and ItemKNN's neighbourhood size chosen on the
+                         validation day
   <workdir>/eval/recall_at_k.png  Recall@k against k for every retriever
   <workdir>/export/      SavedModels (BruteForce and ScaNN) for TF Serving
 
@@ -49,9 +51,11 @@ from tfrs_yambda import atomic
 from tfrs_yambda import callbacks
 from tfrs_yambda import catalogue as catalogue_lib
 from tfrs_yambda import evaluate
+from tfrs_yambda import itemknn
 from tfrs_yambda import plots
 from tfrs_yambda import projector
 from tfrs_yambda import report
+from tfrs_yambda import schema
 from tfrs_yambda import train_flags
 from tfrs_yambda import trainer
 from tfrs_yambda import yambda_protocol
@@ -115,9 +119,10 @@ def prepare_data(yambda_dir: str, size: str, prepared_dir: str,
 
 
 def score_window(model, catalogue, prepared_dir: str, window: str,
-                 fitted_baselines, rule, ks) -> dict:
+                 fitted_baselines, rule, ks, examples=None) -> dict:
   """Every retriever's metrics on one window, the Yambda protocol's too."""
-  examples = evaluate.window_examples(catalogue, prepared_dir, window, rule)
+  if examples is None:
+    examples = evaluate.window_examples(catalogue, prepared_dir, window, rule)
   results = evaluate.evaluate(model, catalogue, prepared_dir, rule, ks,
                               window=window,
                               fitted_baselines=fitted_baselines,
@@ -127,6 +132,28 @@ def score_window(model, catalogue, prepared_dir: str, window: str,
         model, catalogue, prepared_dir, rule, fitted_baselines,
         [int(k) for k in FLAGS.protocol_ks], test=examples, window=window)
   return results
+
+
+def choose_itemknn(fitted_baselines, catalogue, examples, ks,
+                   selection: dict) -> list:
+  """The baselines with ItemKNN's neighbourhood chosen on the validation day.
+
+  Like the model's epoch: each --itemknn_neighbours K is scored on the
+  validation examples, and the best by --select_metric is kept. Records
+  {"chosen": K, "by_k": {K: validation metric}} as
+  selection["itemknn_neighbours"].
+  """
+  knn = next(b for b in fitted_baselines if b.name == itemknn.ItemKNN.name)
+  chosen, by_k = itemknn.choose_neighbours(
+      knn, evaluate.baseline_queries(examples), examples[schema.TARGET_ITEM],
+      catalogue.num_candidates(evaluate.window_start(catalogue, "validation")),
+      train_flags.itemknn_config().neighbours, FLAGS.select_metric, ks)
+  selection["itemknn_neighbours"] = {
+      "chosen": chosen.k, "by_k": {str(k): v for k, v in by_k.items()}}
+  print(f"ItemKNN: {chosen.k} neighbours per item, chosen on the validation "
+        f"day ({FLAGS.select_metric} by K: " + ", ".join(
+            f"{k}: {v:.4f}" for k, v in by_k.items()) + ")")
+  return [chosen if b is knn else b for b in fitted_baselines]
 
 
 def train_and_evaluate():
@@ -177,12 +204,20 @@ def train_and_evaluate():
                                        folders["checkpoints"], max_to_keep=3)
   manager.save(checkpoint_number=selection["train_steps"])
   fitted_baselines = evaluate.fit_baselines(
-      catalogue, folders["prepared"], rule, FLAGS.recent_half_life_days)
+      catalogue, folders["prepared"], rule, FLAGS.recent_half_life_days,
+      train_flags.itemknn_config())
   results = {"selection": selection}
+  # Without a validation window, ItemKNN keeps its largest neighbourhood.
+  selection["itemknn_neighbours"] = {
+      "chosen": max(train_flags.itemknn_config().neighbours), "by_k": {}}
   if evaluate.has_validation(catalogue):
+    examples = evaluate.window_examples(catalogue, folders["prepared"],
+                                        "validation", rule)
+    fitted_baselines = choose_itemknn(fitted_baselines, catalogue, examples,
+                                      ks, selection)
     results["validation"] = score_window(model, catalogue,
                                          folders["prepared"], "validation",
-                                         fitted_baselines, rule, ks)
+                                         fitted_baselines, rule, ks, examples)
     callbacks.log_final_metrics(os.path.join(folders["logs"], "metrics"),
                                 selection["train_steps"],
                                 results["validation"]["model"])
@@ -200,7 +235,9 @@ def train_and_evaluate():
                                       epochs=selection["epoch"],
                                       stage="retrain")
     fitted_baselines = evaluate.fit_baselines(
-        catalogue, prepared, rule, FLAGS.recent_half_life_days)
+        catalogue, prepared, rule, FLAGS.recent_half_life_days,
+        train_flags.itemknn_config(
+            neighbours=[selection["itemknn_neighbours"]["chosen"]]))
   else:
     prepared = folders["prepared"]
   # The one scoring of the test day.

@@ -9,7 +9,8 @@ flags means and which stage's config it sets:
   towers       `towers.TowerConfig` (`tower_config`);
   retrieval    `model.RetrievalConfig` (`retrieval_config`);
   examples     `input_pipeline.ExampleRule` (`example_rule`);
-  evaluation   --eval_ks, --recent_half_life_days, --yambda_protocol, ...;
+  evaluation   --eval_ks, --recent_half_life_days, --yambda_protocol, ...,
+               and ItemKNN's (`itemknn_config`);
   export       --export, --export_k, --model_name.
 
 No flag is defined on import: a program calls `define_flags` before it
@@ -22,6 +23,7 @@ from absl import flags
 from data_prep.prep import config as prep_config
 from tfrs_yambda import catalogue as catalogue_lib
 from tfrs_yambda import input_pipeline
+from tfrs_yambda import itemknn
 from tfrs_yambda import model as model_lib
 from tfrs_yambda import towers
 from tfrs_yambda import trainer
@@ -197,6 +199,22 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_float("recent_half_life_days", 7.0,
                      "Half-life of the recent-popularity baseline.",
                      flag_values=fv)
+  knn = itemknn.ItemKNNConfig()
+  flags.DEFINE_list("itemknn_neighbours", [str(k) for k in knn.neighbours],
+                    "ItemKNN baseline: neighbourhood sizes K tried on the "
+                    "validation day; the best by --select_metric scores the "
+                    "test day (without a validation window, the largest).",
+                    flag_values=fv)
+  flags.DEFINE_integer("itemknn_window", knn.window,
+                       "ItemKNN counts each training positive with this many "
+                       "positives before it.", flag_values=fv)
+  flags.DEFINE_float("itemknn_seed_weight", knn.seed_weight,
+                     "ItemKNN: a query's seed counts like this many history "
+                     "items.", flag_values=fv)
+  flags.DEFINE_integer("itemknn_max_pairs", knn.max_pairs,
+                       "ItemKNN keeps at most this many distinct item pairs "
+                       "while counting (16 bytes each); past it, the least "
+                       "counted are dropped.", flag_values=fv)
   flags.DEFINE_bool("yambda_protocol", True,
                     "Also score the Yambda authors' protocol: one query per "
                     "user from their state at the end of training, all their "
@@ -242,6 +260,17 @@ def profile_steps(value) -> tuple:
     raise app.UsageError(f"--profile_steps takes FIRST,LAST with 0 < FIRST "
                          f"<= LAST, not {value}.")
   return tuple(steps)
+
+
+def itemknn_config(flag_values: flags.FlagValues = FLAGS,
+                   neighbours=None) -> itemknn.ItemKNNConfig:
+  """--itemknn_* as an `itemknn.ItemKNNConfig` (`neighbours` overrides)."""
+  return itemknn.ItemKNNConfig(
+      neighbours=tuple(int(k) for k in neighbours or
+                       flag_values.itemknn_neighbours),
+      window=flag_values.itemknn_window,
+      seed_weight=flag_values.itemknn_seed_weight,
+      max_pairs=flag_values.itemknn_max_pairs)
 
 
 def tower_config(flag_values: flags.FlagValues = FLAGS) -> towers.TowerConfig:

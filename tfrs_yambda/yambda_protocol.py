@@ -32,8 +32,9 @@ because trailing listens after a user's last positive are not written to the
 training records when no target follows them in their chunk.
 
 Baselines under the same protocol: most popular and recent popular (no
-query), and seed co-occurrence from the same end-of-training seed. The
-protocol's table is `tfrs_yambda.report.protocol_table`.
+query), seed co-occurrence from the same end-of-training seed, and ItemKNN
+from that seed and history. The protocol's table is
+`tfrs_yambda.report.protocol_table`.
 """
 
 import os
@@ -272,7 +273,7 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
       ranking.candidate_embeddings(model, num_candidates + 1), k))}
   for baseline in fitted_baselines:
     rows[baseline.name] = scored(np.asarray(
-        baseline.top_k(features[schema.SEED_ITEM], k)))
+        baseline.top_k(features, k)))
   return {
       "window": window,
       "query_cut": int(query_cut(catalogue, window)),
