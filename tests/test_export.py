@@ -14,10 +14,13 @@ import tensorflow as tf
 from export import export
 from tfrs_yambda import evaluate
 from tfrs_yambda import input_pipeline
+from tfrs_yambda import model as model_lib
 from tfrs_yambda import ranking
 from tfrs_yambda import schema
+from tfrs_yambda import towers
 from tests.conftest import EXPORT_K
 from tests.conftest import HISTORY_LENGTH
+from tests.conftest import SMALL_TOWERS
 
 K = EXPORT_K
 
@@ -65,22 +68,57 @@ def test_a_new_export_gets_a_new_version(trained_model, catalogue, tmp_path):
   assert os.path.exists(os.path.join(first["bruteforce"], "saved_model.pb"))
 
 
-def test_bruteforce_savedmodel_gives_the_in_memory_top_k(
-    exported, trained_model, catalogue, requests_and_features):
+@pytest.fixture(scope="module")
+def attention_exported(prepared, catalogue, tmp_path_factory):
+  """(model, {kind: SavedModel path}) of a briefly trained small model with
+  the attention history encoder, top EXPORT_K."""
+  tf.keras.utils.set_random_seed(0)
+  model = model_lib.TwoTowerModel(catalogue, towers.TowerConfig(
+      **SMALL_TOWERS, history_encoder="attention", history_dim=16))
+  model.compile(optimizer=tf.keras.optimizers.Adam(3e-3))
+  data = input_pipeline.batches(
+      os.path.join(prepared, "records", "train-*.tfrecord"), 256,
+      HISTORY_LENGTH, input_pipeline.ExampleRule(),
+      catalogue.metadata["train_end"], training=True, shuffle_buffer=20_000,
+      seed=0)
+  model.fit(data, steps_per_epoch=30, epochs=1, verbose=0)
+  return model, export.export_all(
+      model, catalogue, str(tmp_path_factory.mktemp("attention")), k=K)
+
+
+def _assert_bruteforce_top_k(path, model, catalogue, requests_and_features):
+  """The SavedModel's top-k is the in-memory model's exact top-k."""
   request, features = requests_and_features
-  outputs = _load(exported[1]["bruteforce"])(**request)
+  outputs = _load(path)(**request)
   assert outputs["item_ids"].shape == (16, K)
 
-  queries = trained_model.query_tower(
+  queries = model.query_tower(
       {k: tf.constant(features[k]) for k in schema.QUERY_FEATURES}).numpy()
   candidates = ranking.candidate_embeddings(
-      trained_model, catalogue.num_items + 1).numpy()[1:]
+      model, catalogue.num_items + 1).numpy()[1:]
   scores = queries @ candidates.T
   top = np.argsort(-scores, axis=1, kind="stable")[:, :K]
   np.testing.assert_array_equal(outputs["item_ids"].numpy(),
                                 catalogue.item_ids[1:][top])
   np.testing.assert_allclose(outputs["scores"].numpy(),
                              np.take_along_axis(scores, top, 1), atol=1e-5)
+
+
+def test_bruteforce_savedmodel_gives_the_in_memory_top_k(
+    exported, trained_model, catalogue, requests_and_features):
+  _assert_bruteforce_top_k(exported[1]["bruteforce"], trained_model,
+                           catalogue, requests_and_features)
+
+
+@pytest.mark.e2e  # trains and exports a second model
+def test_attention_encoder_exports_in_the_same_savedmodels(
+    attention_exported, catalogue, requests_and_features):
+  model, paths = attention_exported
+  _assert_bruteforce_top_k(paths["bruteforce"], model, catalogue,
+                           requests_and_features)
+  _assert_cli_runs(paths["bruteforce"])
+  scann = _load(paths["scann"])(**requests_and_features[0])
+  assert scann["item_ids"].shape == (16, K)
 
 
 def test_scann_savedmodel_gives_the_in_memory_index_top_k(
@@ -132,8 +170,7 @@ def test_serving_inputs_are_robust(exported, catalogue):
 
 
 def test_saved_model_cli_shows_and_runs_the_signature(exported):
-  cli = shutil.which("saved_model_cli") or os.path.join(
-      os.path.dirname(sys.executable), "saved_model_cli")
+  cli = _cli()
   for kind in ("bruteforce", "scann"):
     shown = subprocess.run([cli, "show", "--dir", exported[1][kind], "--all"],
                            capture_output=True, text=True, check=True).stdout
@@ -141,8 +178,18 @@ def test_saved_model_cli_shows_and_runs_the_signature(exported):
     for name in ("user_id", "seed_item_id", "history_item_ids", "item_ids",
                  "scores"):
       assert name in shown
+  _assert_cli_runs(exported[1]["bruteforce"])
+
+
+def _cli():
+  return shutil.which("saved_model_cli") or os.path.join(
+      os.path.dirname(sys.executable), "saved_model_cli")
+
+
+def _assert_cli_runs(path):
+  """saved_model_cli runs the serving signature on a one-row request."""
   ran = subprocess.run(
-      [cli, "run", "--dir", exported[1]["bruteforce"], "--tag_set", "serve",
+      [_cli(), "run", "--dir", path, "--tag_set", "serve",
        "--signature_def", "serving_default", "--input_exprs",
        "user_id=[1];seed_item_id=[2];"
        "history_item_ids=[[3,-1]]"],

@@ -4,17 +4,18 @@ r"""Ablations and seed spreads: train per design element and seed, one table.
       --ablation_dir=/tmp/tfrs_yambda/ablation [--seeds=3] [--variant=NAME]
 
 Every variant is the base configuration with one element off (or, for the
-negatives and the frequency estimate, one option on), trained by
-`tfrs_yambda.train` once per seed (--seed=1..N) in its own process on the
-same prepared data (the first run generates and prepares it). Variants are
-compared on the validation day only: the ablation table gives each
-variant's mean and standard deviation over the seeds, and its difference in
---compare_metric from the full model, marked "*" where it exceeds twice the
-larger of the two seed spreads. The headline table gives every retriever's
-validation and test metrics for the full model over the seeds (the test day
-is scored once per run, never used to choose). Each run logs its flags to
-TensorBoard's HParams dashboard (`tensorboard --logdir <ablation_dir>`);
-everything goes to <ablation_dir>/ablation.json. Finished runs are not rerun.
+negatives, the frequency estimate and the attention history encoder, one
+option on), trained by `tfrs_yambda.train` once per seed (--seed=1..N) in its
+own process on the same prepared data (the first run generates and prepares
+it). Variants are compared on the validation day only: the ablation table
+gives each variant's mean and standard deviation over the seeds, and its
+difference in --compare_metric from the full model, marked "*" where it
+exceeds twice the larger of the two seed spreads. The headline table gives
+every retriever's validation and test metrics for the full model over the
+seeds (the test day is scored once per run, never used to choose). Each run
+logs its flags to TensorBoard's HParams dashboard (`tensorboard --logdir
+<ablation_dir>`); everything goes to <ablation_dir>/ablation.json. Finished
+runs are not rerun.
 """
 
 import os
@@ -48,6 +49,7 @@ VARIANTS = {
     "+ mixed negatives (M=4096, trained items)": ["--uniform_negatives=4096",
                                                   "--uniform_pool=trained"],
     "streaming frequency estimate": ["--sampling_probability=streaming"],
+    "attention history encoder": ["--history_encoder=attention"],
 }
 COLUMNS = ("recall@10", "recall@100", "recall@500", "ndcg@100",
            "weighted_recall@100", "cold_target_recall@100")

@@ -20,7 +20,12 @@ import numpy as np
 import tensorflow as tf
 
 from tfrs_yambda import catalogue as catalogue_lib
+from tfrs_yambda import history_encoder as history_encoder_lib
 from tfrs_yambda import schema
+
+# How the query tower reads the history: the mean of its item features, or a
+# causal self-attention encoder of the sequence (`history_encoder`).
+HISTORY_ENCODERS = ("mean", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +39,12 @@ class TowerConfig:
   # The latest this many history items are also pooled on their own (the
   # listener's current mood next to the long-term mean); 0: not.
   recent_history: int = 0
+  # "mean" pools the history; "attention" reads it, then the seed, as a
+  # sequence (history_encoder.CausalHistoryEncoder, history_dim wide).
+  history_encoder: str = "mean"
+  attention_blocks: int = 2
+  attention_heads: int = 2
+  attention_dropout: float = 0.0
   hidden_dim: int = 256
   output_dim: int = 64
   # Ids with fewer training positives share the "unknown" row; their content
@@ -48,6 +59,15 @@ class TowerConfig:
   use_audio: bool = True
   use_artist_album: bool = True
   use_example_age: bool = True
+
+  def __post_init__(self):
+    if self.history_encoder not in HISTORY_ENCODERS:
+      raise ValueError(f"history_encoder must be one of {HISTORY_ENCODERS}, "
+                       f"got {self.history_encoder!r}")
+    if self.history_encoder == "attention" and (
+        self.history_dim < 1 or self.recent_history):
+      raise ValueError("The attention history encoder needs history_dim > 0 "
+                       "(its width) and no recent_history (a mean's option).")
 
 
 def age_features(age_days: tf.Tensor, scale_days: float) -> tf.Tensor:
@@ -157,6 +177,19 @@ class ItemEncoder(tf.keras.layers.Layer):
           tf.boolean_mask(valid[:, 0], latest), num_segments=rows))
     return pooled
 
+  def sequence(self, items: tf.Tensor, projection=None) -> tf.Tensor:
+    """[batch, n] item indices -> [batch, n, width] features, slot by slot.
+
+    As in `pooled`, each distinct item of the batch (padding included) is
+    looked up and projected once, then gathered back into its slots.
+    """
+    distinct, position = tf.unique(tf.reshape(items, [-1]))
+    features = self(distinct)
+    if projection is not None:
+      features = projection(features)
+    return tf.reshape(tf.gather(features, position),
+                      tf.concat([tf.shape(items), [-1]], axis=0))
+
 
 def _dense_item_features(catalogue: catalogue_lib.Catalogue,
                          with_audio: bool = True) -> np.ndarray:
@@ -181,7 +214,13 @@ def _mlp(config: TowerConfig, name: str) -> tf.keras.Sequential:
 
 
 class QueryTower(tf.keras.Model):
-  """(user, seed track, history) -> query embedding."""
+  """(user, seed track, history) -> query embedding.
+
+  The MLP reads the user's embedding, the seed's item features, the history
+  (its mean item features, or with `history_encoder="attention"` the
+  causal self-attention encoding of history-then-seed) and log(1 + history
+  length).
+  """
 
   def __init__(self, catalogue: catalogue_lib.Catalogue,
                item_encoder: ItemEncoder, config: TowerConfig, **kwargs):
@@ -194,15 +233,22 @@ class QueryTower(tf.keras.Model):
         name="user_lookup")
     self.user_embedding = tf.keras.layers.Embedding(
         len(users) + 1, config.user_dim, name="user_embedding")
-    # Linear, so projecting each distinct item before the mean equals
-    # projecting the mean; it makes the pooling (n items per row) narrower.
-    self.history_projection = tf.keras.layers.Dense(
-        config.history_dim, use_bias=False,
-        name="history_projection") if config.history_dim else None
+    self.history_projection = None
+    self.history_encoder = None
+    if config.use_history and config.history_encoder == "attention":
+      self.history_encoder = history_encoder_lib.CausalHistoryEncoder(
+          item_encoder, catalogue.history_length + 1, config.history_dim,
+          config.attention_blocks, config.attention_heads,
+          config.attention_dropout, name="history_encoder")
+    elif config.history_dim:
+      # Linear, so projecting each distinct item before the mean equals
+      # projecting the mean; it makes the pooling (n items per row) narrower.
+      self.history_projection = tf.keras.layers.Dense(
+          config.history_dim, use_bias=False, name="history_projection")
     self.config = config
     self.mlp = _mlp(config, "query_mlp")
 
-  def call(self, features) -> tf.Tensor:
+  def call(self, features, training=None) -> tf.Tensor:
     config = self.config
     parts = []
     if config.use_user_id:
@@ -215,8 +261,15 @@ class QueryTower(tf.keras.Model):
       # Padding and unknown items (index 0) neither count nor dilute the mean.
       count = tf.reduce_sum(tf.cast(history > 0, tf.float32), axis=1,
                             keepdims=True)
-      parts += self.item_encoder.pooled(history, self.history_projection,
-                                        config.recent_history)
+      if self.history_encoder is not None:
+        # The seed ends the sequence: its vector has read the history in
+        # order. Without seed features the latest history item ends it.
+        parts.append(self.history_encoder(
+            history, features[schema.SEED_ITEM] if config.use_seed else None,
+            training=training))
+      else:
+        parts += self.item_encoder.pooled(history, self.history_projection,
+                                          config.recent_history)
       parts.append(tf.math.log1p(count))
     return self.mlp(tf.concat(parts, axis=-1))
 

@@ -33,9 +33,11 @@ FLAGS = flags.FLAGS
 
 # Flags that become the fields of the same name of a config.
 TOWER_FLAGS = ("item_id_dim", "artist_dim", "album_dim", "user_dim",
-               "hidden_dim", "output_dim", "recent_history", "min_item_count",
-               "min_user_count", "use_user_id", "use_seed", "use_history",
-               "use_audio", "use_artist_album", "use_example_age")
+               "hidden_dim", "output_dim", "recent_history", "history_encoder",
+               "attention_blocks", "attention_heads", "attention_dropout",
+               "min_item_count", "min_user_count", "use_user_id", "use_seed",
+               "use_history", "use_audio", "use_artist_album",
+               "use_example_age")
 RETRIEVAL_FLAGS = ("temperature", "logq_correction", "uniform_negatives",
                    "uniform_pool", "sampling_probability", "frequency_alpha",
                    "frequency_buckets")
@@ -47,7 +49,9 @@ HPARAM_FLAGS = ("batch_size", "epochs", "optimizer", "learning_rate",
                 "frequency_buckets", "use_example_weights", "use_user_id",
                 "use_seed", "use_history", "use_audio", "use_artist_album",
                 "use_example_age", "min_item_count", "min_user_count",
-                "history_length", "output_dim", "recent_history")
+                "history_length", "output_dim", "recent_history",
+                "history_encoder", "attention_blocks", "attention_heads",
+                "attention_dropout")
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -167,6 +171,20 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                        "Also pool the latest this many history items on their "
                        "own (0: only the whole history's mean).",
                        flag_values=fv)
+  flags.DEFINE_enum("history_encoder", tower.history_encoder,
+                    list(towers.HISTORY_ENCODERS),
+                    "How the query tower reads the history: the mean of its "
+                    "items' features, or causal self-attention over the "
+                    "history and then the seed (SASRec in the tower).",
+                    flag_values=fv)
+  flags.DEFINE_integer("attention_blocks", tower.attention_blocks,
+                       "Self-attention blocks of --history_encoder=attention.",
+                       flag_values=fv)
+  flags.DEFINE_integer("attention_heads", tower.attention_heads,
+                       "Attention heads of each block.", flag_values=fv)
+  flags.DEFINE_float("attention_dropout", tower.attention_dropout,
+                     "Dropout rate inside the attention encoder.",
+                     flag_values=fv)
   flags.DEFINE_integer("min_item_count", tower.min_item_count,
                        "Items with fewer training positives share one id row.",
                        flag_values=fv)
