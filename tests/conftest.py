@@ -60,25 +60,26 @@ SMALL_TOWERS = dict(item_id_dim=16, artist_dim=8, album_dim=8, user_dim=8,
                     hidden_dim=32, output_dim=16)
 
 
-@pytest.fixture(scope="session")
-def trained_model(prepared, catalogue):
-  """A small two-tower model trained briefly on the tiny dataset."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tfrs_yambda import input_pipeline  # pylint: disable=g-import-not-at-top
-  from tfrs_yambda import model as model_lib  # pylint: disable=g-import-not-at-top
-  from tfrs_yambda import towers  # pylint: disable=g-import-not-at-top
-
+def briefly_trained(prepared, catalogue, steps=60, **tower_options):
+  """A seeded small model (SMALL_TOWERS + tower_options) after `steps` steps
+  of batch 256 on the tiny dataset's training records."""
   tf.keras.utils.set_random_seed(0)
-  model = model_lib.TwoTowerModel(catalogue,
-                                  towers.TowerConfig(**SMALL_TOWERS))
+  model = model_lib.TwoTowerModel(
+      catalogue, towers.TowerConfig(**{**SMALL_TOWERS, **tower_options}))
   model.compile(optimizer=tf.keras.optimizers.Adam(3e-3))
   data = input_pipeline.batches(
       os.path.join(prepared, "records", "train-*.tfrecord"), 256,
       HISTORY_LENGTH, input_pipeline.ExampleRule(),
       catalogue.metadata["train_end"], training=True, shuffle_buffer=20_000,
       seed=0)
-  model.fit(data, steps_per_epoch=60, epochs=1, verbose=0)
+  model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
   return model
+
+
+@pytest.fixture(scope="session")
+def trained_model(prepared, catalogue):
+  """A small two-tower model trained briefly on the tiny dataset."""
+  return briefly_trained(prepared, catalogue)
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +90,18 @@ def exported(trained_model, catalogue, tmp_path_factory):
   export_dir = str(tmp_path_factory.mktemp("export"))
   paths = export.export_all(trained_model, catalogue, export_dir, k=EXPORT_K)
   return export_dir, paths
+
+
+@pytest.fixture(scope="module")
+def servers(exported):
+  """The local TF Serving stand-in over models.config: (REST, gRPC)."""
+  from export import local_server  # pylint: disable=g-import-not-at-top
+  from export import tf_serving  # pylint: disable=g-import-not-at-top
+  base_paths = tf_serving.read_model_config(
+      os.path.join(exported[0], tf_serving.MODEL_CONFIG_FILE))
+  rest, grpc_address, stop = local_server.start(base_paths, 0, 0)
+  yield rest, grpc_address
+  stop()
 
 
 def train_batch(prepared, catalogue, size=256):

@@ -14,13 +14,11 @@ import tensorflow as tf
 from export import export
 from tfrs_yambda import evaluate
 from tfrs_yambda import input_pipeline
-from tfrs_yambda import model as model_lib
 from tfrs_yambda import ranking
 from tfrs_yambda import schema
-from tfrs_yambda import towers
 from tests.conftest import EXPORT_K
 from tests.conftest import HISTORY_LENGTH
-from tests.conftest import SMALL_TOWERS
+from tests.conftest import briefly_trained
 
 K = EXPORT_K
 
@@ -72,16 +70,8 @@ def test_a_new_export_gets_a_new_version(trained_model, catalogue, tmp_path):
 def attention_exported(prepared, catalogue, tmp_path_factory):
   """(model, {kind: SavedModel path}) of a briefly trained small model with
   the attention history encoder, top EXPORT_K."""
-  tf.keras.utils.set_random_seed(0)
-  model = model_lib.TwoTowerModel(catalogue, towers.TowerConfig(
-      **SMALL_TOWERS, history_encoder="attention", history_dim=16))
-  model.compile(optimizer=tf.keras.optimizers.Adam(3e-3))
-  data = input_pipeline.batches(
-      os.path.join(prepared, "records", "train-*.tfrecord"), 256,
-      HISTORY_LENGTH, input_pipeline.ExampleRule(),
-      catalogue.metadata["train_end"], training=True, shuffle_buffer=20_000,
-      seed=0)
-  model.fit(data, steps_per_epoch=30, epochs=1, verbose=0)
+  model = briefly_trained(prepared, catalogue, steps=30,
+                          history_encoder="attention", history_dim=16)
   return model, export.export_all(
       model, catalogue, str(tmp_path_factory.mktemp("attention")), k=K)
 

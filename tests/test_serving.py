@@ -22,7 +22,6 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from export import client
-from export import local_server
 from export import serving_api
 from export import tf_serving
 from tfrs_yambda import evaluate
@@ -33,16 +32,6 @@ from tests.conftest import HISTORY_LENGTH
 
 K = EXPORT_K
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def servers(exported):
-  """The local TF Serving stand-in over models.config: (REST, gRPC)."""
-  base_paths = tf_serving.read_model_config(
-      os.path.join(exported[0], tf_serving.MODEL_CONFIG_FILE))
-  rest, grpc_address, stop = local_server.start(base_paths, 0, 0)
-  yield rest, grpc_address
-  stop()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ the answer is always defined, never a crash or a 5xx.
 
 import http.client
 import json
-import os
 
 from absl import flags
 import grpc
@@ -36,16 +35,6 @@ MODEL = "yambda_bruteforce"
 SPECS = schema.serving_input_signature()
 VALID = {"instances": [{"user_id": 1, "seed_item_id": 2,
                         "history_item_ids": [3, -1]}]}
-
-
-@pytest.fixture(scope="module")
-def servers(exported):
-  """The local server over models.config: (REST, gRPC) addresses."""
-  base_paths = tf_serving.read_model_config(
-      os.path.join(exported[0], tf_serving.MODEL_CONFIG_FILE))
-  rest, grpc_address, stop = local_server.start(base_paths, 0, 0)
-  yield rest, grpc_address
-  stop()
 
 
 @pytest.fixture(scope="module")
