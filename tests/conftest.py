@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
+import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
 from data_prep import generate  # pylint: disable=g-import-not-at-top
@@ -124,6 +125,16 @@ def same_target_batch(catalogue, n=8, target=3):
       schema.TARGET_ITEM: tf.fill([n], tf.constant(target, tf.int64)),
       schema.WEIGHT: tf.ones([n]),
   }
+
+
+def assert_steps_lower_the_loss(model, batch, steps=10):
+  """`steps` training steps on one batch bring its loss below 0.8x."""
+  model.compile(optimizer=tf.keras.optimizers.Adam(1e-2))
+  before = float(model.compute_loss(batch))
+  for _ in range(steps):
+    model.train_step(batch)
+  after = float(model.compute_loss(batch))
+  assert np.isfinite(before) and after < 0.8 * before
 
 
 def small_model(catalogue, **kwargs):
