@@ -11,6 +11,9 @@ Two servables are written from the same trained model:
     of stock TensorFlow ops, so stock TF Serving can serve it;
   * `<name>_scann`: `tfrs.layers.factorized_top_k.ScaNN`, approximate and much
     faster on large catalogues; it needs ScaNN's custom ops in the server.
+A model with K > 1 query heads is served by either index through
+`query_heads.MaxSimTopK`: K lookups, merged into one top k in the SavedModel,
+so the signature below is the same.
 
 Signature `serving_default` (raw Yambda ids in and out):
   inputs   user_id int64 [batch], seed_item_id int64 [batch],
@@ -39,12 +42,13 @@ from export import client
 from export import tf_serving
 from tfrs_yambda import atomic
 from tfrs_yambda import catalogue as catalogue_lib
+from tfrs_yambda import query_heads
 from tfrs_yambda import ranking
 from tfrs_yambda import schema
 
 
 class ServingQueryModel(tf.keras.Model):
-  """Raw-id serving inputs -> query embedding, via the trained query tower.
+  """Raw-id serving inputs -> query embedding(s), via the trained query tower.
 
   Raw ids become catalogue indices, and the history is laid out as training
   lays it out: known items only, the most recent N =
@@ -169,18 +173,25 @@ def check_finite_candidates(candidates: np.ndarray,
 
 def build_index(kind: str, query_model: tf.keras.Model,
                 candidates: np.ndarray, identifiers: np.ndarray, k: int,
-                scann_options: Optional[Dict] = None):
+                scann_options: Optional[Dict] = None, heads: int = 1):
   """Builds a BruteForce or ScaNN top-k layer over the candidate embeddings.
+
+  With `heads` > 1 (the query model returns [batch, heads, d]) the index is
+  wrapped in `query_heads.MaxSimTopK`, which holds the query model and merges
+  the heads' lookups; with 1 it is TFRS's layer itself.
 
   Raises ValueError if any candidate embedding is not finite.
   """
   check_finite_candidates(candidates, identifiers)
+  head_query_model = query_model if heads == 1 else None
   if kind == "bruteforce":
-    index = tfrs.layers.factorized_top_k.BruteForce(query_model, k=k)
+    index = tfrs.layers.factorized_top_k.BruteForce(head_query_model, k=k)
   elif kind == "scann":
-    index = ScaNN(query_model, k=k, **(scann_options or {}))
+    index = ScaNN(head_query_model, k=k, **(scann_options or {}))
   else:
     raise ValueError(f"Unknown index kind {kind!r}.")
+  if heads > 1:
+    index = query_heads.MaxSimTopK(index, query_model, k=k)
   index.index(tf.constant(candidates), tf.constant(identifiers, tf.int64))
   return index
 
@@ -274,14 +285,16 @@ def export_all(model, catalogue: catalogue_lib.Catalogue, export_dir: str,
   candidates = ranking.candidate_embeddings(model, num_indices).numpy()[1:]
   identifiers = catalogue.item_ids[1:]
   query_model = ServingQueryModel(model.query_tower, catalogue)
+  heads = model.query_tower.config.query_heads
   k = min(k, catalogue.num_items)
   scann_options = scann_options or default_scann_options(len(candidates), k)
   warmup = tf_serving.warmup_inputs(catalogue)
   paths = {}
   for kind in ("bruteforce", "scann"):
     index = build_index(kind, query_model, candidates, identifiers, k,
-                        scann_options)
+                        scann_options, heads)
     metadata = {"index": kind, "k": k, "history_length": history_length,
+                "query_heads": heads,
                 # The prep's positive rule, for clients that build histories.
                 "min_played_ratio": catalogue.metadata.get("min_played_ratio"),
                 "num_candidates": int(len(candidates)),

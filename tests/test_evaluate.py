@@ -24,6 +24,7 @@ from tfrs_yambda import projector
 from tfrs_yambda import ranking
 from tfrs_yambda import report
 from tfrs_yambda import schema
+from tfrs_yambda import target_kinds as target_kinds_lib
 from tfrs_yambda import yambda_protocol
 from tests.conftest import HISTORY_LENGTH
 from tests.test_prep import reference_listens
@@ -311,14 +312,14 @@ def test_target_kinds_are_exclusive_and_in_order():
       schema.HISTORY_ITEMS: np.array([[0, 0], [0, 0], [0, 0], [0, 0], [2, 0],
                                       [0, 0], [0, 0]]),
   }
-  kinds = evaluate.target_kinds(test, catalogue)
+  kinds = target_kinds_lib.target_kinds(test, catalogue)
   assert list(kinds) == ["replay of the seed", "in the history",
                          "seed's album", "seed's artist", "other"]
   expected = ["replay of the seed", "seed's album", "seed's artist", "other",
               "in the history", "replay of the seed", "seed's album"]
   for i, kind in enumerate(expected):
     assert [name for name, mask in kinds.items() if mask[i]] == [kind]
-  by_kind = evaluate.recall_by_target_kind(
+  by_kind = target_kinds_lib.recall_by_target_kind(
       {"r": (np.array([1, 5, 50, 200, 2, 1, 1]), np.ones(7, bool))}, kinds,
       [10, 100])
   assert by_kind["share"]["seed's album"] == 2 / 7

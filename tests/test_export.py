@@ -14,10 +14,13 @@ import tensorflow as tf
 from export import export
 from tfrs_yambda import evaluate
 from tfrs_yambda import input_pipeline
+from tfrs_yambda import model as model_lib
 from tfrs_yambda import ranking
 from tfrs_yambda import schema
+from tfrs_yambda import towers
 from tests.conftest import EXPORT_K
 from tests.conftest import HISTORY_LENGTH
+from tests.conftest import SMALL_TOWERS
 from tests.conftest import briefly_trained
 
 K = EXPORT_K
@@ -77,7 +80,8 @@ def attention_exported(prepared, catalogue, tmp_path_factory):
 
 
 def _assert_bruteforce_top_k(path, model, catalogue, requests_and_features):
-  """The SavedModel's top-k is the in-memory model's exact top-k."""
+  """The SavedModel's top-k is the in-memory model's exact top-k (by the max
+  over query heads, if the model has several)."""
   request, features = requests_and_features
   outputs = _load(path)(**request)
   assert outputs["item_ids"].shape == (16, K)
@@ -86,7 +90,8 @@ def _assert_bruteforce_top_k(path, model, catalogue, requests_and_features):
       {k: tf.constant(features[k]) for k in schema.QUERY_FEATURES}).numpy()
   candidates = ranking.candidate_embeddings(
       model, catalogue.num_items + 1).numpy()[1:]
-  scores = queries @ candidates.T
+  scores = (queries @ candidates.T if queries.ndim == 2 else
+            np.einsum("bhd,nd->bhn", queries, candidates).max(axis=1))
   top = np.argsort(-scores, axis=1, kind="stable")[:, :K]
   np.testing.assert_array_equal(outputs["item_ids"].numpy(),
                                 catalogue.item_ids[1:][top])
@@ -109,6 +114,42 @@ def test_attention_encoder_exports_in_the_same_savedmodels(
   _assert_cli_runs(paths["bruteforce"])
   scann = _load(paths["scann"])(**requests_and_features[0])
   assert scann["item_ids"].shape == (16, K)
+
+
+@pytest.mark.e2e  # exports a second model
+def test_query_heads_export_the_max_sim_top_k_in_the_same_signature(
+    exported, catalogue, requests_and_features, tmp_path):
+  """K query heads: K lookups merged into the exact max-sim top k, served
+  in the one-head SavedModels' signature."""
+  tf.keras.utils.set_random_seed(2)
+  model = model_lib.TwoTowerModel(
+      catalogue, towers.TowerConfig(**SMALL_TOWERS, query_heads=3))
+  # Every leaf searched and every candidate rescored: ScaNN is exact here.
+  exhaustive = {"num_leaves": 10, "num_leaves_to_search": 10,
+                "num_reordering_candidates": catalogue.num_items}
+  paths = export.export_all(model, catalogue, str(tmp_path), k=K,
+                            scann_options=exhaustive)
+  _assert_bruteforce_top_k(paths["bruteforce"], model, catalogue,
+                           requests_and_features)
+  request = requests_and_features[0]
+  exact = _load(paths["bruteforce"])(**request)
+  scann = _load(paths["scann"])(**request)
+  np.testing.assert_array_equal(scann["item_ids"], exact["item_ids"])
+  np.testing.assert_allclose(scann["scores"], exact["scores"], atol=1e-5)
+  for kind, path in paths.items():
+    heads, one_head = _load(path), _load(exported[1][kind])
+    assert (heads.structured_input_signature ==
+            one_head.structured_input_signature)
+    outputs = heads.structured_outputs
+    assert {k: v.dtype for k, v in outputs.items()} == {
+        k: v.dtype for k, v in one_head.structured_outputs.items()}
+    # [batch, k]; TFRS's ScaNN layer leaves its own outputs' shape unknown.
+    assert all(v.shape.as_list() == [None, K] for v in outputs.values())
+    if kind == "bruteforce":
+      assert outputs == one_head.structured_outputs
+    with open(os.path.join(path, "assets.extra",
+                           "export_metadata.json")) as f:
+      assert json.load(f)["query_heads"] == 3
 
 
 def test_scann_savedmodel_gives_the_in_memory_index_top_k(

@@ -60,7 +60,15 @@ def test_main_job_chooses_on_validation_retrains_and_scores_test_once(
                                 "--profile_steps=3,4", "--retrain"),
                  cwd=_REPO, check=True, capture_output=True)
   results = _results(workdir)
-  assert set(results) == {"selection", "validation", "retrain", "test"}
+  assert set(results) == {"selection", "validation", "retrain", "test",
+                          "stages"}
+  # What each stage cost (the prepared data was reused; the retraining's
+  # own prep ran).
+  stages = results["stages"]
+  assert set(stages) == {"prep", "train", "evaluate", "projector", "export"}
+  for row in stages.values():
+    assert row["wall_seconds"] > 0 and row["peak_rss_gib"] > 0.1
+  assert stages["export"]["disk_gib"] > 0
   # The epoch is chosen on the validation day, from per-epoch scores that
   # also reach TensorBoard.
   selection = results["selection"]
@@ -90,7 +98,7 @@ def test_main_job_chooses_on_validation_retrains_and_scores_test_once(
     assert scores["window"] == window
     assert set(scores) == retrievers | {
         "recall_curve", "test_targets", "yambda_protocol", "by_target_kind",
-        "by_component", "window", "candidates"}
+        "by_component", "window", "candidates", "sample", "timings"}
     assert 0 < scores["candidates"]["authors"] < scores["candidates"]["service"]
     by_kind = scores["by_target_kind"]
     assert set(by_kind) == retrievers | {"share"}

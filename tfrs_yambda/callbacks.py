@@ -9,22 +9,34 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+  """Seconds as "1h02m" or "3m05s", for progress lines."""
   seconds = int(max(seconds, 0))
   return (f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600
           else f"{seconds // 60}m{seconds % 60:02d}s")
 
 
 class ProgressLogger(tf.keras.callbacks.Callback):
-  """Logs step, loss, examples/s and ETA every `every_seconds`."""
+  """Logs step, loss, examples/s and ETA every `every_seconds`.
+
+  `steady_examples_per_second` is the rate after the first `warmup_steps`
+  steps of this run (tracing, the shuffle buffer's filling and the first
+  lookups of each table are one-off costs a full epoch would not repeat).
+  """
 
   def __init__(self, total_steps: int, batch_size: int,
-               every_seconds: float = 15.0):
+               every_seconds: float = 15.0, warmup_steps: int = 20):
     super().__init__()
     self.total_steps = total_steps
     self.batch_size = batch_size
     self.every_seconds = every_seconds
+    self.warmup_steps = warmup_steps
     self.first_step = 0  # the step training (re)started from
+    # Seconds and steps after warm-up, within epochs: the end-of-epoch
+    # evaluation between two epochs is not training.
+    self._steady_seconds = 0.0
+    self._steady_steps = 0
+    self._previous = None  # (time, step) of the last batch end
 
   def _global_step(self) -> int:
     return int(self.model.optimizer.iterations.numpy())
@@ -36,10 +48,21 @@ class ProgressLogger(tf.keras.callbacks.Callback):
 
   def on_epoch_begin(self, epoch, logs=None):
     self._epoch = epoch
+    self._previous = (time.time(), self._global_step())
+
+  def steady_examples_per_second(self) -> float:
+    """Examples/s after warm-up (0.0 when the run was too short to say)."""
+    if self._steady_seconds <= 0:
+      return 0.0
+    return self._steady_steps * self.batch_size / self._steady_seconds
 
   def on_train_batch_end(self, batch, logs=None):
     now = time.time()
     step = self._global_step()
+    if self._previous and step - self.first_step > self.warmup_steps:
+      self._steady_seconds += now - self._previous[0]
+      self._steady_steps += step - self._previous[1]
+    self._previous = (now, step)
     if now - self._last < self.every_seconds and step < self.total_steps:
       return
     rate = (step - self._last_step) * self.batch_size / max(now - self._last,
@@ -49,7 +72,7 @@ class ProgressLogger(tf.keras.callbacks.Callback):
     logging.info("epoch %d step %d/%d (%.0f%%) loss %.4f | %.0f examples/s | "
                  "ETA %s", self._epoch + 1, step, self.total_steps,
                  100.0 * step / self.total_steps,
-                 (logs or {}).get("loss", float("nan")), rate, _duration(eta))
+                 (logs or {}).get("loss", float("nan")), rate, duration(eta))
     self._last, self._last_step = now, step
 
 
@@ -148,6 +171,8 @@ def log_final_metrics(log_dir: str, step: int, metrics: Dict) -> None:
   writer = tf.summary.create_file_writer(log_dir)
   with writer.as_default(step=step), tf.summary.record_if(True):
     for name, value in metrics.items():
-      if name == "mrr" or name.startswith(("recall@", "ndcg@")):
+      # Scalars only: a sampled run's intervals ("..._ci95") are pairs.
+      if (name == "mrr" or name.startswith(("recall@", "ndcg@"))) and (
+          not name.endswith("_ci95")):
         tf.summary.scalar(f"final/{name}", value)
   writer.flush()

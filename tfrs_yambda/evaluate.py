@@ -14,6 +14,11 @@ percentile of their top-k items, beside the same for the test targets, so a
 popularity bias is visible. The Yambda authors' protocol (one query per user,
 all test-day listens relevant) is `tfrs_yambda.yambda_protocol`.
 
+With --eval_examples=n, every retriever is scored on the same seeded sample of
+n of the window's examples, each figure with its 95% interval ("<metric>_ci95"
+beside it; see `tfrs_yambda.eval_sample`). Results record which examples were
+scored ("sample") and the seconds each part took ("timings").
+
 `evaluate` returns one row per retriever plus the sections named in
 `SECTIONS`; `retrievers` picks the rows. The model is ranked by
 `tfrs_yambda.ranking`, the oracle read by `tfrs_yambda.oracle`, and
@@ -22,6 +27,7 @@ all test-day listens relevant) is `tfrs_yambda.yambda_protocol`.
 
 import dataclasses
 import os
+import time
 from typing import Dict, List, Optional, Sequence
 
 from absl import logging
@@ -30,18 +36,20 @@ import tensorflow as tf
 
 from tfrs_yambda import baselines
 from tfrs_yambda import catalogue as catalogue_lib
+from tfrs_yambda import eval_sample
 from tfrs_yambda import input_pipeline
 from tfrs_yambda import itemknn
 from tfrs_yambda import metrics
 from tfrs_yambda import oracle as oracle_lib
 from tfrs_yambda import ranking
 from tfrs_yambda import schema
+from tfrs_yambda import target_kinds as target_kinds_lib
 
 # Queries per baseline top-k call (their lists are int64 [batch, k]).
 _BASELINE_BATCH = 4096
 # Results entries that are not retrievers.
 SECTIONS = ("recall_curve", "test_targets", "yambda_protocol", "by_target_kind",
-            "by_component", "window", "candidates")
+            "by_component", "window", "candidates", "sample", "timings")
 WINDOWS = ("validation", "test")
 # Largest k of the Recall@k curve (capped at the catalogue size).
 CURVE_MAX_K = 1000
@@ -115,10 +123,18 @@ def load_examples(prepared_dir: str, split: str, history_length: int,
   Returns:
     {feature: numpy array with one row per example}.
   """
+  return collect(_split_batches(prepared_dir, split, history_length, rule,
+                                age_reference),
+                 keys or list(schema.example_spec(1)))
+
+
+def _split_batches(prepared_dir: str, split: str, history_length: int,
+                   rule: input_pipeline.ExampleRule,
+                   age_reference=None) -> tf.data.Dataset:
+  """The examples of one split's records in file order, in batches."""
   pattern = os.path.join(prepared_dir, "records", f"{split}-*.tfrecord")
-  dataset = input_pipeline.batches(pattern, 8192, history_length, rule,
-                                   age_reference, training=False)
-  return collect(dataset, keys or list(schema.example_spec(1)))
+  return input_pipeline.batches(pattern, 8192, history_length, rule,
+                                age_reference, training=False)
 
 
 def test_rule(rule: input_pipeline.ExampleRule) -> input_pipeline.ExampleRule:
@@ -128,8 +144,9 @@ def test_rule(rule: input_pipeline.ExampleRule) -> input_pipeline.ExampleRule:
 
 
 def window_examples(catalogue: catalogue_lib.Catalogue, prepared_dir: str,
-                    window: str, rule: input_pipeline.ExampleRule
-                    ) -> Dict[str, np.ndarray]:
+                    window: str, rule: input_pipeline.ExampleRule,
+                    eval_examples: int = 0, seed: int = eval_sample.SEED
+                    ) -> eval_sample.WindowExamples:
   """The examples every retriever is scored on in one window.
 
   Args:
@@ -137,12 +154,27 @@ def window_examples(catalogue: catalogue_lib.Catalogue, prepared_dir: str,
     prepared_dir: the folder holding its records.
     window: "validation" or "test".
     rule: the training rule; the examples are loaded with `test_rule`.
+    eval_examples: 0: every example; n > 0: the sample `eval_sample.draw`
+      keeps of them (all, in file order, when the window has at most n).
+    seed: the sample's seed.
 
   Returns:
-    {feature: numpy array with one row per example}, as `load_examples`.
+    {feature: numpy array with one row per example}, as `load_examples`,
+    which also says how they were drawn and the seconds it took.
   """
-  return load_examples(prepared_dir, window, catalogue.history_length,
-                       test_rule(rule))
+  start = time.perf_counter()
+  if eval_examples <= 0:
+    examples = load_examples(prepared_dir, window, catalogue.history_length,
+                             test_rule(rule))
+    return eval_sample.WindowExamples(
+        examples, load_seconds=round(time.perf_counter() - start, 3))
+  keys = list(schema.example_spec(1))
+  examples = eval_sample.draw(
+      ({k: batch[k].numpy() for k in keys} for batch in _split_batches(
+          prepared_dir, window, catalogue.history_length, test_rule(rule))),
+      eval_examples, seed, keys)
+  examples.load_seconds = round(time.perf_counter() - start, 3)
+  return examples
 
 
 def fit_baselines(catalogue: catalogue_lib.Catalogue, prepared_dir: str,
@@ -200,7 +232,8 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
              with_baselines: bool = True,
              recent_half_life_days: float = 7.0,
              fitted_baselines: Optional[Sequence] = None,
-             test: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, Dict]:
+             test: Optional[Dict[str, np.ndarray]] = None,
+             eval_examples: int = 0) -> Dict[str, Dict]:
   """Metrics of one window for the model and (optionally) the baselines and
   the oracle.
 
@@ -219,8 +252,10 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
     recent_half_life_days: the recent-popularity baseline's half-life, when
       the baselines are fitted here.
     fitted_baselines: `fit_baselines`' result, if the caller has it already.
-    test: the window's examples (`load_examples`), if the caller has them
-      already.
+    test: the window's examples (`window_examples`, or all of them as
+      `load_examples` reads them), if the caller has them already.
+    eval_examples: when `test` is None, the sample size `window_examples`
+      loads them with (0: every example).
 
   Returns:
     One row per retriever ("model", each baseline's name, "oracle" on
@@ -232,12 +267,20 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
     "coverage@k" and "popularity@k" (see `metrics.RetrievedItemStats`).
     Sections: "window", "candidates" ({"cut", "authors", "service"}),
     "test_targets" (the targets' own coverage and mean popularity
-    percentile, and the share that are not candidates) and "recall_curve"
-    ({"k": cut-offs from 1 to CURVE_MAX_K, retriever: Recall@k at each}).
+    percentile, and the share that are not candidates), "recall_curve"
+    ({"k": cut-offs from 1 to CURVE_MAX_K, retriever: Recall@k at each}),
+    "sample" (`eval_sample.WindowExamples.description`) and "timings"
+    (seconds per part). On a sample, each Recall@k, NDCG@k and MRR has its
+    95% interval beside it, named with the suffix "_ci95".
   """
   cut = window_start(catalogue, window)
+  timings = eval_sample.Timings()
   if test is None:
-    test = window_examples(catalogue, prepared_dir, window, rule)
+    test = window_examples(catalogue, prepared_dir, window, rule,
+                           eval_examples)
+  timings["load_examples"] = getattr(test, "load_seconds", None)
+  sample = eval_sample.describe(test)
+  fraction = eval_sample.sampling_fraction(test)
   num_candidates = catalogue.num_candidates(cut)
   targets = test[schema.TARGET_ITEM]
   # Targets never seen in training are retrievable only by content features.
@@ -268,36 +311,43 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
         result[f"weighted_{metric}"] = value
     if retrieved:
       result.update(_named_by_ks(retrieved.result(), list_ks, ks))
+    if sample["sampled"]:
+      result.update(eval_sample.row_intervals(
+          ranks[keep], cold_ranks[keep[cold]], weights[keep], ks, fraction))
     curves[name] = metrics.recall_curve(ranks[keep], curve_ks).tolist()
     return result
 
-  all_candidates = ranking.candidate_embeddings(model,
-                                                catalogue.num_items + 1)
-  retrieved = metrics.RetrievedItemStats(list_ks, candidate_popularity)
-  results = {"model": scored(
-      "model",
-      ranking.model_ranks(model, test, all_candidates[:num_candidates + 1],
-                          retrieved),
-      ranking.model_ranks(model, cold_examples, all_candidates), retrieved)}
+  with timings.part("model"):
+    all_candidates = ranking.candidate_embeddings(model,
+                                                  catalogue.num_items + 1)
+    retrieved = metrics.RetrievedItemStats(list_ks, candidate_popularity)
+    results = {"model": scored(
+        "model",
+        ranking.model_ranks(model, test, all_candidates[:num_candidates + 1],
+                            retrieved),
+        ranking.model_ranks(model, cold_examples, all_candidates), retrieved)}
   if with_baselines:
     if fitted_baselines is None:
-      fitted_baselines = fit_baselines(catalogue, prepared_dir, rule,
-                                       recent_half_life_days)
+      with timings.part("fit_baselines"):
+        fitted_baselines = fit_baselines(catalogue, prepared_dir, rule,
+                                         recent_half_life_days)
     queries = baseline_queries(test)
     for baseline in fitted_baselines:
-      retrieved = metrics.RetrievedItemStats(list_ks, candidate_popularity)
-      baseline_retrieved(baseline, queries, retrieved)
-      # Index order puts non-candidates after every candidate, so a
-      # candidate's rank is the same among the candidates alone.
-      results[baseline.name] = scored(
-          baseline.name,
-          ranking.miss_non_candidates(baseline.ranks(queries, targets),
-                                      targets, num_candidates),
-          baseline.ranks(_subset(queries, cold), targets[cold]), retrieved)
+      with timings.part(baseline.name):
+        retrieved = metrics.RetrievedItemStats(list_ks, candidate_popularity)
+        baseline_retrieved(baseline, queries, retrieved)
+        # Index order puts non-candidates after every candidate, so a
+        # candidate's rank is the same among the candidates alone.
+        results[baseline.name] = scored(
+            baseline.name,
+            ranking.miss_non_candidates(baseline.ranks(queries, targets),
+                                        targets, num_candidates),
+            baseline.ranks(_subset(queries, cold), targets[cold]), retrieved)
 
     path = oracle_lib.oracle_path(catalogue)
     if path:
-      oracle = oracle_lib.oracle_ranks(path, catalogue, test)
+      with timings.part("oracle"):
+        oracle = oracle_lib.oracle_ranks(path, catalogue, test)
       column = ("positive_oracle_rank" if "positive_oracle_rank" in oracle
                 and np.any(oracle["positive_oracle_rank"] > 0)
                 else "oracle_rank")
@@ -314,7 +364,7 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
       components = oracle["component"].to_numpy()
       if np.any(components != ""):
         # Where the generator's truth says each target came from.
-        results["by_component"] = recall_by_target_kind(
+        results["by_component"] = target_kinds_lib.recall_by_target_kind(
             kept_ranks, {c: components == c for c in sorted(set(components))
                          if c}, ks)
   results["window"] = window
@@ -330,48 +380,11 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
                         if len(targets) else 0.0,
   }
   results["recall_curve"] = curves
-  results["by_target_kind"] = recall_by_target_kind(
-      kept_ranks, target_kinds(test, catalogue), ks)
+  results["by_target_kind"] = target_kinds_lib.recall_by_target_kind(
+      kept_ranks, target_kinds_lib.target_kinds(test, catalogue), ks)
+  results["sample"] = sample
+  results["timings"] = timings
   return results
-
-
-def target_kinds(test: Dict[str, np.ndarray],
-                 catalogue: catalogue_lib.Catalogue) -> Dict[str, np.ndarray]:
-  """Each test example's kind of target, by its relation to the query.
-
-  Exclusive, in this order: the seed itself (a replay); a track in the
-  history (a return to it); the seed's album; the seed's artist; anything
-  else. They separate what a retriever remembers from what it generalises.
-  """
-  seed, target = test[schema.SEED_ITEM], test[schema.TARGET_ITEM]
-  in_history = (test[schema.HISTORY_ITEMS] == target[:, np.newaxis]).any(1)
-  album, artist = catalogue.item_album, catalogue.item_artist
-  # Index 0 is "no album/artist": not a shared one.
-  same_album = (album[target] == album[seed]) & (album[target] > 0)
-  same_artist = (artist[target] == artist[seed]) & (artist[target] > 0)
-  kinds = {"replay of the seed": target == seed}
-  left = ~kinds["replay of the seed"]
-  for name, mask in (("in the history", in_history),
-                     ("seed's album", same_album),
-                     ("seed's artist", same_artist)):
-    kinds[name] = left & mask
-    left &= ~mask
-  kinds["other"] = left
-  return kinds
-
-
-def recall_by_target_kind(kept_ranks: Dict[str, tuple],
-                          kinds: Dict[str, np.ndarray],
-                          ks: Sequence[int]) -> Dict[str, Dict]:
-  """{"share": {kind: share of examples}, retriever: {kind: {recall@k}}}."""
-  out = {"share": {kind: float(mask.mean()) if len(mask) else 0.0
-                   for kind, mask in kinds.items()}}
-  for name, (ranks, keep) in kept_ranks.items():
-    out[name] = {kind: {f"recall@{k}": float(np.mean(ranks[mask & keep] <= k))
-                        if np.any(mask & keep) else float("nan")
-                        for k in ks}
-                 for kind, mask in kinds.items()}
-  return out
 
 
 def _named_by_ks(values: Dict[str, float], list_ks: Sequence[int],

@@ -121,7 +121,10 @@ class TwoTowerModel(tfrs.Model):
   not counted as a negative of that query (accidental-hit removal). Example
   age enters the training scores only, through each candidate's popularity
   trend (`towers.age_features`, `towers.ItemEncoder.trend`), and is 0 at
-  serving. The options named here are `RetrievalConfig`'s.
+  serving. With K > 1 query heads (`towers.TowerConfig.query_heads`) a
+  query's score of a candidate is the max over its heads (`query_heads`);
+  everything above then applies to those scores. The options named here are
+  `RetrievalConfig`'s.
   """
 
   def __init__(self, catalogue: catalogue_lib.Catalogue,
@@ -176,6 +179,8 @@ class TwoTowerModel(tfrs.Model):
   def call(self, features, training=False):
     """(query embeddings, target candidate embeddings) of a batch.
 
+    Query embeddings are [batch, d], or [batch, K, d] with K query heads.
+
     Calling the model on a batch creates all its variables, which a backup
     needs before it can restore them.
     """
@@ -218,14 +223,20 @@ class TwoTowerModel(tfrs.Model):
                                 axis=0)
     # The first len(targets) columns are the queries' positives (TFRS labels
     # are eye(queries, candidates)); the rest are negatives for every query.
+    # [batch, K, d] queries (query_heads = K > 1) are scored by the task as
+    # the max over their heads, before every correction below.
     queries = self.query_tower(features, training=training)
     candidates = self.candidate_tower(candidate_ids, training=training)
     if self.age_scale_days:
       # Concatenation adds age_features · trend to every score; times the
       # temperature, as the task divides all scores by it, so that the trend
       # is in logits and its learning rate is not multiplied by 1 / T.
-      queries = tf.concat([queries, self.temperature * towers.age_features(
-          features[schema.EXAMPLE_AGE], self.age_scale_days)], axis=-1)
+      age = self.temperature * towers.age_features(
+          features[schema.EXAMPLE_AGE], self.age_scale_days)
+      if queries.shape.rank == 3:
+        # The same term in every head adds it to their max as well.
+        age = tf.tile(age[:, tf.newaxis], [1, queries.shape[1], 1])
+      queries = tf.concat([queries, age], axis=-1)
       candidates = tf.concat(
           [candidates, self.item_encoder.trend(candidate_ids)], axis=-1)
     probability = (self.candidate_probability(targets, candidate_ids,

@@ -6,7 +6,9 @@ export all rank the same way, so they share these functions:
   * a candidate is a catalogue index; `candidate_embeddings` embeds indices
     0..n-1 with the candidate tower, and index 0 ("unknown") is never a hit;
   * a query's score of a candidate is the dot product of their embeddings,
-    as `tfrs.layers.factorized_top_k.BruteForce` serves it;
+    as `tfrs.layers.factorized_top_k.BruteForce` serves it; with several
+    query heads, the largest of its heads' dot products
+    (`query_heads.max_sim`), as the exported index serves it;
   * ties rank by index, which is popularity order (see
     `tfrs_yambda.catalogue`), so ranks and top-k lists agree: the top k are
     exactly the candidates of ranks 1..k;
@@ -25,10 +27,18 @@ import numpy as np
 import tensorflow as tf
 
 from tfrs_yambda import metrics
+from tfrs_yambda import query_heads
 from tfrs_yambda import schema
 
 # Bound on the scores matrix of one query batch (floats), to cap memory.
 MAX_SCORES_PER_BATCH = 1 << 25
+# ... except that a batch holds at least MIN_QUERIES_PER_BATCH queries while
+# their scores stay under HARD_MAX_SCORES_PER_BATCH floats (1 GiB): each batch
+# reads every candidate's embedding, so over millions of candidates a batch
+# of a few queries is dominated by that read (32 queries x 3M candidates:
+# 384 MB of scores).
+MIN_QUERIES_PER_BATCH = 32
+HARD_MAX_SCORES_PER_BATCH = 1 << 28
 
 
 def candidate_embeddings(model, num_indices: int,
@@ -52,18 +62,44 @@ def scores(queries: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:
   """Query-candidate scores, [batch, num_indices]; index 0 is never a hit.
 
   Args:
-    queries: float [batch, d], query-tower embeddings.
+    queries: float [batch, d], query-tower embeddings, or [batch, heads, d]
+      (scored by the max over heads).
     candidates: float [num_indices, d], `candidate_embeddings`.
 
   Returns:
-    The dot products, with index 0 and every non-finite score (NaN, +inf,
-    -inf) set to -inf: such a candidate sorts after every finite one and
-    such a target is a miss (see `target_ranks`).
+    The dot products (max over heads), with index 0 and every non-finite
+    score (NaN, +inf, -inf) set to -inf: such a candidate sorts after every
+    finite one and such a target is a miss (see `target_ranks`).
   """
-  products = tf.matmul(queries, candidates, transpose_b=True)
-  index = tf.range(tf.shape(candidates)[0])
+  return _never_hits_to_minus_inf(query_heads.max_sim(queries, candidates))
+
+
+# The two passes over a [batch, n] score matrix are compiled by XLA, which
+# fuses each into one loop: TensorFlow alone writes a [batch, n] temporary per
+# elementwise op, and over 3M candidates those ops took 1.6 to 3 times as
+# long as the matrix product. They only compare and select, so every score
+# and rank is exactly TensorFlow's; the product itself stays TensorFlow's.
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _never_hits_to_minus_inf(products: tf.Tensor) -> tf.Tensor:
+  """`products` with column 0 and every non-finite entry set to -inf."""
+  index = tf.range(tf.shape(products)[1])
   never = (index[tf.newaxis, :] == 0) | ~tf.math.is_finite(products)
   return tf.where(never, tf.constant(-np.inf, products.dtype), products)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _ranks_under(scored: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
+  """1-based ranks of `targets` under `scores`' output, ties by index."""
+  index = tf.range(tf.shape(scored)[1], dtype=targets.dtype)
+  target_scores = tf.gather(scored, targets, batch_dims=1)[:, tf.newaxis]
+  ahead = (scored > target_scores) | ((scored == target_scores) & (
+      index[tf.newaxis, :] < targets[:, tf.newaxis]))
+  # Counted in int32: fewer than 2**31 candidates.
+  ranks = 1 + tf.cast(tf.reduce_sum(tf.cast(ahead, tf.int32), axis=1),
+                      tf.int64)
+  # `scores` made every non-finite score -inf; such a target is never a hit.
+  return tf.where(tf.math.is_inf(target_scores[:, 0]),
+                  tf.constant(metrics.NOT_RETRIEVED, tf.int64), ranks)
 
 
 @tf.function(reduce_retracing=True)
@@ -75,7 +111,7 @@ def target_ranks(queries: tf.Tensor, candidates: tf.Tensor,
   are the items of ranks 1..k.
 
   Args:
-    queries: float [batch, d].
+    queries: float [batch, d], or [batch, heads, d].
     candidates: float [num_indices, d].
     targets: int64 [batch], each query's target index (< num_indices).
     k: also return the top-k indices when > 0.
@@ -86,14 +122,7 @@ def target_ranks(queries: tf.Tensor, candidates: tf.Tensor,
     (ranks, int32 [batch, k] top-k indices).
   """
   scored = scores(queries, candidates)
-  index = tf.range(tf.shape(candidates)[0], dtype=targets.dtype)
-  target_scores = tf.gather(scored, targets, batch_dims=1)[:, tf.newaxis]
-  ahead = (scored > target_scores) | ((scored == target_scores) & (
-      index[tf.newaxis, :] < targets[:, tf.newaxis]))
-  ranks = 1 + tf.reduce_sum(tf.cast(ahead, tf.int64), axis=1)
-  # `scores` made every non-finite score -inf; such a target is never a hit.
-  ranks = tf.where(tf.math.is_inf(target_scores[:, 0]),
-                   tf.constant(metrics.NOT_RETRIEVED, tf.int64), ranks)
+  ranks = _ranks_under(scored, targets)
   if not k:
     return ranks
   return ranks, tf.math.top_k(scored, k, sorted=True).indices
@@ -110,8 +139,11 @@ def top_k(queries: tf.Tensor, candidates: tf.Tensor, k: int) -> tf.Tensor:
 
 def query_batch_size(num_indices: int) -> int:
   """Queries per batch: at most 4096, and at most `MAX_SCORES_PER_BATCH`
-  scores over `num_indices` candidates."""
-  return max(1, min(4096, MAX_SCORES_PER_BATCH // num_indices))
+  scores over `num_indices` candidates, but `MIN_QUERIES_PER_BATCH` while
+  under `HARD_MAX_SCORES_PER_BATCH` scores (and at least one)."""
+  return max(1, min(4096, MAX_SCORES_PER_BATCH // num_indices),
+             min(MIN_QUERIES_PER_BATCH,
+                 HARD_MAX_SCORES_PER_BATCH // num_indices))
 
 
 def miss_non_candidates(ranks: np.ndarray, targets: np.ndarray,

@@ -4,11 +4,14 @@ Everything here reads the dicts that `tfrs_yambda.evaluate.evaluate` and
 `tfrs_yambda.yambda_protocol.evaluate` return (and results.json stores) and
 returns strings; nothing is computed that is not in them. A retriever without
 a value in a column (the oracle has ranks but no top-k lists, so no
-coverage) shows "-".
+coverage) shows "-". A figure of a sampled evaluation shows the half-width
+of its 95% interval, "0.5743 ± 0.0031" (results.json holds the interval's
+bounds; Wilson's, for Recall@k, need not be symmetric).
 """
 
 from typing import Dict, Sequence
 
+from tfrs_yambda import eval_sample
 from tfrs_yambda import evaluate
 
 
@@ -24,28 +27,51 @@ def format_table(results: Dict[str, Dict], ks: Sequence[int],
     columns: default Recall@k, NDCG@k and MRR.
 
   Returns:
-    A header and one line per retriever, values to four decimals.
+    A header and one line per retriever, values to four decimals (with the
+    half-width of their 95% interval where the row has one).
   """
   columns = columns or ([f"recall@{k}" for k in ks] +
                         [f"ndcg@{k}" for k in ks] + ["mrr"])
-  width = max(11, max(len(c) for c in columns) + 2)
+  rows = evaluate.retrievers(results)
+  with_intervals = any(prefix + c + eval_sample.CI_SUFFIX in row
+                       for row in rows.values() for c in columns)
+  width = max(17 if with_intervals else 11,
+              max(len(c) for c in columns) + 2)
   lines = ["{:<20}".format("retriever") + "".join(
       f"{c:>{width}}" for c in columns)]
-  for name, row in evaluate.retrievers(results).items():
-    cells = []
-    for c in columns:
-      value = row.get(prefix + c)
-      cells.append(f"{value:>{width}.4f}" if value is not None
-                   else f"{'-':>{width}}")
-    lines.append("{:<20}".format(name) + "".join(cells))
+  for name, row in rows.items():
+    cells = [_cell(row.get(prefix + c),
+                   row.get(prefix + c + eval_sample.CI_SUFFIX))
+             for c in columns]
+    lines.append("{:<20}".format(name) + "".join(f"{c:>{width}}"
+                                                 for c in cells))
   return "\n".join(lines)
+
+
+def _cell(value, interval=None) -> str:
+  """"0.5743", "0.5743 ± 0.0031" (the interval's half-width) or "-"."""
+  if value is None:
+    return "-"
+  if interval is None:
+    return f"{value:.4f}"
+  return f"{value:.4f} ± {(interval[1] - interval[0]) / 2:.4f}"
+
+
+def timings_line(results: Dict) -> str:
+  """The seconds each part of a window's evaluation took, on one line."""
+  parts = dict(results.get("timings", {}))
+  protocol = results.get("yambda_protocol", {}).get("timings")
+  if protocol:
+    parts.setdefault("yambda_protocol", protocol["total"])
+  return "Seconds: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds
+                                  in parts.items() if seconds is not None)
 
 
 def target_kind_table(by_kind: Dict[str, Dict], k: int) -> str:
   """Recall@k of every retriever (columns) per kind of target (rows).
 
   Args:
-    by_kind: `evaluate.recall_by_target_kind`'s result.
+    by_kind: `target_kinds.recall_by_target_kind`'s result.
     k: the cut-off shown.
   """
   names = [n for n in by_kind if n != "share"]
@@ -95,8 +121,14 @@ def window_report(results: Dict, ks: Sequence[int], window: str) -> str:
     The report, starting with an empty line (as printed between windows).
   """
   candidates = results["candidates"]
+  sample = results.get("sample", {})
   parts = [
-      f"\n=== {window.upper()} DAY ===\nNext-track retrieval over the "
+      f"\n=== {window.upper()} DAY ===\n" + (
+          f"A seeded sample of {sample['examples']} of the "
+          f"{sample['window_examples']} examples (seed {sample['seed']}): "
+          "each figure ± the half-width of\nits 95% interval for all of "
+          "them; coverage@k counts the sample's top-k lists only.\n"
+          if sample.get("sampled") else "") + "Next-track retrieval over the "
       f"authors' catalogue ({candidates['authors']} items listened to "
       f"before the {window} day; {results['model']['examples']} examples, "
       f"{100 * results['test_targets']['not_candidates']:.1f}% of them "
@@ -132,4 +164,6 @@ def window_report(results: Dict, ks: Sequence[int], window: str) -> str:
               f"average ({protocol['users_unseen_in_training']} users unseen "
               "in training left out):",
               protocol_table(protocol)]
+  if "timings" in results:
+    parts.append("\n" + timings_line(results))
   return "\n".join(parts)

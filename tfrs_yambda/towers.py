@@ -47,6 +47,9 @@ class TowerConfig:
   attention_dropout: float = 0.0
   hidden_dim: int = 256
   output_dim: int = 64
+  # K query vectors per example, scored by the best of them (max-sim, see
+  # query_heads); 1: one query vector.
+  query_heads: int = 1
   # Ids with fewer training positives share the "unknown" row; their content
   # features still tell them apart.
   min_item_count: int = 1
@@ -61,6 +64,8 @@ class TowerConfig:
   use_example_age: bool = True
 
   def __post_init__(self):
+    if self.query_heads < 1:
+      raise ValueError(f"query_heads must be >= 1, got {self.query_heads}")
     if self.history_encoder not in HISTORY_ENCODERS:
       raise ValueError(f"history_encoder must be one of {HISTORY_ENCODERS}, "
                        f"got {self.history_encoder!r}")
@@ -205,11 +210,21 @@ def _dense_item_features(catalogue: catalogue_lib.Catalogue,
   return np.stack(columns, axis=-1).astype(np.float32)
 
 
-def _mlp(config: TowerConfig, name: str) -> tf.keras.Sequential:
+def _mlp(config: TowerConfig, name: str,
+         heads: int = 1) -> tf.keras.Sequential:
+  """ReLU layer, then linear to unit vectors: [batch, d], or with heads > 1
+  [batch, heads, d], each head normalised on its own."""
+  if heads == 1:
+    return tf.keras.Sequential([
+        tf.keras.layers.Dense(config.hidden_dim, activation="relu"),
+        tf.keras.layers.Dense(config.output_dim),
+        tf.keras.layers.UnitNormalization(),
+    ], name=name)
   return tf.keras.Sequential([
       tf.keras.layers.Dense(config.hidden_dim, activation="relu"),
-      tf.keras.layers.Dense(config.output_dim),
-      tf.keras.layers.UnitNormalization(),
+      tf.keras.layers.Dense(heads * config.output_dim),
+      tf.keras.layers.Reshape((heads, config.output_dim)),
+      tf.keras.layers.UnitNormalization(axis=-1),
   ], name=name)
 
 
@@ -219,7 +234,9 @@ class QueryTower(tf.keras.Model):
   The MLP reads the user's embedding, the seed's item features, the history
   (its mean item features, or with `history_encoder="attention"` the
   causal self-attention encoding of history-then-seed) and log(1 + history
-  length).
+  length). It returns [batch, d], or with `query_heads` = K > 1 K vectors
+  per example, [batch, K, d], which score a candidate by the best of them
+  (`query_heads`).
   """
 
   def __init__(self, catalogue: catalogue_lib.Catalogue,
@@ -246,7 +263,7 @@ class QueryTower(tf.keras.Model):
       self.history_projection = tf.keras.layers.Dense(
           config.history_dim, use_bias=False, name="history_projection")
     self.config = config
-    self.mlp = _mlp(config, "query_mlp")
+    self.mlp = _mlp(config, "query_mlp", config.query_heads)
 
   def call(self, features, training=None) -> tf.Tensor:
     config = self.config

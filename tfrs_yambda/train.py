@@ -35,6 +35,7 @@ program, so importing it defines none.
 
 import dataclasses
 import os
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -56,6 +57,7 @@ from tfrs_yambda import plots
 from tfrs_yambda import projector
 from tfrs_yambda import report
 from tfrs_yambda import schema
+from tfrs_yambda import stage_meter
 from tfrs_yambda import train_flags
 from tfrs_yambda import trainer
 from tfrs_yambda import yambda_protocol
@@ -80,7 +82,9 @@ def paths(flag_values: flags.FlagValues = FLAGS) -> dict:
 
 def prepare_data(yambda_dir: str, size: str, prepared_dir: str,
                  config: prep_config.PrepConfig, generate_missing: bool,
-                 generator_seed: int = 0) -> catalogue_lib.Catalogue:
+                 generator_seed: int = 0,
+                 meter: Optional[stage_meter.StageMeter] = None
+                 ) -> catalogue_lib.Catalogue:
   """Generates and prepares the data unless up-to-date outputs exist.
 
   Args:
@@ -90,11 +94,13 @@ def prepare_data(yambda_dir: str, size: str, prepared_dir: str,
     config: the prep's settings.
     generate_missing: generate a dataset of `size` if the folder has none.
     generator_seed: the generated dataset's seed.
+    meter: measures the "generate" and "prep" stages, when they run.
 
   Returns:
     The prepared data's catalogue: prepared data whose settings and source
     equal these is reused.
   """
+  meter = meter or stage_meter.StageMeter()
   events = yambda.multi_event_path(yambda_dir, size)
   if not os.path.exists(events):
     if not generate_missing:
@@ -102,7 +108,8 @@ def prepare_data(yambda_dir: str, size: str, prepared_dir: str,
           f"{events} does not exist: point --yambda_dir at a Yambda download "
           "or pass --generate to create a generated dataset.")
     logging.info("Generating the %s dataset into %s", size, yambda_dir)
-    generate.generate(yambda_dir, size, generator_seed)
+    with meter.stage("generate", [yambda_dir]):
+      generate.generate(yambda_dir, size, generator_seed)
   meta_path = os.path.join(prepared_dir, "catalogue", "metadata.json")
   if os.path.exists(meta_path):
     meta = atomic.read_json(meta_path)
@@ -114,7 +121,8 @@ def prepare_data(yambda_dir: str, size: str, prepared_dir: str,
     if same_output and meta.get("source") == os.path.abspath(events):
       logging.info("Reusing prepared data in %s", prepared_dir)
       return catalogue_lib.load(os.path.join(prepared_dir, "catalogue"))
-  prep.prepare(yambda_dir, size, prepared_dir, config)
+  with meter.stage("prep", [prepared_dir]):
+    prep.prepare(yambda_dir, size, prepared_dir, config)
   return catalogue_lib.load(os.path.join(prepared_dir, "catalogue"))
 
 
@@ -122,15 +130,19 @@ def score_window(model, catalogue, prepared_dir: str, window: str,
                  fitted_baselines, rule, ks, examples=None) -> dict:
   """Every retriever's metrics on one window, the Yambda protocol's too."""
   if examples is None:
-    examples = evaluate.window_examples(catalogue, prepared_dir, window, rule)
+    examples = evaluate.window_examples(catalogue, prepared_dir, window, rule,
+                                        FLAGS.eval_examples)
   results = evaluate.evaluate(model, catalogue, prepared_dir, rule, ks,
                               window=window,
                               fitted_baselines=fitted_baselines,
                               test=examples)
-  if FLAGS.yambda_protocol:
+  if FLAGS.yambda_protocol and (window == "test" or
+                                FLAGS.validation_protocol):
     results["yambda_protocol"] = yambda_protocol.evaluate(
         model, catalogue, prepared_dir, rule, fitted_baselines,
         [int(k) for k in FLAGS.protocol_ks], test=examples, window=window)
+    results["timings"]["yambda_protocol"] = (
+        results["yambda_protocol"]["timings"]["total"])
   return results
 
 
@@ -163,6 +175,7 @@ def train_and_evaluate():
   chief = trainer.is_chief(strategy)
   folders = paths()
   config = train_flags.train_config()
+  meter = stage_meter.StageMeter()
   if strategy.num_replicas_in_sync > 1 and not os.path.exists(
       os.path.join(folders["prepared"], "catalogue", "metadata.json")):
     raise FileNotFoundError(
@@ -172,16 +185,19 @@ def train_and_evaluate():
 
   def prepare(prepared_dir, data_config):
     return prepare_data(folders["yambda"], FLAGS.size, prepared_dir,
-                        data_config, FLAGS.generate, FLAGS.generator_seed)
+                        data_config, FLAGS.generate, FLAGS.generator_seed,
+                        meter)
 
   def train(catalogue, prepared_dir, epochs=None, stage=""):
-    return trainer.train_model(
-        config, catalogue, prepared_dir, train_flags.tower_config(),
-        train_flags.retrieval_config(), train_flags.example_rule(catalogue),
-        logs_dir=folders["logs"],
-        backup_dir=folders["backup"], checkpoints_dir=folders["checkpoints"],
-        strategy=strategy, chief=chief, epochs=epochs, stage=stage,
-        hparams=train_flags.hparams(catalogue))
+    with meter.stage("train", [folders["logs"], folders["checkpoints"]]):
+      return trainer.train_model(
+          config, catalogue, prepared_dir, train_flags.tower_config(),
+          train_flags.retrieval_config(), train_flags.example_rule(catalogue),
+          logs_dir=folders["logs"],
+          backup_dir=folders["backup"],
+          checkpoints_dir=folders["checkpoints"],
+          strategy=strategy, chief=chief, epochs=epochs, stage=stage,
+          hparams=train_flags.hparams(catalogue))
 
   catalogue = prepare(folders["prepared"], prep_config.from_flags())
   rule = train_flags.example_rule(catalogue)
@@ -203,25 +219,28 @@ def train_and_evaluate():
   manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
                                        folders["checkpoints"], max_to_keep=3)
   manager.save(checkpoint_number=selection["train_steps"])
-  fitted_baselines = evaluate.fit_baselines(
-      catalogue, folders["prepared"], rule, FLAGS.recent_half_life_days,
-      train_flags.itemknn_config())
-  results = {"selection": selection}
-  # Without a validation window, ItemKNN keeps its largest neighbourhood.
-  selection["itemknn_neighbours"] = {
-      "chosen": max(train_flags.itemknn_config().neighbours), "by_k": {}}
-  if evaluate.has_validation(catalogue):
-    examples = evaluate.window_examples(catalogue, folders["prepared"],
-                                        "validation", rule)
-    fitted_baselines = choose_itemknn(fitted_baselines, catalogue, examples,
-                                      ks, selection)
-    results["validation"] = score_window(model, catalogue,
-                                         folders["prepared"], "validation",
-                                         fitted_baselines, rule, ks, examples)
-    callbacks.log_final_metrics(os.path.join(folders["logs"], "metrics"),
-                                selection["train_steps"],
-                                results["validation"]["model"])
-    print(report.window_report(results["validation"], ks, "validation"))
+  results = {"selection": selection, "stages": meter.stages}
+  results_path = os.path.join(folders["eval"], "results.json")
+  with meter.stage("evaluate", [folders["eval"]]):
+    fitted_baselines = evaluate.fit_baselines(
+        catalogue, folders["prepared"], rule, FLAGS.recent_half_life_days,
+        train_flags.itemknn_config())
+    # Without a validation window, ItemKNN keeps its largest neighbourhood.
+    selection["itemknn_neighbours"] = {
+        "chosen": max(train_flags.itemknn_config().neighbours), "by_k": {}}
+    if evaluate.has_validation(catalogue):
+      examples = evaluate.window_examples(catalogue, folders["prepared"],
+                                          "validation", rule,
+                                          FLAGS.eval_examples)
+      fitted_baselines = choose_itemknn(fitted_baselines, catalogue,
+                                        examples, ks, selection)
+      results["validation"] = score_window(
+          model, catalogue, folders["prepared"], "validation",
+          fitted_baselines, rule, ks, examples)
+      callbacks.log_final_metrics(os.path.join(folders["logs"], "metrics"),
+                                  selection["train_steps"],
+                                  results["validation"]["model"])
+      print(report.window_report(results["validation"], ks, "validation"))
 
   if FLAGS.retrain:
     # The authors' second stage: the chosen settings and epoch count, trained
@@ -234,34 +253,42 @@ def train_and_evaluate():
     model, results["retrain"] = train(catalogue, prepared,
                                       epochs=selection["epoch"],
                                       stage="retrain")
-    fitted_baselines = evaluate.fit_baselines(
-        catalogue, prepared, rule, FLAGS.recent_half_life_days,
-        train_flags.itemknn_config(
-            neighbours=[selection["itemknn_neighbours"]["chosen"]]))
+    with meter.stage("evaluate", [folders["eval"]]):
+      fitted_baselines = evaluate.fit_baselines(
+          catalogue, prepared, rule, FLAGS.recent_half_life_days,
+          train_flags.itemknn_config(
+              neighbours=[selection["itemknn_neighbours"]["chosen"]]))
   else:
     prepared = folders["prepared"]
-  # The one scoring of the test day.
-  results["test"] = score_window(model, catalogue, prepared, "test",
-                                 fitted_baselines, rule, ks)
-  atomic.write_json(results, os.path.join(folders["eval"], "results.json"))
-  plot_path = os.path.join(folders["eval"], "recall_at_k.png")
-  plots.write_recall_plot(
-      results["test"]["recall_curve"], plot_path,
-      title=f"Next-track Recall@k on the test day over "
-            f"{results['test']['candidates']['authors']} items")
+  with meter.stage("evaluate", [folders["eval"]]):
+    # The one scoring of the test day.
+    results["test"] = score_window(model, catalogue, prepared, "test",
+                                   fitted_baselines, rule, ks)
+    atomic.write_json(results, results_path)
+    plot_path = os.path.join(folders["eval"], "recall_at_k.png")
+    plots.write_recall_plot(
+        results["test"]["recall_curve"], plot_path,
+        title=f"Next-track Recall@k on the test day over "
+              f"{results['test']['candidates']['authors']} items")
   print(report.window_report(results["test"], ks, "test"))
   print(f"\nRecall@k plot: {plot_path}")
   if FLAGS.projector_items > 0:
-    folder = projector.write(model, catalogue, folders["logs"],
-                             FLAGS.projector_items)
+    with meter.stage("projector"):
+      folder = projector.write(model, catalogue, folders["logs"],
+                               FLAGS.projector_items)
     print(f"Item embeddings for TensorBoard's Projector tab: {folder}")
 
-  if not FLAGS.export:
-    return results, {}
-  exported = export.export_all(model, catalogue, folders["export"],
-                               FLAGS.model_name, k=FLAGS.export_k)
-  for kind, path in exported.items():
-    print(f"SavedModel ({kind}): {path}")
+  exported = {}
+  if FLAGS.export:
+    with meter.stage("export", [folders["export"]]):
+      exported = export.export_all(model, catalogue, folders["export"],
+                                   FLAGS.model_name, k=FLAGS.export_k)
+    for kind, path in exported.items():
+      print(f"SavedModel ({kind}): {path}")
+  # Again, now with every stage's cost.
+  atomic.write_json(results, results_path)
+  print("\nStages (wall time, peak RSS of the process tree, disk written):\n"
+        + meter.table())
   print(f"TensorBoard: tensorboard --logdir {folders['logs']}")
   return results, exported
 

@@ -35,9 +35,9 @@ FLAGS = flags.FLAGS
 TOWER_FLAGS = ("item_id_dim", "artist_dim", "album_dim", "user_dim",
                "hidden_dim", "output_dim", "recent_history", "history_encoder",
                "attention_blocks", "attention_heads", "attention_dropout",
-               "min_item_count", "min_user_count", "use_user_id", "use_seed",
-               "use_history", "use_audio", "use_artist_album",
-               "use_example_age")
+               "query_heads", "min_item_count", "min_user_count",
+               "use_user_id", "use_seed", "use_history", "use_audio",
+               "use_artist_album", "use_example_age")
 RETRIEVAL_FLAGS = ("temperature", "logq_correction", "uniform_negatives",
                    "uniform_pool", "sampling_probability", "frequency_alpha",
                    "frequency_buckets")
@@ -51,7 +51,7 @@ HPARAM_FLAGS = ("batch_size", "epochs", "optimizer", "learning_rate",
                 "use_example_age", "min_item_count", "min_user_count",
                 "history_length", "output_dim", "recent_history",
                 "history_encoder", "attention_blocks", "attention_heads",
-                "attention_dropout")
+                "attention_dropout", "query_heads")
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -93,6 +93,10 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                        flag_values=fv)
   flags.DEFINE_integer("epochs", train.epochs,
                        "Passes over the training examples.", flag_values=fv)
+  flags.DEFINE_integer("max_train_steps", train.max_steps,
+                       "0, or train at most this many steps in all: one "
+                       "bounded pass, whose steady examples/s projects a "
+                       "full epoch's time.", flag_values=fv)
   flags.DEFINE_enum("optimizer", train.optimizer, list(trainer.OPTIMIZERS),
                     "Optimizer.", flag_values=fv)
   flags.DEFINE_float("learning_rate", train.learning_rate,
@@ -120,6 +124,13 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                       flag_values=fv)
   flags.DEFINE_list("eval_ks", [str(k) for k in train.eval_ks],
                     "Recall@k cut-offs.", flag_values=fv)
+  flags.DEFINE_integer("eval_examples", train.eval_examples,
+                       "0: score every example of the validation and test "
+                       "days; n: a fixed, seeded sample of n of each day's "
+                       "examples (the same for every retriever and run), "
+                       "each figure with its 95% interval. The Yambda "
+                       "protocol still asks every user.", lower_bound=0,
+                       flag_values=fv)
   flags.DEFINE_integer("seed", train.seed,
                        "Seed of initialisation and shuffling.", flag_values=fv)
 
@@ -185,6 +196,10 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_float("attention_dropout", tower.attention_dropout,
                      "Dropout rate inside the attention encoder.",
                      flag_values=fv)
+  flags.DEFINE_integer("query_heads", tower.query_heads,
+                       "Query vectors per example; a candidate scores the "
+                       "best of them (max-sim), in training, evaluation and "
+                       "the exported top-k.", lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("min_item_count", tower.min_item_count,
                        "Items with fewer training positives share one id row.",
                        flag_values=fv)
@@ -237,6 +252,10 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "Also score the Yambda authors' protocol: one query per "
                     "user from their state at the end of training, all their "
                     "test-window Listen+ items relevant.", flag_values=fv)
+  flags.DEFINE_bool("validation_protocol", True,
+                    "Score the Yambda protocol on the validation day too "
+                    "(reported, never chosen on); at millions of items its "
+                    "top-100 of every user takes minutes.", flag_values=fv)
   flags.DEFINE_list("protocol_ks", [str(k) for k in yambda_protocol.DEFAULT_KS],
                     "Cut-offs of the Yambda protocol (its top list is max k).",
                     flag_values=fv)
@@ -266,7 +285,8 @@ def train_config(flag_values: flags.FlagValues = FLAGS) -> trainer.TrainConfig:
       eval_every_epoch=flag_values.eval_every_epoch,
       select_metric=flag_values.select_metric,
       eval_ks=tuple(int(k) for k in flag_values.eval_ks),
-      seed=flag_values.seed)
+      seed=flag_values.seed, max_steps=flag_values.max_train_steps,
+      eval_examples=flag_values.eval_examples)
 
 
 def profile_steps(value) -> tuple:

@@ -67,6 +67,11 @@ class TrainConfig:
     select_metric: the validation metric that chooses the epoch.
     eval_ks: the cut-offs of Recall@k and NDCG@k.
     seed: seed of the training data's shuffling.
+    max_steps: 0, or at most this many steps in all: a bounded run on data
+      whose full epoch takes hours (the 500m rehearsal). The learning rate
+      schedule spans the bounded run, and it counts as one epoch.
+    eval_examples: 0, or score the validation day on a fixed, seeded sample
+      of this many examples (`evaluate.window_examples`).
   """
   batch_size: int = 1024
   epochs: int = 3
@@ -80,6 +85,8 @@ class TrainConfig:
   select_metric: str = "recall@100"
   eval_ks: Tuple[int, ...] = metrics.DEFAULT_KS
   seed: int = 42
+  max_steps: int = 0
+  eval_examples: int = 0
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
@@ -153,10 +160,11 @@ class _EpochSelector:
   def __init__(self, model, catalogue: catalogue_lib.Catalogue,
                prepared_dir: str, rule: input_pipeline.ExampleRule,
                ks: Sequence[int], select_metric: str, selection: Dict,
-               best_path: str):
+               best_path: str, eval_examples: int = 0):
     self.model = model
     self.validation = evaluate.window_examples(catalogue, prepared_dir,
-                                               "validation", rule)
+                                               "validation", rule,
+                                               eval_examples)
     self.num_candidates = catalogue.num_candidates(
         evaluate.window_start(catalogue, "validation"))
     self.ks = ks
@@ -227,6 +235,10 @@ def train_model(config: TrainConfig, catalogue: catalogue_lib.Catalogue,
   if steps_per_epoch == 0:
     raise ValueError(f"{num_train} training examples are fewer than one batch "
                      f"of {config.batch_size}.")
+  full_epoch_steps = steps_per_epoch
+  if config.max_steps and config.max_steps < steps_per_epoch * epochs:
+    # One bounded pass: its examples/s says what a full epoch would take.
+    steps_per_epoch, epochs = config.max_steps, 1
   total_steps = steps_per_epoch * epochs
   logging.info("%s%d training examples, %d validation examples, %d items, "
                "%d users; %d steps of %d on %d replica(s)",
@@ -275,7 +287,7 @@ def train_model(config: TrainConfig, catalogue: catalogue_lib.Catalogue,
     selection["metric"] = f"validation {config.select_metric}"
     selector = _EpochSelector(model, catalogue, prepared_dir, rule,
                               config.eval_ks, config.select_metric, selection,
-                              best_path)
+                              best_path, config.eval_examples)
   if chief:
     fit_callbacks += [
         tf.keras.callbacks.TensorBoard(
@@ -290,6 +302,14 @@ def train_model(config: TrainConfig, catalogue: catalogue_lib.Catalogue,
   selection["train_seconds_this_run"] = round(time.time() - started, 1)
   selection["train_steps"] = int(model.optimizer.iterations.numpy())
   selection["resumed_from_step"] = progress.first_step
+  rate = progress.steady_examples_per_second()
+  selection["steady_examples_per_second"] = round(rate, 1)
+  selection["projected_epoch_seconds"] = round(
+      full_epoch_steps * config.batch_size / rate, 1) if rate else None
+  selection["full_epoch_steps"] = full_epoch_steps
+  logging.info("Steady state: %.0f examples/s; a full epoch (%d steps) "
+               "would take %s", rate, full_epoch_steps,
+               callbacks.duration(selection["projected_epoch_seconds"] or 0))
   logging.info("Trained to step %d of %d in %.0fs this run",
                selection["train_steps"], total_steps,
                selection["train_seconds_this_run"])

@@ -38,6 +38,7 @@ from that seed and history. The protocol's table is
 """
 
 import os
+import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -45,6 +46,7 @@ import pandas as pd
 import tensorflow as tf
 
 from tfrs_yambda import catalogue as catalogue_lib
+from tfrs_yambda import eval_sample
 from tfrs_yambda import evaluate as evaluate_lib
 from tfrs_yambda import input_pipeline
 from tfrs_yambda import metrics
@@ -237,25 +239,33 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
     rule: the positive rule (Listen+).
     fitted_baselines: baselines to score beside the model.
     ks: the cut-offs; the top lists are max(ks) long.
-    test: the window's examples (`evaluate.load_examples`), if the caller
-      has them already; only their user ids and targets are read.
+    test: the window's examples (`evaluate.window_examples`), if the caller
+      has them already; only their user ids and targets are read, and those
+      of every example of the window when `test` is a sample of them: the
+      protocol asks every user.
     window: "validation" or "test".
 
   Returns:
     {"users": evaluated users, "users_unseen_in_training": left out,
      "mean_relevant_items": mean |relevant|, "ks": ks,
-     "retrievers": {name: metrics.set_metrics(...)}}.
+     "retrievers": {name: metrics.set_metrics(...)}, "timings": seconds per
+     part and in "total"}.
   """
+  started = time.perf_counter()
+  timings = eval_sample.Timings()
   history_length = catalogue.history_length
   num_candidates = catalogue.num_candidates(
       evaluate_lib.window_start(catalogue, window))
-  if test is None:
-    test = evaluate_lib.load_examples(
-        prepared_dir, window, history_length, rule,
-        keys=[schema.USER_ID, schema.TARGET_ITEM])
-  uids, relevant, unseen = relevant_sets(test, catalogue.user_ids[1:])
-  states = user_states(prepared_dir, query_cut(catalogue, window),
-                       history_length, rule)
+  with timings.part("relevant_sets"):
+    if test is None:
+      test = evaluate_lib.load_examples(
+          prepared_dir, window, history_length, rule,
+          keys=[schema.USER_ID, schema.TARGET_ITEM])
+    uids, relevant, unseen = relevant_sets(eval_sample.population(test),
+                                           catalogue.user_ids[1:])
+  with timings.part("user_states"):
+    states = user_states(prepared_dir, query_cut(catalogue, window),
+                         history_length, rule)
   features = queries(uids, states, history_length)
   k = min(max(ks), num_candidates)
   list_ks = [min(x, k) for x in ks]
@@ -268,12 +278,14 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
 
   # Items 1..num_candidates are the candidates: a prefix of the embeddings;
   # the baselines' lists, in index order on ties, never leave it for k <= n.
-  rows = {"model": scored(ranking.model_top_k(
-      model, features,
-      ranking.candidate_embeddings(model, num_candidates + 1), k))}
+  with timings.part("model"):
+    rows = {"model": scored(ranking.model_top_k(
+        model, features,
+        ranking.candidate_embeddings(model, num_candidates + 1), k))}
   for baseline in fitted_baselines:
-    rows[baseline.name] = scored(np.asarray(
-        baseline.top_k(features, k)))
+    with timings.part(baseline.name):
+      rows[baseline.name] = scored(np.asarray(baseline.top_k(features, k)))
+  timings["total"] = round(time.perf_counter() - started, 3)
   return {
       "window": window,
       "query_cut": int(query_cut(catalogue, window)),
@@ -285,4 +297,5 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
                              if relevant else float("nan"),
       "ks": list(ks),
       "retrievers": rows,
+      "timings": timings,
   }

@@ -32,6 +32,29 @@ every item listen probability, and each has its own P(positive)), which at 1M
 items makes ranking all of the oracle window's listens far slower than the
 rest of the run.
 
+Sizes. `tiny` (tests), `demo` (the quick start) and `large` (benchmarks)
+are the published ones: their files must not change, so everything below is
+switched on by `SizeParams` fields whose defaults are their behaviour. `50m`
+and `500m` have the real download's shapes: 10,000 / 100,000 users with the
+same long-tailed activity, about 934K / 3.0M tracks played, about 50M /
+500M events over 301 days (timestamps up to 26,006,400 s: the protocol's
+last timestamp, 26,000,000, with a test day and a validation day before it),
+written where a download has them (flat/50m/, flat/500m/). Their metadata
+files are the full catalogue's, like the real ones (shared by all sizes):
+about 9.39M items, 9.27M with an artist, 8.65M on an album (9.65M rows:
+about 1M also on a compilation), 7.72M with embeddings (`embed` and
+`normalized_embed`, 128 wide); the items never played are metadata-only
+items with raw ids of their own (`metadata`). For speed, these sizes draw
+an artist's track by album from per-period tables (`timeline`), search
+artist neighbours with a float32 pre-filter, and give every chunk of users
+its own random streams, so that chunks run in a pool of `--workers`
+processes (`parallel`) with the same bytes whatever their number. Their
+listen oracle too ranks a seeded sample of users only (`oracle_sample`,
+about 10K / 50K listens, the positive oracle 5K / 10K of them; -1 and
+NaN elsewhere): ranking the ~5M oracle listens of 500m against 3M items
+would take longer than the rest of the run. The evaluation reports the
+oracle over the examples it has ranks for.
+
 The generative model, per user and listen:
   * Catalogue: genres -> artists (latent taste vectors) -> albums -> tracks,
     with audio embeddings that are a noisy projection of the track latent.
@@ -51,7 +74,7 @@ Modules, in the order data flows through them:
   sizes           SizeParams and the SIZES table;
   components      the mixture's components, their order and weights;
   catalogue       genres, artists, albums, tracks, freshness;
-  timeline        per-period popularity tables;
+  timeline        per-period popularity tables (and album tables);
   users           tastes, favourites, mixture weights, activity;
   world           World: size, catalogue, timeline and users in one object;
   sampling        the categorical draw the others share;
@@ -61,10 +84,13 @@ Modules, in the order data flows through them:
   oracle          the listen oracle (and the driver of both oracles);
   positive_oracle the positive oracle;
   writers         the parquet files, the oracle file and params.json;
+  metadata        the real-shaped sizes' metadata files, metadata-only items;
+  parallel        the pool that runs chunks in order-preserving parallel;
   run             generate(): one whole run.
 
 Usage:
-  python -m data_prep.generate --size=demo --output_dir=/tmp/gen_demo [--seed=0]
+  python -m data_prep.generate --size=demo --output_dir=/tmp/gen_demo \
+      [--seed=0] [--workers=N]
 """
 
 # The public API, used outside the package.

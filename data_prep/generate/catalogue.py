@@ -5,6 +5,10 @@ their artist's (the audio embeddings are a noisy projection of it), a length
 and a long-tailed static popularity. Each album has a release day (some
 within the timeline) and each track a freshness that decays after release,
 so popularity drifts (`Catalogue.freshness`).
+
+Items are ordered by artist, then album, so an artist's tracks and an album's
+tracks are contiguous ranges; the album arrays serve the samplers that draw
+an album first (`SizeParams.album_tables`).
 """
 
 import dataclasses
@@ -21,6 +25,13 @@ _LIFETIME_DIVISOR = 10.0  # mean freshness lifetime = days / this
 _ITEM_ID_RANGE = 9_390_000
 _ARTIST_ID_RANGE = 2_000_000
 _ALBUM_ID_RANGE = 5_000_000
+# Rows of artists whose neighbours are searched together (bounds memory).
+_NEIGHBOUR_BLOCK = 1024
+# Cosines the fast search holds at once (float32).
+_NEIGHBOUR_CELLS = 1 << 25
+# The fast neighbour search's pre-filter keeps every cosine within this of
+# the bound; float32 cosines of unit vectors are within 1e-6 of float64 ones.
+_PREFILTER_SLACK = 1e-5
 
 
 @dataclasses.dataclass
@@ -52,6 +63,18 @@ class Catalogue:
   neighbours: np.ndarray        # (n_artists, K) similar artists
   neighbour_weights: np.ndarray  # (n_artists, K), rows sum to 1
   genre_popularity: np.ndarray  # sums to 1
+  # The first period with a released track of each artist (popularity is 0
+  # before it).
+  artist_first_period: np.ndarray
+  album_artist: np.ndarray      # artist index per album, sorted
+  album_start: np.ndarray       # first item of each album
+  album_end: np.ndarray         # one past its last item
+  album_base_before: np.ndarray  # cumulative_base before the album's items
+  album_base_sum: np.ndarray    # sum of base_popularity of the album's items
+  album_release: np.ndarray     # release day per album
+  album_max_lifetime: np.ndarray  # the longest lifetime of its tracks
+  artist_album_start: np.ndarray  # first album of each artist
+  artist_album_end: np.ndarray  # one past its last album
 
   @property
   def n_items(self) -> int:
@@ -81,6 +104,16 @@ class Catalogue:
     g = _FRESH_FLOOR + (1.0 - _FRESH_FLOOR) * np.exp(
         -age / self.lifetime_days[items])
     return np.where(self.release_period[items] <= periods, g, 0.0)
+
+  def album_max_freshness(self, albums: np.ndarray, periods: np.ndarray,
+                          period_days: int) -> np.ndarray:
+    """A bound of `freshness` over each album's tracks in the period: theirs
+    with the album's longest lifetime (they share the release day), so no
+    track of the album is fresher. Rows are released albums."""
+    mid = (periods + 0.5) * period_days
+    age = np.maximum(mid - self.album_release[albums], 0.0)
+    return _FRESH_FLOOR + (1.0 - _FRESH_FLOOR) * np.exp(
+        -age / self.album_max_lifetime[albums])
 
   def artist_tracks(self, artists: np.ndarray
                     ) -> Tuple[np.ndarray, np.ndarray]:
@@ -151,8 +184,8 @@ def _artist_neighbours(latent: np.ndarray, genre: np.ndarray,
     rows = np.nonzero(genre == g)[0]
     # Small genres (tiny size) search all artists so k neighbours exist.
     cand = rows if len(rows) > 2 * k else np.arange(n)
-    for lo in range(0, len(rows), 1024):  # Blocks bound the memory.
-      r = rows[lo:lo + 1024]
+    for lo in range(0, len(rows), _NEIGHBOUR_BLOCK):
+      r = rows[lo:lo + _NEIGHBOUR_BLOCK]
       s = unit[r] @ unit[cand].T
       s[cand[None, :] == r[:, None]] = -np.inf
       top = np.argpartition(-s, k - 1, axis=1)[:, :k]
@@ -160,8 +193,57 @@ def _artist_neighbours(latent: np.ndarray, genre: np.ndarray,
       order = np.argsort(-top_s, axis=1, kind="stable")
       nb[r] = cand[np.take_along_axis(top, order, 1)]
       sims[r] = np.take_along_axis(top_s, order, 1)
+  return nb, _neighbour_weights(sims)
+
+
+def _neighbour_weights(sims: np.ndarray) -> np.ndarray:
+  """Weights of neighbours of these cosines (sorted), rows summing to 1."""
   w = np.exp(4.0 * (sims - sims[:, :1]))
-  return nb, w / w.sum(1, keepdims=True)
+  return w / w.sum(1, keepdims=True)
+
+
+def _fast_artist_neighbours(latent: np.ndarray, genre: np.ndarray,
+                            k: int) -> Tuple[np.ndarray, np.ndarray]:
+  """The neighbours of `_artist_neighbours`, up to float rounding of ties.
+
+  Per block of rows: float32 cosines with the whole genre; the k-th largest
+  over some of the columns bounds the row's k-th largest from below, so
+  every top-k column lies within _PREFILTER_SLACK above it; those few get
+  exact float64 cosines and are ranked by them. Quadratic in a genre's
+  artists like the exact search, but on float32, into reused buffers (fresh
+  ones cost more in page faults than the product), and without partitioning
+  every row: the real-shaped sizes have ~220K artists.
+  """
+  n = len(latent)
+  unit = latent / np.linalg.norm(latent, axis=1, keepdims=True)
+  unit32 = unit.astype(np.float32)
+  nb = np.zeros((n, k), np.int64)
+  sims = np.zeros((n, k))
+  cosines = np.empty(_NEIGHBOUR_CELLS, np.float32)
+  near = np.empty(_NEIGHBOUR_CELLS, bool)
+  for g in np.unique(genre):
+    rows = np.nonzero(genre == g)[0]
+    cand = rows if len(rows) > 2 * k else np.arange(n)
+    cand_t = np.ascontiguousarray(unit32[cand].T)
+    # Columns are in artist order, which is random in the latents.
+    n_sub = min(len(cand), 128 * k)
+    block = max(1, min(_NEIGHBOUR_BLOCK, _NEIGHBOUR_CELLS // len(cand)))
+    for lo in range(0, len(rows), block):
+      r = rows[lo:lo + block]
+      s = cosines[:len(r) * len(cand)].reshape(len(r), len(cand))
+      np.matmul(unit32[r], cand_t, out=s)
+      s[np.arange(len(r)), np.searchsorted(cand, r)] = -np.inf  # not itself
+      bound = np.partition(s[:, :n_sub], n_sub - k, axis=1)[:, -k]
+      m = near[:s.size].reshape(s.shape)
+      np.greater_equal(s, (bound - _PREFILTER_SLACK)[:, None], out=m)
+      er, ec = np.nonzero(m)
+      exact = np.einsum("md,md->m", unit[r[er]], unit[cand[ec]])
+      order = np.lexsort((-exact, er))
+      er, ec, exact = er[order], ec[order], exact[order]
+      take = np.searchsorted(er, np.arange(len(r)))[:, None] + np.arange(k)
+      nb[r] = cand[ec[take]]
+      sims[r] = exact[take]
+  return nb, _neighbour_weights(sims)
 
 
 def make_catalogue(rng: np.random.Generator,
@@ -229,13 +311,22 @@ def make_catalogue(rng: np.random.Generator,
   art_end = np.searchsorted(artist, np.arange(n_artists), "right")
   art_before = np.where(art_start > 0, cum_base[art_start - 1], 0.0)
   art_sum = cum_base[art_end - 1] - art_before
-  nb, nb_w = _artist_neighbours(artist_latent, artist_genre,
-                                size.n_neighbours)
+  search = (_fast_artist_neighbours if size.fast_neighbours
+            else _artist_neighbours)
+  nb, nb_w = search(artist_latent, artist_genre, size.n_neighbours)
   # Drawn last and in this order: moving a draw changes every file.
-  item_ids = sparse_ids(rng, n, _ITEM_ID_RANGE)
+  if size.metadata_only_items:
+    # Raw ids like the real download's, dense up to the full catalogue;
+    # the metadata-only items take the others (`metadata`).
+    item_ids = rng.choice(n + size.metadata_only_items, n,
+                          replace=False).astype(np.uint32)
+  else:
+    item_ids = sparse_ids(rng, n, _ITEM_ID_RANGE)
   artist_ids = sparse_ids(rng, n_artists, _ARTIST_ID_RANGE)
   album_ids = sparse_ids(rng, n_albums, _ALBUM_ID_RANGE)
 
+  album_end = album_start + sizes
+  album_before = np.where(album_start > 0, cum_base[album_start - 1], 0.0)
   return Catalogue(
       item_ids=item_ids, artist=artist, album=album,
       next_in_album=next_in_album, latent=latent, length=length,
@@ -246,4 +337,14 @@ def make_catalogue(rng: np.random.Generator,
       artist_ids=artist_ids, artist_latent=artist_latent,
       artist_genre=artist_genre, artist_popularity=artist_pop,
       album_ids=album_ids, neighbours=nb, neighbour_weights=nb_w,
-      genre_popularity=genre_pop)
+      genre_popularity=genre_pop,
+      artist_first_period=np.minimum.reduceat(release_period, art_start),
+      album_artist=album_artist, album_start=album_start,
+      album_end=album_end, album_base_before=album_before,
+      album_base_sum=cum_base[album_end - 1] - album_before,
+      album_release=album_release,
+      album_max_lifetime=np.maximum.reduceat(lifetime, album_start),
+      artist_album_start=np.searchsorted(album_artist, np.arange(n_artists),
+                                         "left"),
+      artist_album_end=np.searchsorted(album_artist, np.arange(n_artists),
+                                       "right"))

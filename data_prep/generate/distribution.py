@@ -26,36 +26,59 @@ from data_prep.generate import world as world_lib
 
 # Beyond this many rounds of rejection sampling, the rest are drawn exactly.
 _MAX_REJECTION_ROUNDS = 64
+# Searches within ranges of at most this many entries compare them all.
+_WINDOW = 32
+
+
+def _search(table: np.ndarray, values: np.ndarray, side: str) -> np.ndarray:
+  """`np.searchsorted`, with the values sorted first: searches of nearby
+  values share cache lines, which is several times faster on large tables.
+  The same result."""
+  order = np.argsort(values)
+  out = np.empty(len(values), np.int64)
+  out[order] = np.searchsorted(table, values[order], side)
+  return out
+
+
+def _search_in(table: np.ndarray, values: np.ndarray, lo: np.ndarray,
+               hi: np.ndarray) -> np.ndarray:
+  """`np.searchsorted(table, values, "right")` clipped to [lo, hi] per row
+  (`table` is increasing). When every range is short, each row compares
+  all of its entries: a few adjacent cache lines instead of a search
+  through the whole table."""
+  width = hi - lo
+  window = int(width.max()) if len(width) else 0
+  if window > _WINDOW:
+    return np.clip(_search(table, values, "right"), lo, hi)
+  offsets = np.arange(window)
+  entries = table[np.minimum(lo[:, None] + offsets, hi[:, None] - 1)]
+  return lo + np.count_nonzero((entries <= values[:, None]) &
+                               (offsets < width[:, None]), axis=1)
 
 
 def neighbour_weights(world: world_lib.World, seeds: np.ndarray,
                       periods: np.ndarray) -> np.ndarray:
   """(m, K) weights of the seed artists' neighbours that have released
   music by the period (0 for the others); rows are not normalised."""
-  catalogue = world.catalogue
-  neighbours = catalogue.neighbours[catalogue.artist[seeds]]
-  return catalogue.neighbour_weights[catalogue.artist[seeds]] * (
-      world.timeline.artist_norm[periods[:, None], neighbours] > 0)
+  artists = world.catalogue.artist[seeds]
+  return world.catalogue.neighbour_weights[artists] * (
+      world.neighbour_first_period[artists] <= periods[:, None])
 
 
 def fav_artist_weights(world: world_lib.World, user: np.ndarray,
                        periods: np.ndarray) -> np.ndarray:
   """(m, slots) weights of the users' favourite artists that have released
   music by the period (0 for the others); rows are not normalised."""
-  users = world.users
-  return users.fav_artist_weights[user] * (
-      world.timeline.artist_norm[periods[:, None], users.fav_artists[user]]
-      > 0)
+  return world.users.fav_artist_weights[user] * (
+      world.fav_artist_first_period[user] <= periods[:, None])
 
 
 def fav_track_weights(world: world_lib.World, user: np.ndarray,
                       periods: np.ndarray) -> np.ndarray:
   """(m, slots) weights of the users' favourite tracks released by the
   period (0 for the others); rows are not normalised."""
-  users = world.users
-  return users.fav_track_weights[user] * (
-      world.catalogue.release_period[users.fav_tracks[user]] <=
-      periods[:, None])
+  return world.users.fav_track_weights[user] * (
+      world.fav_track_period[user] <= periods[:, None])
 
 
 def mixture(world: world_lib.World, user: np.ndarray, seeds: np.ndarray,
@@ -81,16 +104,60 @@ def mixture(world: world_lib.World, user: np.ndarray, seeds: np.ndarray,
   available[:, components.ALBUM] = has_seed & (
       world.catalogue.next_in_album[s] >= 0)
   available[:, components.ARTIST] = has_seed
+  # A weighted slot is released by then (no weight is 0 but unused slots').
   available[:, components.NEIGHBOUR] = has_seed & (
-      neighbour_weights(world, s, periods).sum(1) > 0)
-  available[:, components.FAV_TRACK] = (
-      fav_track_weights(world, user, periods).sum(1) > 0)
+      world.neighbours_open[world.catalogue.artist[s]] <= periods)
+  available[:, components.FAV_TRACK] = world.fav_tracks_open[user] <= periods
   available[:, components.FAV_ARTIST] = (
-      fav_artist_weights(world, user, periods).sum(1) > 0)
+      world.fav_artists_open[user] <= periods)
   available[:, components.REPEAT] = history_len > 0
   available[:, components.EXPLORE] = world.timeline.n_released[periods] > 0
   w = world.users.mixture[user] * available
   return w / w.sum(1, keepdims=True)
+
+
+def _by_rejection(rng: np.random.Generator, world: world_lib.World,
+                  periods: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                  before: np.ndarray, total: np.ndarray,
+                  bound: np.ndarray) -> np.ndarray:
+  """A track in [lo, hi) of each row, proportional to base * freshness in
+  the row's period.
+
+  Rejection sampling from the static popularity: propose by base (the
+  cumulative base between `before` and `before + total`), accept with
+  freshness / `bound` (no track in the range is fresher than `bound`).
+  Rounds after the first propose `proposals_per_round` tracks per row still
+  pending and keep the first accepted one: the first acceptance of a
+  sequence of independent proposals, so still exact. The few that are still
+  rejected after many rounds are drawn exactly.
+  """
+  catalogue, period_days = world.catalogue, world.size.period_days
+  out = np.full(len(lo), -1, np.int64)
+  pending = np.arange(len(lo))
+  reps = 1
+  for _ in range(_MAX_REJECTION_ROUNDS):
+    if not len(pending):
+      return out
+    rows = np.repeat(pending, reps)
+    cand = np.minimum(_search_in(
+        catalogue.cumulative_base,
+        before[rows] + rng.random(len(rows)) * total[rows], lo[rows],
+        hi[rows]), hi[rows] - 1)
+    ok = (rng.random(len(rows)) * bound[rows] <
+          catalogue.freshness(cand, periods[rows], period_days))
+    ok = ok.reshape(-1, reps)
+    first = np.argmax(ok, axis=1)
+    done = ok[np.arange(len(pending)), first]
+    out[pending[done]] = cand.reshape(-1, reps)[done, first[done]]
+    pending = pending[~done]
+    reps = world.size.proposals_per_round
+  for i in pending:
+    items = np.arange(lo[i], hi[i])
+    w = catalogue.base_popularity[items] * catalogue.freshness(
+        items, np.full(len(items), periods[i]), period_days)
+    out[i] = items[min(np.searchsorted(np.cumsum(w), rng.random() * w.sum(),
+                                       "right"), len(items) - 1)]
+  return out
 
 
 def _sample_artist_track(rng: np.random.Generator, world: world_lib.World,
@@ -98,30 +165,30 @@ def _sample_artist_track(rng: np.random.Generator, world: world_lib.World,
                          periods: np.ndarray) -> np.ndarray:
   """A track of each artist, proportional to base * freshness in the period.
 
-  Rejection sampling from the static popularity: propose by base, accept with
-  freshness / max freshness of the artist. The few that are still rejected
-  after many rounds are drawn exactly, which keeps the distribution exact.
+  Either by rejection from the artist's static popularity (bounded by the
+  artist's freshest track), or, with `album_tables`, the album from the
+  period's album tables and the track by rejection within it. The artists
+  have released music by the periods.
   """
-  catalogue, period_days = world.catalogue, world.size.period_days
-  out = np.full(len(artists), -1, np.int64)
-  pending = np.arange(len(artists))
-  for _ in range(_MAX_REJECTION_ROUNDS):
-    if not len(pending):
-      return out
-    a, pp = artists[pending], periods[pending]
-    cand = catalogue.sample_tracks_by_base(rng, a)
-    g = catalogue.freshness(cand, pp, period_days)
-    ok = rng.random(len(pending)) * world.timeline.max_freshness[pp, a] < g
-    out[pending[ok]] = cand[ok]
-    pending = pending[~ok]
-  for i in pending:
-    items = np.arange(catalogue.artist_start[artists[i]],
-                      catalogue.artist_end[artists[i]])
-    w = catalogue.base_popularity[items] * catalogue.freshness(
-        items, np.full(len(items), periods[i]), period_days)
-    out[i] = items[min(np.searchsorted(np.cumsum(w), rng.random() * w.sum(),
-                                       "right"), len(items) - 1)]
-  return out
+  catalogue, timeline = world.catalogue, world.timeline
+  if not world.size.album_tables:
+    return _by_rejection(rng, world, periods, catalogue.artist_start[artists],
+                         catalogue.artist_end[artists],
+                         catalogue.artist_base_before[artists],
+                         catalogue.artist_base_sum[artists],
+                         timeline.max_freshness[periods, artists])
+  bits = timeline.album_key_bits
+  key = (((periods * catalogue.n_artists + artists) << bits) +
+         (rng.random(len(artists)) * float(1 << bits)).astype(np.int64))
+  offset = periods * len(catalogue.album_ids)
+  albums = _search_in(timeline.album_keys, key,
+                      offset + catalogue.artist_album_start[artists],
+                      offset + catalogue.artist_album_end[artists]) - offset
+  return _by_rejection(
+      rng, world, periods, catalogue.album_start[albums],
+      catalogue.album_end[albums], catalogue.album_base_before[albums],
+      catalogue.album_base_sum[albums],
+      catalogue.album_max_freshness(albums, periods, world.size.period_days))
 
 
 def sample_next(rng: np.random.Generator, world: world_lib.World,
@@ -148,41 +215,61 @@ def sample_next(rng: np.random.Generator, world: world_lib.World,
   comp = sampling.choose(rng, mixture_weights)
   item = np.full(m, -1, np.int64)
   s = np.maximum(seeds, 0)
+  # The rows of each component, in order (what np.nonzero(comp == c) gives).
+  by_comp = np.argsort(comp, kind="stable")
+  bounds = np.searchsorted(comp[by_comp], np.arange(len(components.COMPONENTS)
+                                                    + 1))
+  rows = [by_comp[bounds[c]:bounds[c + 1]]
+          for c in range(len(components.COMPONENTS))]
+  # With album tables, the three components that pick an artist draw its
+  # track in one call (per-call overhead dominates small steps); without,
+  # each draws in turn, as the published sizes did.
+  merged = world.size.album_tables
+  artist_rows, artists = [], []
 
-  i = np.nonzero(comp == components.ALBUM)[0]
+  def artist_track(i: np.ndarray, art: np.ndarray) -> None:
+    if merged:
+      artist_rows.append(i)
+      artists.append(art)
+    else:
+      item[i] = _sample_artist_track(rng, world, art, periods[i])
+
+  i = rows[components.ALBUM]
   item[i] = catalogue.next_in_album[s[i]]
 
-  i = np.nonzero(comp == components.ARTIST)[0]
-  item[i] = _sample_artist_track(rng, world, catalogue.artist[s[i]],
-                                 periods[i])
+  i = rows[components.ARTIST]
+  artist_track(i, catalogue.artist[s[i]])
 
-  i = np.nonzero(comp == components.NEIGHBOUR)[0]
+  i = rows[components.NEIGHBOUR]
   if len(i):
     slot = sampling.choose(rng, neighbour_weights(world, s[i], periods[i]))
-    art = catalogue.neighbours[catalogue.artist[s[i]], slot]
-    item[i] = _sample_artist_track(rng, world, art, periods[i])
+    artist_track(i, catalogue.neighbours[catalogue.artist[s[i]], slot])
 
-  i = np.nonzero(comp == components.FAV_TRACK)[0]
+  i = rows[components.FAV_TRACK]
   if len(i):
     slot = sampling.choose(rng,
                            fav_track_weights(world, user[i], periods[i]))
     item[i] = users.fav_tracks[user[i], slot]
 
-  i = np.nonzero(comp == components.FAV_ARTIST)[0]
+  i = rows[components.FAV_ARTIST]
   if len(i):
     slot = sampling.choose(rng,
                            fav_artist_weights(world, user[i], periods[i]))
-    art = users.fav_artists[user[i], slot]
-    item[i] = _sample_artist_track(rng, world, art, periods[i])
+    artist_track(i, users.fav_artists[user[i], slot])
 
-  i = np.nonzero(comp == components.REPEAT)[0]
+  if merged:
+    i = np.concatenate(artist_rows)
+    item[i] = _sample_artist_track(rng, world, np.concatenate(artists),
+                                   periods[i])
+
+  i = rows[components.REPEAT]
   if len(i):
     slot = np.minimum(
         (rng.random(len(i)) * history_len[i]).astype(np.int64),
         history_len[i] - 1)
     item[i] = history[i, slot]
 
-  i = np.nonzero(comp == components.TRENDING)[0]
+  i = rows[components.TRENDING]
   if len(i):
     k = timeline.trend_items.shape[1]
     pos = np.searchsorted(timeline.trend_flat_cdf,
@@ -190,7 +277,7 @@ def sample_next(rng: np.random.Generator, world: world_lib.World,
     pos = np.clip(pos, periods[i] * k, periods[i] * k + k - 1)
     item[i] = timeline.trend_items.ravel()[pos]
 
-  i = np.nonzero(comp == components.EXPLORE)[0]
+  i = rows[components.EXPLORE]
   if len(i):
     n = timeline.n_released[periods[i]]
     item[i] = timeline.by_release[np.minimum(

@@ -231,7 +231,8 @@ def positive_batch(world: world_lib.World, snapshots: simulation.Snapshots,
 def positive_sample(rng: np.random.Generator,
                     snapshots: simulation.Snapshots,
                     quota: int) -> np.ndarray:
-  """Draws a seeded sample of snapshots for the positive oracle.
+  """Draws a seeded sample of snapshots for the positive oracle (or the
+  listen oracle, `oracle.sampled_oracle`).
 
   Every snapshot of randomly chosen users (users, not single snapshots,
   because the dense pass costs per user).

@@ -1,7 +1,9 @@
 """The dataset sizes: `SizeParams` and the table `SIZES` of named sizes.
 
 Every field of `SizeParams` is written to params.json, so renaming one changes
-the generated files.
+the generated files. The fields after `positive_oracle_sample` switch on what
+the real-shaped sizes (50m, 500m) need; their defaults are the behaviour the
+other sizes were published with, so those sizes' parquet files do not change.
 """
 
 import dataclasses
@@ -36,6 +38,30 @@ class SizeParams:
   # many: every oracle listen of a seeded sample of users, each chunk its
   # share; the others get -1. See the package docstring.
   positive_oracle_sample: int = 0
+  # The listen oracle likewise: at most this many listens, every oracle
+  # listen of a seeded sample of users (the positive oracle's sample is
+  # drawn among them); -1 elsewhere. 0: every listen.
+  oracle_sample: int = 0
+  # Rejection sampling of an artist's track: proposals per pending listen in
+  # each round after the first (taking the first accepted one keeps it
+  # exact). 1 draws the random stream as the published sizes did.
+  proposals_per_round: int = 1
+  # Draw an artist's track by album: the album from per-period tables (one
+  # search), the track by rejection within it (see `timeline`). Same
+  # distribution, far fewer proposals than rejection over the whole artist.
+  album_tables: bool = False
+  # Artist neighbours from a float32 pre-filter and exact float64 cosines of
+  # the candidates, instead of float64 products of whole genres.
+  fast_neighbours: bool = False
+  # Every chunk of users its own random streams (spawned per chunk), so that
+  # chunks can run in parallel processes with the same bytes.
+  independent_chunk_streams: bool = False
+  # Items that are never listened to, only in the metadata files (raw ids
+  # disjoint from the catalogue's). More than 0 also writes the metadata
+  # with the real download's shares, streamed (see `metadata`).
+  metadata_only_items: int = 0
+  # Share of the album-mapped items that are also on a compilation album.
+  second_album_share: float = 0.0
 
 
 SIZES: Dict[str, SizeParams] = {
@@ -50,3 +76,24 @@ SIZES: Dict[str, SizeParams] = {
                         trend_k=1000, chunk_users=8192,
                         positive_oracle_sample=20_000),
 }
+
+# The real download's shapes (see the package docstring): users, items
+# played and events of Yambda's 50m and 500m, over 301 days so that the
+# timeline ends just past the protocol's last timestamp, 26,000,000 s; and
+# metadata of the full catalogue, about 9.39M items, for both.
+_REAL_SHAPE = dict(days=301, n_genres=40, period_days=3, trend_k=1000,
+                   proposals_per_round=8, album_tables=True,
+                   fast_neighbours=True, independent_chunk_streams=True,
+                   second_album_share=0.115)
+_REAL_ITEMS = 9_390_000  # catalogue plus metadata-only items
+SIZES["50m"] = SizeParams(n_users=10_000, n_items=950_000,
+                          events_per_user=4_880, chunk_users=5000,
+                          metadata_only_items=_REAL_ITEMS - 950_000,
+                          oracle_sample=10_000, positive_oracle_sample=5_000,
+                          **_REAL_SHAPE)
+SIZES["500m"] = SizeParams(n_users=100_000, n_items=3_030_000,
+                           events_per_user=4_880, chunk_users=7693,
+                           metadata_only_items=_REAL_ITEMS - 3_030_000,
+                           oracle_sample=50_000,
+                           positive_oracle_sample=10_000,
+                           **_REAL_SHAPE)

@@ -27,7 +27,7 @@ from tfrs_yambda import atomic
 
 # Share of items with an audio embedding, and the embedding's noise.
 _EMBEDDED_SHARE = 0.85
-_EMBEDDING_NOISE = 0.25
+EMBEDDING_NOISE = 0.25
 # Shares of items without artist/album mappings, and with a second artist.
 _UNMAPPED_SHARE = 0.03
 _SECOND_ARTIST_SHARE = 0.05
@@ -59,12 +59,14 @@ ORACLE_SCHEMA = pa.schema([
 
 
 class AtomicParquetWriter:
-  """A ParquetWriter on a temporary name, renamed into place on close."""
+  """A ParquetWriter on a temporary name, renamed into place on close.
 
-  def __init__(self, path: str, schema: pa.Schema):
+  Keyword arguments go to `pq.ParquetWriter`."""
+
+  def __init__(self, path: str, schema: pa.Schema, **kwargs):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     self.path, self.tmp = path, path + ".tmp"
-    self.writer = pq.ParquetWriter(self.tmp, schema)
+    self.writer = pq.ParquetWriter(self.tmp, schema, **kwargs)
 
   def write(self, table: pa.Table) -> None:
     self.writer.write_table(table, row_group_size=1 << 20)
@@ -110,12 +112,12 @@ def event_table(world: world_lib.World, events: simulation.ChunkEvents,
   ], schema=yambda.MULTI_EVENT_SCHEMA)
 
 
-def _lists(rows: np.ndarray) -> pa.ListArray:
+def float_lists(rows: np.ndarray) -> pa.ListArray:
   """A float32 list per row of a 2-d array."""
   offsets = pa.array(np.arange(len(rows) + 1, dtype=np.int32) *
                      rows.shape[1])
   return pa.ListArray.from_arrays(offsets, pa.array(
-      rows.astype(np.float32).ravel(), pa.float32()))
+      np.ascontiguousarray(rows, np.float32).ravel(), pa.float32()))
 
 
 def write_embeddings(rng: np.random.Generator, world: world_lib.World,
@@ -140,11 +142,11 @@ def write_embeddings(rng: np.random.Generator, world: world_lib.World,
     for lo in range(0, len(order), chunk):
       idx = order[lo:lo + chunk]
       emb = catalogue.latent[idx] @ proj + rng.normal(
-          0, _EMBEDDING_NOISE, (len(idx), size.embed_dim)).astype(np.float32)
+          0, EMBEDDING_NOISE, (len(idx), size.embed_dim)).astype(np.float32)
       norm = emb / np.linalg.norm(emb, axis=1, keepdims=True)
       w.write(pa.Table.from_arrays(
-          [pa.array(catalogue.item_ids[idx], pa.uint32()), _lists(emb),
-           _lists(norm)], schema=yambda.EMBEDDINGS_SCHEMA))
+          [pa.array(catalogue.item_ids[idx], pa.uint32()), float_lists(emb),
+           float_lists(norm)], schema=yambda.EMBEDDINGS_SCHEMA))
 
 
 def write_mappings(rng: np.random.Generator,
