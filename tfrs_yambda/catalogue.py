@@ -177,7 +177,9 @@ def load(path: str) -> Catalogue:
       item_train_count=items["train_count"].to_numpy(np.int64),
       item_first_listen=items["first_listen"].to_numpy(np.int64),
       has_audio=items["has_audio"].to_numpy(bool),
-      audio=np.load(os.path.join(path, "audio.npy")),
+      # Memory-mapped: at 9.4M items it is 4.5 GB, read once into the
+      # model's content table (`towers.ItemEncoder`), not held twice.
+      audio=np.load(os.path.join(path, "audio.npy"), mmap_mode="r"),
       user_ids=users["uid"].to_numpy(np.int64),
       user_train_count=users["train_count"].to_numpy(np.int64),
       artist_ids=artists["artist_id"].to_numpy(np.int64),

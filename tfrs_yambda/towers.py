@@ -126,10 +126,7 @@ class ItemEncoder(tf.keras.layers.Layer):
                            ("album_trend", len(catalogue.album_ids)))
     ] if config.use_example_age else []
     # Audio and length features in one table: one gather serves both.
-    content = [_dense_item_features(catalogue, config.use_audio)]
-    if config.use_audio:
-      content.insert(0, catalogue.audio.astype(np.float32))
-    self.content = _table(np.concatenate(content, axis=1), "item_content")
+    self.content = _content_table(catalogue, config.use_audio)
 
   def _id_rows(self, items: tf.Tensor) -> tf.Tensor:
     return tf.where(items < self.id_vocabulary_size, items,
@@ -194,6 +191,30 @@ class ItemEncoder(tf.keras.layers.Layer):
       features = projection(features)
     return tf.reshape(tf.gather(features, position),
                       tf.concat([tf.shape(items), [-1]], axis=0))
+
+
+def _content_table(catalogue: catalogue_lib.Catalogue, with_audio: bool,
+                   rows_per_copy: int = 1 << 20) -> tf.Variable:
+  """The [items, (audio_dim +) 3] table of audio and length features.
+
+  Filled a block of rows at a time into the variable itself, by scatter
+  (a sliced assign copies the whole variable each time): at 9.4M items the
+  table is 4.6 GB, and building it whole first (a float32 copy of the
+  audio, their concatenation, the tensor a variable is initialised from)
+  held four copies at once, more than a 24 GB machine has.
+  """
+  dense = _dense_item_features(catalogue, with_audio)
+  audio_dim = catalogue.audio_dim if with_audio else 0
+  rows = len(dense)
+  table = tf.Variable(tf.zeros([rows, audio_dim + dense.shape[1]]),
+                      trainable=False, name="item_content")
+  for lo in range(0, rows, rows_per_copy):
+    hi = min(rows, lo + rows_per_copy)
+    block = [np.asarray(catalogue.audio[lo:hi], np.float32)] if with_audio \
+        else []
+    table.scatter_update(tf.IndexedSlices(
+        np.concatenate(block + [dense[lo:hi]], axis=1), tf.range(lo, hi)))
+  return table
 
 
 def _dense_item_features(catalogue: catalogue_lib.Catalogue,

@@ -79,7 +79,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_bool("generate", False,
                     "Generate a Yambda-layout dataset of --size into "
                     "--yambda_dir if it is not there (sizes: tiny, demo, "
-                    "large).",
+                    "large, and 50m and 500m with the real ones' shapes).",
                     flag_values=fv)
   flags.DEFINE_integer("generator_seed", 0, "Seed of the generated dataset.",
                        flag_values=fv)

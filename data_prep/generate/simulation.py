@@ -7,8 +7,10 @@ played ratio, like/dislike, the gap to the next listen). Listens in the last
 drawn from, which is all the oracles need.
 
 A chunk holds all its events until the end (they are sorted by user), so
-they are kept in compact types: a chunk of the real-shaped sizes has tens
-of millions of rows.
+they are kept in compact types, in buffers sized for the most listens the
+chunk's users may have (pages never written take no memory): a chunk of the
+real-shaped sizes has tens of millions of rows, and step by step arrays
+would leave that much again behind in the allocator once joined.
 """
 
 import dataclasses
@@ -26,6 +28,10 @@ from data_prep.generate import world as world_lib
 # P(undoing a like / a dislike) later, with an unlike / undislike.
 _UNLIKE_PROB = 0.08
 _UNDISLIKE_PROB = 0.12
+# What a chunk keeps of each listen until it is assembled, and in what type.
+_LISTEN_COLUMNS = (("user", np.int32), ("ts", np.int32), ("item", np.int32),
+                   ("organic", bool), ("ratio", np.int16), ("like", bool),
+                   ("dislike", bool), ("gap", np.int64))
 
 
 @dataclasses.dataclass
@@ -151,8 +157,9 @@ def simulate_chunk_blocks(rng: np.random.Generator, world: world_lib.World,
   # Stable: each user's listens stay in step order, which is time order.
   order = np.argsort(user.astype(np.uint16) if hi - lo <= 1 << 16 else user,
                      kind="stable")
-  cuts = np.searchsorted(user[order], np.arange(0, hi - lo + block_users,
-                                                block_users))
+  firsts = np.r_[0, np.cumsum(np.bincount(user, minlength=hi - lo))]
+  cuts = firsts[np.minimum(np.arange(0, hi - lo + block_users, block_users),
+                           hi - lo)]
 
   def blocks() -> Iterator[ChunkEvents]:
     for a, b in zip(cuts[:-1], cuts[1:]):
@@ -184,8 +191,9 @@ def _simulate(rng: np.random.Generator, world: world_lib.World, lo: int,
   n_done = np.zeros(n, np.int64)
   max_events = world.users.max_events[lo:hi]
 
-  listens = {k: [] for k in ("user", "ts", "item", "organic", "ratio",
-                             "like", "dislike", "gap")}
+  capacity = int(max_events.sum())
+  listens = {k: np.empty(capacity, dtype) for k, dtype in _LISTEN_COLUMNS}
+  filled = 0
   snaps = {f.name: [] for f in dataclasses.fields(Snapshots)}
   active = np.nonzero(now < end)[0]  # chunk-local users still listening
   while len(active):
@@ -207,14 +215,13 @@ def _simulate(rng: np.random.Generator, world: world_lib.World, lo: int,
                    ("component", comp), ("ratio", outcome.ratio),
                    ("disliked", outcome.dislike)):
         snaps[k].append(v[in_window])
-    for k, v in (("user", active.astype(np.int32)),
-                 ("ts", times.astype(np.int32)),
-                 ("item", item.astype(np.int32)),
-                 ("organic", outcome.organic),
-                 ("ratio", outcome.ratio.astype(np.int16)),
+    rows = slice(filled, filled + len(active))
+    for k, v in (("user", active), ("ts", times), ("item", item),
+                 ("organic", outcome.organic), ("ratio", outcome.ratio),
                  ("like", outcome.like), ("dislike", outcome.dislike),
                  ("gap", outcome.gap)):
-      listens[k].append(v)
+      listens[k][rows] = v
+    filled += len(active)
 
     history[active, history_pos[active]] = item
     history_pos[active] = (history_pos[active] + 1) % window
@@ -226,10 +233,7 @@ def _simulate(rng: np.random.Generator, world: world_lib.World, lo: int,
     active = active[(now[active] < end) &
                     (n_done[active] < max_events[active])]
 
-  cols = {}
-  for k in list(listens):  # Each step's arrays freed once joined.
-    v = listens.pop(k)
-    cols[k] = np.concatenate(v) if v else np.zeros(0, np.int64)
+  cols = {k: v[:filled] for k, v in listens.items()}
   if snaps["user"]:
     snapshots = Snapshots(**{k: np.concatenate(v) for k, v in snaps.items()})
   else:

@@ -47,8 +47,9 @@ class SizeParams:
   # exact). 1 draws the random stream as the published sizes did.
   proposals_per_round: int = 1
   # Draw an artist's track by album: the album from per-period tables (one
-  # search), the track by rejection within it (see `timeline`). Same
-  # distribution, far fewer proposals than rejection over the whole artist.
+  # search), the track by rejection within it (see `timeline`), for the
+  # three components that pick an artist in one call. Same distribution,
+  # far fewer proposals than rejection over the whole artist.
   album_tables: bool = False
   # Artist neighbours from a float32 pre-filter and exact float64 cosines of
   # the candidates, instead of float64 products of whole genres.
