@@ -77,6 +77,10 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     flag_values=fv)
   flags.DEFINE_bool("savedmodels", True, "Include the SavedModel rows.",
                     flag_values=fv)
+  flags.DEFINE_bool("bare", True,
+                    "Include the bare-index rows (a grid of ScaNN settings: "
+                    "minutes per setting at millions of items).",
+                    flag_values=fv)
   flags.DEFINE_string("output_json", None, "Also write the rows here.",
                       flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the padding and the query sample.",
@@ -326,15 +330,19 @@ def main(argv):
       served.index.query_model(_request_rows(requests, s, s + 256)).numpy()
       for s in range(0, FLAGS.num_queries, 256)])
   items = pad_catalogue(candidates, FLAGS.num_items, FLAGS.noise_cosine, rng)
-  all_ids = np.r_[identifiers, identifiers.max() + 1 +
-                  np.arange(len(items) - len(identifiers))].astype(np.int64)
+  # Padding gets new ids; a truncated catalogue (--num_items below the
+  # export's, e.g. the played 3M of the 500m rehearsal's 9.4M) keeps its
+  # first, most popular, items and their ids.
+  all_ids = np.r_[identifiers[:len(items)], identifiers.max() + 1 +
+                  np.arange(max(0, len(items) - len(identifiers)))
+                  ].astype(np.int64)
   truth = exact_top_k(queries, items, FLAGS.k)
   print(f"{len(items)} items ({len(candidates)} real), d={items.shape[1]}, "
         f"{FLAGS.num_queries} real validation queries; "
         f"{100 * np.mean(truth < len(candidates)):.0f}% of exact top-{FLAGS.k} "
         "are real items", flush=True)
 
-  rows = bare_rows(items, queries, truth, FLAGS.k)
+  rows = bare_rows(items, queries, truth, FLAGS.k) if FLAGS.bare else []
   if FLAGS.savedmodels:
     with tempfile.TemporaryDirectory() as tmp:
       rows += savedmodel_rows(served.index.query_model, items, all_ids,

@@ -8,16 +8,15 @@ listened to before the window starts (`Catalogue.num_candidates`): nothing
 after the window's cut decides what is a candidate, and a target first played
 inside the window is a miss for every retriever. Targets without a training
 positive ("cold") are scored against the service's catalogue, every
-catalogued item, as a cold track is served. The model and the
-baselines also report what they retrieve: Coverage@k and the mean popularity
-percentile of their top-k items, beside the same for the test targets, so a
-popularity bias is visible. The Yambda authors' protocol (one query per user,
+catalogued item, as a cold track is served. The model and the baselines also
+report what they retrieve: Coverage@k and the mean popularity percentile of
+their top-k items, beside the same for the test targets, so a popularity bias
+is visible. The Yambda authors' protocol (one query per user,
 all test-day listens relevant) is `tfrs_yambda.yambda_protocol`.
 
-With --eval_examples=n, every retriever is scored on the same seeded sample of
-n of the window's examples, each figure with its 95% interval ("<metric>_ci95"
-beside it; see `tfrs_yambda.eval_sample`). Results record which examples were
-scored ("sample") and the seconds each part took ("timings").
+With --eval_examples=n, every retriever is scored on one seeded sample of n
+of the window's examples, each figure with its 95% interval (`eval_sample`);
+results say which were scored ("sample") and each part's seconds ("timings").
 
 `evaluate` returns one row per retriever plus the sections named in
 `SECTIONS`; `retrievers` picks the rows. The model is ranked by
@@ -26,6 +25,7 @@ scored ("sample") and the seconds each part took ("timings").
 """
 
 import dataclasses
+import glob
 import os
 import time
 from typing import Dict, List, Optional, Sequence
@@ -180,7 +180,8 @@ def window_examples(catalogue: catalogue_lib.Catalogue, prepared_dir: str,
 def fit_baselines(catalogue: catalogue_lib.Catalogue, prepared_dir: str,
                   rule: input_pipeline.ExampleRule,
                   recent_half_life_days: float = 7.0,
-                  knn_config: Optional[itemknn.ItemKNNConfig] = None) -> List:
+                  knn_config: Optional[itemknn.ItemKNNConfig] = None,
+                  shards: int = 0) -> List:
   """The baselines, fitted on the training examples in one streaming pass.
 
   Args:
@@ -191,6 +192,7 @@ def fit_baselines(catalogue: catalogue_lib.Catalogue, prepared_dir: str,
     knn_config: ItemKNN's window and neighbourhood sizes (its lists hold the
       largest; `itemknn.choose_neighbours` picks one); default
       `itemknn.ItemKNNConfig()`.
+    shards: 0, or fit on the first k shards (a hashed sample of users).
 
   Returns:
     [MostPopular, RecentPopular, SeedCooccurrence] (see
@@ -202,6 +204,7 @@ def fit_baselines(catalogue: catalogue_lib.Catalogue, prepared_dir: str,
   pairs = itemknn.PairCounts(num_indices, knn_config.window,
                              knn_config.max_pairs)
   pattern = os.path.join(prepared_dir, "records", "train-*.tfrecord")
+  pattern = sorted(glob.glob(pattern))[:shards] if shards else pattern
   for batch in input_pipeline.batches(
       pattern, 8192, catalogue.history_length, rule,
       age_reference=catalogue.metadata["train_end"], training=False):

@@ -224,7 +224,7 @@ def train_and_evaluate():
   with meter.stage("evaluate", [folders["eval"]]):
     fitted_baselines = evaluate.fit_baselines(
         catalogue, folders["prepared"], rule, FLAGS.recent_half_life_days,
-        train_flags.itemknn_config())
+        train_flags.itemknn_config(), FLAGS.baseline_shards)
     # Without a validation window, ItemKNN keeps its largest neighbourhood.
     selection["itemknn_neighbours"] = {
         "chosen": max(train_flags.itemknn_config().neighbours), "by_k": {}}
@@ -257,7 +257,8 @@ def train_and_evaluate():
       fitted_baselines = evaluate.fit_baselines(
           catalogue, prepared, rule, FLAGS.recent_half_life_days,
           train_flags.itemknn_config(
-              neighbours=[selection["itemknn_neighbours"]["chosen"]]))
+              neighbours=[selection["itemknn_neighbours"]["chosen"]]),
+          FLAGS.baseline_shards)
   else:
     prepared = folders["prepared"]
   with meter.stage("evaluate", [folders["eval"]]):

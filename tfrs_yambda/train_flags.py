@@ -248,6 +248,12 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                        "ItemKNN keeps at most this many distinct item pairs "
                        "while counting (16 bytes each); past it, the least "
                        "counted are dropped.", flag_values=fv)
+  flags.DEFINE_integer("baseline_shards", 0,
+                       "0: fit the baselines on every training shard; k: on "
+                       "the first k, a hashed sample of users with all their "
+                       "listens (one pass over ItemKNN's pairs of 500M "
+                       "events is most of an hour on 2 cores).",
+                       lower_bound=0, flag_values=fv)
   flags.DEFINE_bool("yambda_protocol", True,
                     "Also score the Yambda authors' protocol: one query per "
                     "user from their state at the end of training, all their "
