@@ -29,6 +29,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from data_prep import yambda
+from tfrs_yambda import stage_meter
 
 FLAGS = flags.FLAGS
 
@@ -87,25 +88,6 @@ def make_subset(root: str, size: str, events: int, out_root: str) -> int:
   return pq.ParquetFile(out).metadata.num_rows
 
 
-def _tree_rss(pid: int) -> int:
-  """Resident bytes of a process and all its descendants."""
-  total = 0
-  stack = [pid]
-  while stack:
-    p = stack.pop()
-    try:
-      with open(f"/proc/{p}/status") as f:
-        for line in f:
-          if line.startswith("VmRSS:"):
-            total += int(line.split()[1]) * 1024
-      for task in os.listdir(f"/proc/{p}/task"):
-        with open(f"/proc/{p}/task/{task}/children") as f:
-          stack.extend(int(c) for c in f.read().split())
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-      continue
-  return total
-
-
 def run_measured(command: List[str]) -> Dict[str, float]:
   """Runs a command; returns wall seconds and peak tree / process RSS."""
   usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -118,7 +100,7 @@ def run_measured(command: List[str]) -> Dict[str, float]:
 
   def sample():
     while proc.poll() is None:
-      peak[0] = max(peak[0], _tree_rss(proc.pid))
+      peak[0] = max(peak[0], stage_meter.tree_rss_bytes(proc.pid))
       time.sleep(0.1)
 
   sampler = threading.Thread(target=sample, daemon=True)
