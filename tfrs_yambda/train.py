@@ -22,7 +22,8 @@ Everything is written under --workdir (or the explicit paths):
                          model and baselines, and the Yambda protocol's
                          metrics ("yambda_protocol"); "selection": the epoch
                          and ItemKNN's neighbourhood size chosen on the
-                         validation day
+                         validation day; "stages": each stage's wall time,
+                         peak memory and disk
   <workdir>/eval/recall_at_k.png  Recall@k against k for every retriever
   <workdir>/export/      SavedModels (BruteForce and ScaNN) for TF Serving
 
