@@ -274,6 +274,9 @@ def train_and_evaluate():
               f"{results['test']['candidates']['authors']} items")
   print(report.window_report(results["test"], ks, "test"))
   print(f"\nRecall@k plot: {plot_path}")
+  # Dropped before the export, whose peak is the model's and the indices':
+  # ItemKNN's lists and the windows' examples are gigabytes at 500M events.
+  fitted_baselines = examples = None
   if FLAGS.projector_items > 0:
     with meter.stage("projector"):
       folder = projector.write(model, catalogue, folders["logs"],
