@@ -289,9 +289,8 @@ def export_all(model, catalogue: catalogue_lib.Catalogue, export_dir: str,
   history_length = catalogue.history_length
   num_indices = catalogue.num_items + 1
   # Index 0 ("unknown") is never served: candidates are indices 1..n.
-  # One copy, in TensorFlow's memory, shared by both indices.
-  candidates = tf.constant(
-      ranking.candidate_embedding_array(model, 1, num_indices))
+  # One copy, shared by both indices.
+  candidates = ranking.candidate_embeddings(model, num_indices, start=1)
   identifiers = catalogue.item_ids[1:]
   query_model = ServingQueryModel(model.query_tower, catalogue)
   heads = model.query_tower.config.query_heads

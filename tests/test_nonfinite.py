@@ -202,8 +202,9 @@ def test_export_refuses_nonfinite_candidate_embeddings(catalogue, tmp_path,
   embeddings = np.random.default_rng(0).normal(
       size=(catalogue.num_items + 1, 16)).astype(np.float32)
   embeddings[[4, 9], 3] = [np.nan, np.inf]
-  monkeypatch.setattr(ranking, "candidate_embedding_array",
-                      lambda model, start, stop: embeddings[start:stop])
+  monkeypatch.setattr(
+      ranking, "candidate_embeddings",
+      lambda model, n, start=0: tf.constant(embeddings[start:n]))
   export_dir = str(tmp_path / "export")
   ids = catalogue.item_ids[[4, 9]].tolist()
   with pytest.raises(ValueError, match=(

@@ -33,50 +33,39 @@ from tfrs_yambda import schema
 # Bound on the scores matrix of one query batch (floats), to cap memory.
 MAX_SCORES_PER_BATCH = 1 << 25
 # ... except that a batch holds at least MIN_QUERIES_PER_BATCH queries while
-# their scores stay under HARD_MAX_SCORES_PER_BATCH floats (2 GiB): each batch
+# their scores stay under HARD_MAX_SCORES_PER_BATCH floats (1 GiB): each batch
 # reads every candidate's embedding, so over millions of candidates a batch
-# of a few queries is dominated by that read. Over 3M candidates of width 64,
-# top-100 lists took 10.2 ms a query in batches of 32 and 8.0 ms in batches
-# of 128 (1.5 GB of scores); 512 gained nothing more.
-MIN_QUERIES_PER_BATCH = 128
-HARD_MAX_SCORES_PER_BATCH = 1 << 29
+# of a few queries is dominated by that read (32 queries x 3M candidates:
+# 384 MB of scores). Batches of 128 took 8.0 ms a query for top-100 lists
+# over 3M candidates against 10.2 ms, but their 1.5 GB score matrices and
+# temporaries helped the 500m rehearsal's evaluation to 24 GB.
+MIN_QUERIES_PER_BATCH = 32
+HARD_MAX_SCORES_PER_BATCH = 1 << 28
 
 
-def candidate_embeddings(model, num_indices: int,
-                         batch_size: int = 8192) -> tf.Tensor:
-  """Candidate-tower embeddings of catalogue indices 0..num_indices-1.
+def candidate_embeddings(model, num_indices: int, batch_size: int = 8192,
+                         start: int = 0) -> tf.Tensor:
+  """Candidate-tower embeddings of catalogue indices start..num_indices-1.
+
+  Built in TensorFlow's memory, whose allocator keeps what it frees for
+  TensorFlow's own later tensors: each window's evaluation and the export
+  reuse what the previous one freed. (Built in a NumPy array instead, the
+  500m rehearsal's second window added 2.4 GB outside that pool and was
+  OOM-killed at 24 GB.)
 
   Args:
     model: a model with a `candidate_tower` taking int64 item indices.
-    num_indices: how many indices to embed; a prefix of the catalogue's
+    num_indices: embeds indices below this; a prefix of the catalogue's
       indices is a window's candidates (`Catalogue.num_candidates`).
     batch_size: indices embedded per call of the tower.
+    start: the first index embedded (the export starts at 1: index 0,
+      "unknown", is never served).
 
   Returns:
-    float [num_indices, d]; row i embeds index i.
+    float [num_indices - start, d]; row i embeds index start + i.
   """
-  return tf.constant(candidate_embedding_array(model, 0, num_indices,
-                                               batch_size))
-
-
-def candidate_embedding_array(model, start: int, stop: int,
-                              batch_size: int = 8192) -> np.ndarray:
-  """Embeddings of indices start..stop-1 as one array, filled in place.
-
-  Row i embeds index start + i. Filled batch by batch rather than
-  concatenated, so it holds one copy: 2.4 GB at 9.4M items of width 64.
-  """
-  out = None
-  for lo in range(start, stop, batch_size):
-    hi = min(stop, lo + batch_size)
-    rows = model.candidate_tower(tf.range(lo, hi, dtype=tf.int64)).numpy()
-    if out is None:
-      out = np.empty([stop - start, rows.shape[1]], rows.dtype)
-    out[lo - start:hi - start] = rows
-  if out is None:  # No indices: the tower's width from one call.
-    width = model.candidate_tower(tf.zeros([1], tf.int64)).shape[1]
-    out = np.zeros([0, width], np.float32)
-  return out
+  items = tf.data.Dataset.range(start, num_indices).batch(batch_size)
+  return tf.concat([model.candidate_tower(b) for b in items], axis=0)
 
 
 def scores(queries: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:
