@@ -88,3 +88,14 @@ def test_bounded_training_stops_at_max_steps_and_projects_an_epoch(
   assert selection["projected_epoch_seconds"] == pytest.approx(
       full * 64 / rate, abs=0.1)  # both rounded to 0.1
   assert not os.path.exists(tmp_path / "backup" / "checkpoint")
+
+
+def test_the_table_rounds_to_whole_seconds_before_minutes():
+  meter = stage_meter.StageMeter()
+  meter.stages.update({
+      "prep": {"wall_seconds": 539.8, "peak_rss_gib": 12.16,
+               "disk_gib": 10.423},
+      "projector": {"wall_seconds": 0.8, "peak_rss_gib": 15.75}})
+  assert meter.table().splitlines()[2:] == [
+      "| prep | 9 min 0 s | 12.16 | 10.42 |",
+      "| projector | 0 min 1 s | 15.75 |  |"]

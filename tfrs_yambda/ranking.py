@@ -37,8 +37,9 @@ MAX_SCORES_PER_BATCH = 1 << 25
 # reads every candidate's embedding, so over millions of candidates a batch
 # of a few queries is dominated by that read (32 queries x 3M candidates:
 # 384 MB of scores). Batches of 128 took 8.0 ms a query for top-100 lists
-# over 3M candidates against 10.2 ms, but their 1.5 GB score matrices and
-# temporaries helped the 500m rehearsal's evaluation to 24 GB.
+# over 3M candidates against 10.2 ms, but hold 1.5 GB of scores: with them
+# (and the candidates outside TensorFlow's allocator, see
+# `candidate_embeddings`) the 500m rehearsal was OOM-killed at 24 GB.
 MIN_QUERIES_PER_BATCH = 32
 HARD_MAX_SCORES_PER_BATCH = 1 << 28
 

@@ -128,9 +128,10 @@ class StageMeter:
     lines = ["| stage | wall | peak RSS (GiB) | disk (GiB) |",
              "|---|---:|---:|---:|"]
     for name, row in self.stages.items():
-      wall = row["wall_seconds"]
+      # Whole seconds first: 539.8 s is 9 min 0 s, not 8 min 60 s.
+      minutes, seconds = divmod(round(row["wall_seconds"]), 60)
       disk = row.get("disk_gib")
-      lines.append(f"| {name} | {int(wall // 60)} min {wall % 60:.0f} s | "
+      lines.append(f"| {name} | {minutes} min {seconds} s | "
                    f"{row['peak_rss_gib']:.2f} | "
                    f"{'' if disk is None else f'{disk:.2f}'} |")
     return "\n".join(lines)

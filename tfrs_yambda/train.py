@@ -275,7 +275,7 @@ def train_and_evaluate():
   print(report.window_report(results["test"], ks, "test"))
   print(f"\nRecall@k plot: {plot_path}")
   # Dropped before the export, whose peak is the model's and the indices':
-  # ItemKNN's lists and the windows' examples are gigabytes at 500M events.
+  # nothing after this reads the baselines or the windows' examples.
   fitted_baselines = examples = None
   if FLAGS.projector_items > 0:
     with meter.stage("projector"):
