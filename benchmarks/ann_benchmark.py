@@ -23,7 +23,6 @@ Every figure is a median over repetitions; all rows come from the same run on
 the same machine, so they are comparable to each other.
 """
 
-import gc
 import json
 import os
 import tempfile
@@ -81,13 +80,6 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_bool("bare", True,
                     "Include the bare-index rows (a grid of ScaNN settings: "
                     "minutes per setting at millions of items).",
-                    flag_values=fv)
-  flags.DEFINE_bool("exported_only", False,
-                    "Measure only the job's exported SavedModels as they are "
-                    "(every catalogued item, no padding, no rebuilt index), "
-                    "one loaded at a time: ScaNN's recall@k is against the "
-                    "BruteForce model's lists for the same requests. For "
-                    "catalogues whose models do not fit in memory twice.",
                     flag_values=fv)
   flags.DEFINE_string("output_json", None, "Also write the rows here.",
                       flag_values=fv)
@@ -303,37 +295,6 @@ def savedmodel_rows(query_model, items: np.ndarray, identifiers: np.ndarray,
   return rows
 
 
-def exported_rows(export_dir: str, model_name: str,
-                  requests: Dict[str, np.ndarray]) -> List[Dict]:
-  """Rows of the latest exported BruteForce and ScaNN SavedModels.
-
-  BruteForce is exact, so its lists are the truth ScaNN is scored against.
-  Each model is dropped before the next loads: at 9.4M candidates each holds
-  the 4.9 GB content table. "build s" is the load time here.
-  """
-  n = len(requests[schema.SERVING_USER_ID])
-  rows, truth = [], None
-  for kind in ("bruteforce", "scann"):
-    model_dir = os.path.join(export_dir, f"{model_name}_{kind}")
-    path = os.path.join(model_dir, str(export.next_version(model_dir) - 1))
-    start = time.perf_counter()
-    serve = tf.saved_model.load(path).signatures["serving_default"]
-    load_s = time.perf_counter() - start
-
-    def search(r, s=serve):
-      return s(**r)["item_ids"].numpy()
-
-    if truth is None:
-      truth = np.concatenate([search(_request_rows(requests, a, a + 256))
-                              for a in range(0, n, 256)])
-    print(f"{kind}: {path}", flush=True)
-    rows.append(measure(f"exported SavedModel {kind}", search, truth,
-                        requests, _request_rows, n, load_s))
-    del serve, search
-    gc.collect()
-  return rows
-
-
 def format_table(rows: List[Dict], baseline: str) -> str:
   """A markdown table; speed-ups against the row named `baseline`."""
   base = next(r for r in rows if r["method"] == baseline)["qps"]
@@ -354,20 +315,6 @@ def main(argv):
   tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
   tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
   rng = np.random.default_rng(FLAGS.seed)
-  if FLAGS.exported_only:
-    prepared = os.path.join(FLAGS.workdir, "prepared")
-    catalogue = catalogue_lib.load(os.path.join(prepared, "catalogue"))
-    requests = load_requests(prepared, catalogue, catalogue.item_ids,
-                             FLAGS.num_queries, rng)
-    rows = exported_rows(os.path.join(FLAGS.workdir, "export"),
-                         FLAGS.model_name, requests)
-    print()
-    print(format_table(rows, rows[0]["method"]))
-    print(f"\nTotal {time.perf_counter() - started:.0f}s")
-    if FLAGS.output_json:
-      with open(FLAGS.output_json, "w") as f:
-        json.dump(rows, f, indent=2)
-    return
   model_dir = os.path.join(FLAGS.workdir, "export",
                            f"{FLAGS.model_name}_bruteforce")
   served = tf.saved_model.load(FLAGS.saved_model or os.path.join(

@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each program's main module; each defines its flags in `define_flags`.
 PROGRAMS = ("tfrs_yambda.train", "tfrs_yambda.ablation",
             "export.local_server", "export.recommend",
-            "benchmarks.ann_benchmark", "benchmarks.train_throughput",
+            "benchmarks.ann_benchmark", "benchmarks.exported_benchmark",
+            "benchmarks.train_throughput",
             "benchmarks.prep_benchmark", "benchmarks.catalogue_merge_benchmark")
 
 

@@ -1,0 +1,80 @@
+r"""The job's exported SavedModels as they are: recall, latency, queries/s.
+
+  python -m benchmarks.exported_benchmark --workdir=/tmp/tfrs_yambda/demo
+
+Loads the latest `<model_name>_bruteforce` and `<model_name>_scann` versions
+under <workdir>/export, one at a time (at 9.4M candidates each holds the
+4.9 GB content table), and measures them on raw-id requests of
+--num_queries validation examples as `ann_benchmark` measures its SavedModel
+rows: ScaNN's recall@k against BruteForce's lists for the same requests
+(BruteForce is exact), single-query p50/p99 and batch queries/s. Nothing is
+padded or rebuilt; `ann_benchmark` is for other catalogue sizes and
+settings. Its flags apply here; "build s" in the table is the load time.
+"""
+
+import gc
+import os
+import time
+from typing import Dict, List
+
+from absl import app
+import numpy as np
+
+from benchmarks import ann_benchmark
+from export import export  # Sets TF_USE_LEGACY_KERAS before TF is imported.
+import tensorflow as tf  # pylint: disable=g-bad-import-order
+from tfrs_yambda import catalogue as catalogue_lib
+from tfrs_yambda import schema
+
+FLAGS = ann_benchmark.FLAGS
+define_flags = ann_benchmark.define_flags
+
+
+def exported_rows(export_dir: str, model_name: str,
+                  requests: Dict[str, np.ndarray]) -> List[Dict]:
+  """Rows of the latest exported BruteForce and ScaNN SavedModels."""
+  n = len(requests[schema.SERVING_USER_ID])
+  rows, truth = [], None
+  for kind in ("bruteforce", "scann"):
+    model_dir = os.path.join(export_dir, f"{model_name}_{kind}")
+    path = os.path.join(model_dir, str(export.next_version(model_dir) - 1))
+    start = time.perf_counter()
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    load_s = time.perf_counter() - start
+
+    def search(r, s=serve):
+      return s(**r)["item_ids"].numpy()
+
+    if truth is None:
+      truth = np.concatenate([
+          search(ann_benchmark._request_rows(requests, a, a + 256))  # pylint: disable=protected-access
+          for a in range(0, n, 256)])
+    print(f"{kind}: {path}", flush=True)
+    rows.append(ann_benchmark.measure(
+        f"exported SavedModel {kind}", search, truth, requests,
+        ann_benchmark._request_rows, n, load_s))  # pylint: disable=protected-access
+    # The next model loads into what this one frees.
+    del serve, search
+    gc.collect()
+  return rows
+
+
+def main(argv):
+  del argv
+  started = time.perf_counter()
+  tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+  tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
+  prepared = os.path.join(FLAGS.workdir, "prepared")
+  catalogue = catalogue_lib.load(os.path.join(prepared, "catalogue"))
+  requests = ann_benchmark.load_requests(
+      prepared, catalogue, catalogue.item_ids, FLAGS.num_queries,
+      np.random.default_rng(FLAGS.seed))
+  rows = exported_rows(os.path.join(FLAGS.workdir, "export"),
+                       FLAGS.model_name, requests)
+  print(f"\n{ann_benchmark.format_table(rows, rows[0]['method'])}\n\n"
+        f"Total {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
