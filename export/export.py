@@ -300,8 +300,8 @@ def export_all(model, catalogue: catalogue_lib.Catalogue, export_dir: str,
   paths = {}
   # ScaNN first: its build allocates outside TensorFlow's allocator, which
   # keeps what TensorFlow frees for TensorFlow's own later tensors. Built
-  # after BruteForce, it added its 4-7 GB on top of BruteForce's freed copies:
-  # 22.8 GiB peak at 9.4M candidates, against 16.0 GiB in this order.
+  # after BruteForce, it added its 4-7 GB on top of BruteForce's freed copies
+  # (a 22.8 GiB peak at 9.4M candidates; benchmarks/README.md).
   for kind in ("scann", "bruteforce"):
     index = build_index(kind, query_model, candidates, identifiers, k,
                         scann_options, heads)
