@@ -28,7 +28,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from absl import app
 from absl import flags
@@ -292,16 +292,25 @@ def save_indices(query_model, items: np.ndarray, identifiers: np.ndarray,
 
 def savedmodel_rows(saved: List[Tuple[str, str, float]],
                     requests: Dict[str, np.ndarray],
-                    truth_ids: np.ndarray) -> List[Dict]:
+                    truth_ids: Optional[np.ndarray] = None) -> List[Dict]:
   """SavedModel rows: raw requests through each saved signature, loaded one
-  at a time (at millions of items each holds the model's content table)."""
+  at a time (at millions of items each holds the model's content table).
+  Without `truth_ids`, the first model's lists are the truth (an exact
+  index: BruteForce)."""
   n = len(requests[schema.SERVING_USER_ID])
   rows = []
   for label, path, build_s in saved:
     serve = tf.saved_model.load(path).signatures["serving_default"]
-    rows.append(measure(label, lambda r, s=serve: s(**r)["item_ids"].numpy(),
-                        truth_ids, requests, _request_rows, n, build_s))
-    del serve
+
+    def search(r, s=serve):
+      return s(**r)["item_ids"].numpy()
+
+    if truth_ids is None:
+      truth_ids = np.concatenate([search(_request_rows(requests, a, a + 256))
+                                  for a in range(0, n, 256)])
+    rows.append(measure(label, search, truth_ids, requests, _request_rows, n,
+                        build_s))
+    del serve, search
     gc.collect()
   return rows
 
