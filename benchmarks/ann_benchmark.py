@@ -19,8 +19,7 @@ and its query tower) and its prepared validation split, then:
          FAISS HNSW at several efSearch values;
        * SavedModels in the export layout (raw-id requests in, query tower
          included): BruteForce and ScaNN with `export.default_scann_options`.
-Every figure is a median over repetitions; all rows come from the same run on
-the same machine, so they are comparable to each other.
+Every figure is a median over repetitions, all from one run on one machine.
 """
 
 import gc
@@ -82,6 +81,11 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "Include the bare-index rows (a grid of ScaNN settings: "
                     "minutes per setting at millions of items).",
                     flag_values=fv)
+  flags.DEFINE_list("scann_search", None,
+                    "Instead of the grid's ScaNN rows: the export's ScaNN tree "
+                    "for --num_items (export.default_scann_options), searched "
+                    "with each LEAVES/RESCORED pair, e.g. 87/700,130/1000.",
+                    flag_values=fv)
   flags.DEFINE_string("output_json", None, "Also write the rows here.",
                       flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the padding and the query sample.",
@@ -115,8 +119,9 @@ def load_requests(prepared: str, catalogue: catalogue_lib.Catalogue,
           min_played_ratio=catalogue.metadata["min_played_ratio"]),
       keys=[schema.USER_ID, schema.SEED_ITEM, schema.HISTORY_ITEMS])
   pick = rng.choice(len(examples[schema.USER_ID]), count, replace=False)
+  users = catalogue.user_ids[examples[schema.USER_ID][pick]]
   return {
-      schema.SERVING_USER_ID: examples[schema.USER_ID][pick],
+      schema.SERVING_USER_ID: users,
       schema.SERVING_SEED_ITEM_ID: item_ids[examples[schema.SEED_ITEM][pick]],
       schema.SERVING_HISTORY_ITEM_IDS: item_ids[
           examples[schema.HISTORY_ITEMS][pick]],
@@ -219,7 +224,12 @@ def bare_rows(items: np.ndarray, queries: np.ndarray, truth: np.ndarray,
 
   from scann.scann_ops.py import scann_ops  # pylint: disable=g-import-not-at-top
   from scann.scann_ops.py import scann_builder  # pylint: disable=g-import-not-at-top
-  for leaves, quantization, settings in _SCANN_GRID:
+  grid = _SCANN_GRID
+  if FLAGS.scann_search:  # the export's tree, searched with these pairs
+    grid = ((export.default_scann_options(len(items), k)["num_leaves"],
+             "AQ 0.2 + int8", tuple(tuple(int(v) for v in pair.split("/"))
+                                    for pair in FLAGS.scann_search)),)
+  for leaves, quantization, settings in grid:
     start = time.perf_counter()
     builder = scann_ops.builder(items, k, "dot_product").tree(
         num_leaves=leaves, num_leaves_to_search=settings[0][0],

@@ -4,18 +4,20 @@ r"""Ablations and seed spreads: train per design element and seed, one table.
       --ablation_dir=/tmp/tfrs_yambda/ablation [--seeds=3] [--variant=NAME]
 
 Every variant is the base configuration with one element off (or, for the
-negatives, the frequency estimate and the attention history encoder, one
-option on), trained by `tfrs_yambda.train` once per seed (--seed=1..N) in its
-own process on the same prepared data (the first run generates and prepares
-it). Variants are compared on the validation day only: the ablation table
-gives each variant's mean and standard deviation over the seeds, and its
-difference in --compare_metric from the full model, marked "*" where it
-exceeds twice the larger of the two seed spreads. The headline table gives
-every retriever's validation and test metrics for the full model over the
-seeds (the test day is scored once per run, never used to choose). Each run
-logs its flags to TensorBoard's HParams dashboard (`tensorboard --logdir
-<ablation_dir>`); everything goes to <ablation_dir>/ablation.json. Finished
-runs are not rerun.
+negatives, the frequency estimate, the attention history encoder and the query
+heads, one option on), trained by `tfrs_yambda.train` once per seed
+(--seed=1..N) in its own process on the same prepared data (the first run
+generates and prepares it). Variants are compared on the validation day only:
+the ablation table gives each variant's mean and standard deviation over the
+seeds, and its difference in --compare_metric from the full model, marked "*"
+where it exceeds twice the larger of the two seed spreads; a second table gives
+each variant's training cost (steady examples/s) and its validation recall@100
+by kind of target and by generator component, where a design element is aimed.
+The headline table gives every retriever's validation and test metrics for the
+full model over the seeds (the test day is scored once per run, never used to
+choose). Each run logs its flags to TensorBoard's HParams dashboard
+(`tensorboard --logdir <ablation_dir>`); everything goes to
+<ablation_dir>/ablation.json. Finished runs are not rerun.
 """
 
 import os
@@ -50,6 +52,9 @@ VARIANTS = {
                                                   "--uniform_pool=trained"],
     "streaming frequency estimate": ["--sampling_probability=streaming"],
     "attention history encoder": ["--history_encoder=attention"],
+    "query heads (K=4)": ["--query_heads=4"],
+    "attention encoder + query heads (K=4)": ["--history_encoder=attention",
+                                              "--query_heads=4"],
 }
 COLUMNS = ("recall@10", "recall@100", "recall@500", "ndcg@100",
            "weighted_recall@100", "cold_target_recall@100")
@@ -125,6 +130,8 @@ def differs(a: List[float], b: List[float]) -> bool:
 
 
 def _cell(value: List[float]) -> str:
+  if abs(value[0]) >= 100:  # a rate, not a metric
+    return f"{value[0]:.0f} ± {value[1]:.0f}"
   return f"{value[0]:.4f} ± {value[1]:.4f}"
 
 
@@ -147,6 +154,29 @@ def table(rows: Dict[str, Dict[str, List[float]]], columns: Sequence[str],
       line += f"{diff:>+{width + 1}.4f}{mark}"
     lines.append(line)
   return "\n".join(lines)
+
+
+def where_and_cost(results: Dict, metric: str = "recall@100"
+                   ) -> Dict[str, float]:
+  """One run's training cost and its validation `metric` where it was aimed.
+
+  Args:
+    results: a run's results.json.
+    metric: a per-kind metric of `target_kinds.recall_by_target_kind`.
+
+  Returns:
+    {"examples/s": steady training examples per second, "<kind>": the
+    model's `metric` on the validation targets of each kind, and
+    "component <name>": on those the generator's mixture component drew
+    (generated data only)}.
+  """
+  window = results["validation"]
+  row = {"examples/s": results["selection"]["steady_examples_per_second"]}
+  for section, prefix in (("by_target_kind", ""),
+                          ("by_component", "component ")):
+    for kind, values in window.get(section, {}).get("model", {}).items():
+      row[prefix + kind] = values[metric]
+  return row
 
 
 def retriever_rows(results: Dict) -> Dict[str, Dict]:
@@ -174,6 +204,18 @@ def main(argv):
   print(f"Validation day, model, mean ± std over {FLAGS.seeds} seeds:")
   reference = "full model" if "full model" in ablation else None
   print(table(ablation, columns, reference, FLAGS.compare_metric))
+  details = {name: [where_and_cost(r) for r in results]
+             for name, results in runs.items()}
+  # Columns every run has (a kind absent from a window has no row).
+  detail_columns = [c for c in details[names[0]][0]
+                    if all(c in row for rows in details.values()
+                           for row in rows)]
+  output["validation_where_and_cost"] = {
+      name: spread(rows, detail_columns) for name, rows in details.items()}
+  print(f"\nValidation day, model: training examples/s and recall@100 by "
+        f"kind of target and by generator component, mean ± std over "
+        f"{FLAGS.seeds} seeds:")
+  print(table(output["validation_where_and_cost"], detail_columns))
   if reference:
     for window in ("validation", "test"):
       rows = {}
