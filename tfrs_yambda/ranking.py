@@ -48,6 +48,9 @@ def candidate_embeddings(model, num_indices: int, batch_size: int = 8192,
                          start: int = 0) -> tf.Tensor:
   """Candidate-tower embeddings of catalogue indices start..num_indices-1.
 
+  Written batch by batch into one tensor, in place (`InplaceUpdate` in a
+  graph loop): concatenating the batches held them and the result at once,
+  twice the table at its peak (2.4 GB more at 9.4M items of width 64).
   Built in TensorFlow's memory, whose allocator keeps what it frees for
   TensorFlow's own later tensors: each window's evaluation and the export
   reuse what the previous one freed. (Built in a NumPy array instead, the
@@ -65,8 +68,26 @@ def candidate_embeddings(model, num_indices: int, batch_size: int = 8192,
   Returns:
     float [num_indices - start, d]; row i embeds index start + i.
   """
-  items = tf.data.Dataset.range(start, num_indices).batch(batch_size)
-  return tf.concat([model.candidate_tower(b) for b in items], axis=0)
+  tower = model.candidate_tower
+  # The width and type of a row, for the tensor the loop fills.
+  probe = tower(tf.constant([start], tf.int64))
+  count = max(0, num_indices - start)
+  if count == 0:
+    return tf.zeros([0, probe.shape[1]], probe.dtype)
+
+  @tf.function
+  def fill():
+    def body(first, table):
+      rows = tf.range(first, tf.minimum(count, first + batch_size))
+      return first + batch_size, tf.raw_ops.InplaceUpdate(
+          x=table, i=rows, v=tower(tf.cast(rows + start, tf.int64)))
+    # Every row is written before the table is read.
+    table = tf.raw_ops.Empty(shape=[count, probe.shape[1]],
+                             dtype=probe.dtype, init=False)
+    return tf.while_loop(lambda first, _: first < count, body,
+                         (tf.constant(0), table))[1]
+
+  return fill()
 
 
 def scores(queries: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:
