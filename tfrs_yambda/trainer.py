@@ -307,9 +307,12 @@ def train_model(config: TrainConfig, catalogue: catalogue_lib.Catalogue,
   selection["projected_epoch_seconds"] = round(
       full_epoch_steps * config.batch_size / rate, 1) if rate else None
   selection["full_epoch_steps"] = full_epoch_steps
-  logging.info("Steady state: %.0f examples/s; a full epoch (%d steps) "
-               "would take %s", rate, full_epoch_steps,
-               callbacks.duration(selection["projected_epoch_seconds"] or 0))
+  if rate:
+    logging.info("Steady state: %.0f examples/s; a full epoch (%d steps) "
+                 "would take %s", rate, full_epoch_steps,
+                 callbacks.duration(selection["projected_epoch_seconds"]))
+  else:  # every step was a warm-up step
+    logging.info("Too few steps for a steady examples/s.")
   logging.info("Trained to step %d of %d in %.0fs this run",
                selection["train_steps"], total_steps,
                selection["train_seconds_this_run"])
