@@ -53,6 +53,7 @@ def candidate_embeddings(model, num_indices: int, batch_size: int = 8192,
   graph loop): concatenating the batches held them and the result at once,
   twice the table at its peak. Exporting 9.4M candidates of width 64 from a
   checkpoint peaked at 16.79 GiB that way, 14.90 GiB this way.
+
   Built in TensorFlow's memory, whose allocator keeps what it frees for
   TensorFlow's own later tensors: each window's evaluation and the export
   reuse what the previous one freed. (Built in a NumPy array instead, the
