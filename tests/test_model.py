@@ -1,6 +1,8 @@
 """The two-tower model: the loss goes down, logQ and accidental hits work."""
 
 import dataclasses
+import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -205,3 +207,14 @@ def test_candidate_embeddings_are_the_towers_rows(catalogue):
   np.testing.assert_allclose(
       ranking.candidate_embeddings(model, n, batch_size=5, start=3).numpy(),
       whole[3:], rtol=1e-5, atol=1e-6)
+
+
+def test_candidate_embeddings_do_not_keep_a_dropped_model_alive(catalogue):
+  model = small_model(catalogue)
+  ranking.candidate_embeddings(model, catalogue.num_items + 1)
+  tower = weakref.ref(model.candidate_tower)
+  assert tower() in ranking._FILLS  # pylint: disable=protected-access
+  del model
+  gc.collect()
+  # The traced loop went with the tower, and the tower with the model.
+  assert tower() is None

@@ -83,19 +83,22 @@ def candidate_embeddings(model, num_indices: int, batch_size: int = 8192,
                        tf.constant(batch_size))
 
 
-# One traced loop per candidate tower, reused by every call.
+# One traced loop per candidate tower, reused by every call, and dropped
+# with the tower: the loop refers to it weakly, so that it does not keep a
+# finished model (and its multi-GB tables) alive.
 _FILLS = weakref.WeakKeyDictionary()
 
 
 def _fill_function(tower, width: int, dtype: tf.DType):
   """The graph loop of `candidate_embeddings` for one tower."""
+  tower_ref = weakref.ref(tower)
 
   @tf.function
   def fill(start, count, batch_size):
     def body(first, table):
       rows = tf.range(first, tf.minimum(count, first + batch_size))
       return first + batch_size, tf.raw_ops.InplaceUpdate(
-          x=table, i=rows, v=tower(tf.cast(rows + start, tf.int64)))
+          x=table, i=rows, v=tower_ref()(tf.cast(rows + start, tf.int64)))
     # Every row is written before the table is read.
     table = tf.raw_ops.Empty(shape=tf.stack([count, width]), dtype=dtype,
                              init=False)
