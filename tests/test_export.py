@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from export import export
+from export import from_checkpoint
 from tfrs_yambda import evaluate
 from tfrs_yambda import input_pipeline
 from tfrs_yambda import model as model_lib
@@ -287,3 +288,20 @@ def test_export_writes_what_clients_need(exported, catalogue):
                          "export_metadata.json")) as f:
     assert json.load(f)["min_played_ratio"] == catalogue.metadata[
         "min_played_ratio"]
+
+
+def test_a_restored_checkpoint_exports_the_trained_model(
+    trained_model, catalogue, tmp_path):
+  # What export.from_checkpoint exports in a process of its own.
+  path = tf.train.Checkpoint(model=trained_model).write(
+      str(tmp_path / "ckpt"))
+  config = towers.TowerConfig(**SMALL_TOWERS)
+  restored = from_checkpoint.restore(path, catalogue, config,
+                                     model_lib.RetrievalConfig())
+  np.testing.assert_array_equal(
+      ranking.candidate_embeddings(restored, catalogue.num_items + 1),
+      ranking.candidate_embeddings(trained_model, catalogue.num_items + 1))
+  # Towers the checkpoint does not hold are an error, not a fresh model.
+  with pytest.raises((AssertionError, ValueError)):
+    from_checkpoint.restore(path, catalogue, dataclasses.replace(
+        config, query_heads=2), model_lib.RetrievalConfig())

@@ -43,8 +43,9 @@ def test_model_ranks_match_numpy_ranks():
   candidates[5] = candidates[6]  # a tie
   targets = np.array([1, 5, 6, 19, 2, 3, 4])
   expected = metrics.ranks_from_scores(queries @ candidates.T, targets)
-  actual = ranking.target_ranks(tf.constant(queries), tf.constant(candidates),
-                                tf.constant(targets, tf.int64)).numpy()
+  actual = ranking.target_ranks(
+      tf.constant(queries), ranking.candidate_table(tf.constant(candidates)),
+      tf.constant(targets, tf.int64)).numpy()
   np.testing.assert_array_equal(actual, expected)
 
 
@@ -55,7 +56,7 @@ def test_model_top_k_comes_from_the_same_scores_as_the_ranks():
   candidates[7] = candidates[3]  # a tie: the lower index comes first
   targets = np.array([1, 3, 7, 29, 2, 5])
   ranks, top = ranking.target_ranks(
-      tf.constant(queries), tf.constant(candidates),
+      tf.constant(queries), ranking.candidate_table(tf.constant(candidates)),
       tf.constant(targets, tf.int64), 5)
   np.testing.assert_array_equal(
       ranks.numpy(), metrics.ranks_from_scores(queries @ candidates.T, targets))
@@ -63,6 +64,33 @@ def test_model_top_k_comes_from_the_same_scores_as_the_ranks():
   scores[:, 0] = -np.inf
   expected = np.stack([np.lexsort((np.arange(30), -row))[:5] for row in scores])
   np.testing.assert_array_equal(top.numpy(), expected)
+
+
+@pytest.mark.parametrize("columns", [True, False])
+@pytest.mark.parametrize("k", [1, 5, 9, 10])
+def test_finite_scores_rank_as_the_minus_inf_pass_would(k, columns):
+  # Finite scores skip `scores`' -inf pass; the ranks and lists are those of
+  # the pass, ties and index 0 included (with k = all 10 indices, index 0
+  # must be listed, last), in either layout of the table.
+  rng = np.random.default_rng(2)
+  queries = tf.constant(rng.normal(size=(5, 3)).astype(np.float32))
+  candidates = rng.normal(size=(10, 3)).astype(np.float32)
+  candidates[4] = candidates[2] = candidates[0]  # ties with index 0
+  table = ranking.candidate_table(tf.constant(candidates), columns)
+  targets = tf.constant([0, 2, 4, 9, 1], tf.int64)
+  scored = ranking.scores(queries, table)
+  ranks, top = ranking.target_ranks(queries, table, targets, k)
+  np.testing.assert_array_equal(
+      top, tf.math.top_k(scored, k, sorted=True).indices)
+  np.testing.assert_array_equal(ranking.top_k(queries, table, k), top)
+  expected = metrics.ranks_from_scores(scored.numpy(), targets.numpy())
+  expected[0] = metrics.NOT_RETRIEVED  # index 0 is never a hit
+  np.testing.assert_array_equal(ranks, expected)
+  # A bound that allows overflow takes the -inf pass: the same answers.
+  unbounded = table._replace(bound=tf.constant(np.inf))
+  np.testing.assert_array_equal(
+      ranking.target_ranks(queries, unbounded, targets, k)[1], top)
+  np.testing.assert_array_equal(ranking.top_k(queries, unbounded, k), top)
 
 
 def _queries(seeds, history=None):

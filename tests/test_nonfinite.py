@@ -174,7 +174,7 @@ def test_nonfinite_scores_are_misses_and_never_in_top_k_ahead_of_finite():
   ])
 
   def ranks(targets, k=0):
-    return ranking.target_ranks(queries, candidates,
+    return ranking.target_ranks(queries, ranking.candidate_table(candidates),
                                 tf.constant(targets, tf.int64), k)
 
   # NaN, +inf, -inf, NaN and index-0 targets: all misses, beyond every k.
@@ -187,7 +187,8 @@ def test_nonfinite_scores_are_misses_and_never_in_top_k_ahead_of_finite():
   np.testing.assert_array_equal(found.numpy(), [2, 3, 2])
   expected_top = [[5, 1, 4], [4, 1, 5], [1, 4, 5]]
   np.testing.assert_array_equal(top.numpy(), expected_top)
-  top = ranking.top_k(queries, candidates, 5).numpy()
+  top = ranking.top_k(queries, ranking.candidate_table(candidates),
+                      5).numpy()
   np.testing.assert_array_equal(top[:, :3], expected_top)
   assert set(top[:, 3:].ravel()) <= {0, 2, 3}  # after every finite one
   result = metrics.rank_metrics(ranks([2, 3, 0]).numpy(), ks=(1, 1000))

@@ -159,10 +159,11 @@ def test_report_shows_each_interval_half_width():
 
 def test_query_batches_stay_bounded():
   # The demo's catalogue keeps its batches (so its numbers); millions of
-  # candidates get at least 32 queries, under 2**28 scores.
+  # candidates get at least 64 queries, under 2**28 scores.
   assert ranking.query_batch_size(35_001) == 958
   assert ranking.query_batch_size(3_001) == 4096
-  assert ranking.query_batch_size(3_000_001) == 32
+  assert ranking.query_batch_size(3_000_001) == 64
+  assert ranking.query_batch_size(9_400_001) == 28
   assert ranking.query_batch_size(30_000_001) == 8
   assert ranking.query_batch_size(10**9) == 1
 

@@ -56,12 +56,18 @@ def _eval_scalars(logdir):
 def test_main_job_chooses_on_validation_retrains_and_scores_test_once(
     tiny_yambda, prepared, tmp_path):
   workdir = str(tmp_path)
+  # The export in a process of its own, from the retrained model's
+  # checkpoint (export.from_checkpoint).
   subprocess.run(_train_command(workdir, tiny_yambda, prepared,
-                                "--profile_steps=3,4", "--retrain"),
+                                "--profile_steps=3,4", "--retrain",
+                                "--fresh_export_process"),
                  cwd=_REPO, check=True, capture_output=True)
   results = _results(workdir)
   assert set(results) == {"selection", "validation", "retrain", "test",
-                          "stages"}
+                          "stages", "model"}
+  assert results["model"]["prepared_dir"] == prepared + "_retrain"
+  assert results["model"]["checkpoint"].startswith(
+      os.path.join(workdir, "checkpoints", "retrain", "ckpt-"))
   # What each stage cost (the prepared data was reused; the retraining's
   # own prep ran).
   stages = results["stages"]

@@ -168,10 +168,15 @@ class TrainingCounts:
 
   def add(self, seeds: np.ndarray, targets: np.ndarray,
           age_days: np.ndarray) -> None:
-    self.popularity += np.bincount(targets, minlength=self.num_indices)
-    self.decayed += np.bincount(
-        targets, weights=np.power(0.5, age_days / self.half_life_days),
-        minlength=self.num_indices)
+    # Added where the batch's targets are: a bincount over the whole
+    # catalogue per batch took 26 ms at 9.4M items, half the fitting time.
+    # The per-index sums, in batch order, are the same.
+    touched, inverse = np.unique(targets, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    self.popularity[touched] += np.bincount(inverse, minlength=len(touched))
+    self.decayed[touched] += np.bincount(
+        inverse, weights=np.power(0.5, age_days / self.half_life_days),
+        minlength=len(touched))
     self._pending.append(pair_keys(self.num_indices, seeds, targets))
     self._pending_size += len(targets)
     # Merge once the pending keys outnumber the merged ones: each sort then at

@@ -223,8 +223,7 @@ def fit_baselines(catalogue: catalogue_lib.Catalogue, prepared_dir: str,
   return counts.baselines() + [knn]
 
 
-def _subset(examples: Dict[str, np.ndarray], mask: np.ndarray
-            ) -> Dict[str, np.ndarray]:
+def _subset(examples: Dict[str, np.ndarray], mask) -> Dict[str, np.ndarray]:
   return {k: v[mask] for k, v in examples.items()}
 
 
@@ -324,11 +323,12 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
     all_candidates = ranking.candidate_embeddings(model,
                                                   catalogue.num_items + 1)
     retrieved = metrics.RetrievedItemStats(list_ks, candidate_popularity)
-    results = {"model": scored(
-        "model",
-        ranking.model_ranks(model, test, all_candidates[:num_candidates + 1],
-                            retrieved),
-        ranking.model_ranks(model, cold_examples, all_candidates), retrieved)}
+    # The few cold examples score every item untransposed (no copy).
+    results = {"model": scored("model", ranking.model_ranks(
+        model, test, ranking.candidate_table(
+            all_candidates[:num_candidates + 1]), retrieved),
+        ranking.model_ranks(model, cold_examples, ranking.candidate_table(
+            all_candidates, columns=False)), retrieved)}
   if with_baselines:
     if fitted_baselines is None:
       with timings.part("fit_baselines"):

@@ -31,7 +31,8 @@ import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 
-def max_sim(queries: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:
+def max_sim(queries: tf.Tensor, candidates: tf.Tensor,
+            columns: bool = False) -> tf.Tensor:
   """Scores of candidates: the dot product, or the max over query heads.
 
   A NaN in any head's score makes the max NaN (`tf.maximum` propagates it),
@@ -41,22 +42,26 @@ def max_sim(queries: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:
   Args:
     queries: float [batch, d], or [batch, heads, d]; the rank may be unknown
       to the graph (a `tf.function` that relaxes shapes after seeing both).
-    candidates: float [n, d].
+    candidates: float [n, d], or [d, n] with `columns`.
+    columns: the candidates are the columns of a [d, n] matrix (the faster
+      layout to score many candidates, see `ranking.CandidateTable`).
 
   Returns:
     float [batch, n].
   """
+  def product(head):
+    return tf.matmul(head, candidates, transpose_b=not columns)
+
   if queries.shape.rank == 2:
-    return tf.matmul(queries, candidates, transpose_b=True)
+    return product(queries)
   if queries.shape.rank is None:
     # [batch, d] becomes one head; its fold below is the same matmul.
-    queries = tf.reshape(queries, tf.stack(
-        [tf.shape(queries)[0], -1, tf.shape(candidates)[-1]]))
+    width = tf.shape(candidates)[0 if columns else -1]
+    queries = tf.reshape(queries,
+                         tf.stack([tf.shape(queries)[0], -1, width]))
   heads = tf.transpose(queries, [1, 0, 2])
-  return tf.foldl(
-      lambda best, head: tf.maximum(
-          best, tf.matmul(head, candidates, transpose_b=True)),
-      heads[1:], initializer=tf.matmul(heads[0], candidates, transpose_b=True))
+  return tf.foldl(lambda best, head: tf.maximum(best, product(head)),
+                  heads[1:], initializer=product(heads[0]))
 
 
 def merge_top_k(scores: tf.Tensor, identifiers: tf.Tensor,

@@ -21,7 +21,7 @@ of floats (`query_batch_size`), so memory does not grow with the catalogue
 times the number of queries.
 """
 
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional, Union
 import weakref
 
 import numpy as np
@@ -36,12 +36,13 @@ MAX_SCORES_PER_BATCH = 1 << 25
 # ... except that a batch holds at least MIN_QUERIES_PER_BATCH queries while
 # their scores stay under HARD_MAX_SCORES_PER_BATCH floats (1 GiB): each batch
 # reads every candidate's embedding, so over millions of candidates a batch
-# of a few queries is dominated by that read (32 queries x 3M candidates:
-# 384 MB of scores). Batches of 128 took 8.0 ms a query for top-100 lists
-# over 3M candidates against 10.2 ms, but hold 1.5 GB of scores: with them
-# (and the candidates outside TensorFlow's allocator, see
-# `candidate_embeddings`) the 500m rehearsal was OOM-killed at 24 GB.
-MIN_QUERIES_PER_BATCH = 32
+# of a few queries is dominated by that read. Top-100 lists over 3M
+# candidates (a `CandidateTable` of columns): 6.5 ms a query in batches of
+# 64, 7.4 in batches of 32. A batch of 64 holds one 768 MB score matrix (two
+# when a score may be non-finite); batches of 128 of two matrices each, with
+# the candidates outside TensorFlow's allocator (see `candidate_embeddings`),
+# had the 500m rehearsal OOM-killed at 24 GB.
+MIN_QUERIES_PER_BATCH = 64
 HARD_MAX_SCORES_PER_BATCH = 1 << 28
 
 
@@ -108,20 +109,61 @@ def _fill_function(tower, width: int, dtype: tf.DType):
   return fill
 
 
-def scores(queries: tf.Tensor, candidates: tf.Tensor) -> tf.Tensor:
+class CandidateTable(NamedTuple):
+  """Candidate embeddings as the ranking functions read them.
+
+  Attributes:
+    embeddings: float [num_indices, d] (`candidate_embeddings`), or their
+      transpose [d, num_indices] when `columns`: a query batch's product with
+      [d, n] took 2.8 ms a query over 3M candidates, with [n, d] (transposed
+      inside the product) 4.9 ms; the same scores.
+    columns: whether `embeddings` is [d, num_indices].
+    bound: `candidates_bound(embeddings)`, or any larger value: below it,
+      every score of a finite query is finite (see `target_ranks`).
+  """
+  embeddings: tf.Tensor
+  columns: bool
+  bound: tf.Tensor
+
+  @property
+  def num_indices(self) -> int:
+    return int(self.embeddings.shape[1 if self.columns else 0])
+
+
+def candidate_table(candidates: tf.Tensor, columns: bool = True
+                    ) -> CandidateTable:
+  """`candidates` [num_indices, d] as a table, transposed when `columns`
+  (a copy: drop `candidates` after, if nothing else reads them)."""
+  return CandidateTable(tf.transpose(candidates) if columns else candidates,
+                        columns, candidates_bound(candidates))
+
+
+def candidates_bound(candidates: tf.Tensor) -> tf.Tensor:
+  """The largest |entry| of the candidate embeddings; +inf if any entry is
+  not finite."""
+  return tf.where(tf.reduce_all(tf.math.is_finite(candidates)),
+                  tf.reduce_max(tf.abs(candidates)),
+                  tf.constant(np.inf, candidates.dtype))
+
+
+def _products(queries: tf.Tensor, table: CandidateTable) -> tf.Tensor:
+  return query_heads.max_sim(queries, table.embeddings, table.columns)
+
+
+def scores(queries: tf.Tensor, table: CandidateTable) -> tf.Tensor:
   """Query-candidate scores, [batch, num_indices]; index 0 is never a hit.
 
   Args:
     queries: float [batch, d], query-tower embeddings, or [batch, heads, d]
       (scored by the max over heads).
-    candidates: float [num_indices, d], `candidate_embeddings`.
+    table: the candidates, `candidate_table`.
 
   Returns:
     The dot products (max over heads), with index 0 and every non-finite
     score (NaN, +inf, -inf) set to -inf: such a candidate sorts after every
     finite one and such a target is a miss (see `target_ranks`).
   """
-  return _never_hits_to_minus_inf(query_heads.max_sim(queries, candidates))
+  return _never_hits_to_minus_inf(_products(queries, table))
 
 
 # The two passes over a [batch, n] score matrix are compiled by XLA, which
@@ -139,30 +181,57 @@ def _never_hits_to_minus_inf(products: tf.Tensor) -> tf.Tensor:
 
 @tf.function(jit_compile=True, reduce_retracing=True)
 def _ranks_under(scored: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
-  """1-based ranks of `targets` under `scores`' output, ties by index."""
+  """1-based ranks of `targets` among indices >= 1, ties by index.
+
+  `scored`: the products, or `scores`' output; index 0 is never counted
+  ahead of a target, and a target of index 0, or of a non-finite score (-inf
+  after `scores`), is a miss.
+  """
   index = tf.range(tf.shape(scored)[1], dtype=targets.dtype)
   target_scores = tf.gather(scored, targets, batch_dims=1)[:, tf.newaxis]
   ahead = (scored > target_scores) | ((scored == target_scores) & (
       index[tf.newaxis, :] < targets[:, tf.newaxis]))
+  ahead &= index[tf.newaxis, :] > 0
   # Counted in int32: fewer than 2**31 candidates.
   ranks = 1 + tf.cast(tf.reduce_sum(tf.cast(ahead, tf.int32), axis=1),
                       tf.int64)
-  # `scores` made every non-finite score -inf; such a target is never a hit.
-  return tf.where(tf.math.is_inf(target_scores[:, 0]),
-                  tf.constant(metrics.NOT_RETRIEVED, tf.int64), ranks)
+  miss = (targets == 0) | ~tf.math.is_finite(target_scores[:, 0])
+  return tf.where(miss, tf.constant(metrics.NOT_RETRIEVED, tf.int64), ranks)
+
+
+def _top_k_after_zero(products: tf.Tensor, k: int) -> tf.Tensor:
+  """Top-k indices of finite `products` with index 0 left out (to the end
+  when fewer than k + 1 candidates: then the list must hold it)."""
+  top = tf.math.top_k(
+      products, tf.minimum(k + 1, tf.shape(products)[1]), sorted=True).indices
+  # Index 0 is in the list at most once; a stable sort moves it last.
+  order = tf.argsort(tf.cast(top == 0, tf.int32), axis=1, stable=True)
+  return tf.gather(top, order, batch_dims=1)[:, :k]
+
+
+def _scores_are_finite(queries: tf.Tensor, bound: tf.Tensor) -> tf.Tensor:
+  """True when no product of `queries` and candidates within `bound` can be
+  non-finite: |q . c| <= d max|q| max|c|, kept well below the float max."""
+  width = tf.cast(tf.shape(queries)[-1], queries.dtype)
+  limit = queries.dtype.max / 16
+  return (tf.reduce_all(tf.math.is_finite(queries)) &
+          (width * tf.reduce_max(tf.abs(queries)) * bound < limit))
 
 
 @tf.function(reduce_retracing=True)
-def target_ranks(queries: tf.Tensor, candidates: tf.Tensor,
+def target_ranks(queries: tf.Tensor, table: CandidateTable,
                  targets: tf.Tensor, k: int = 0):
   """Ranks of `targets`, and with k > 0 also the top-k indices, [batch, k].
 
   Both come from one score matrix. Ties rank by index in both, so the top k
-  are the items of ranks 1..k.
+  are the items of ranks 1..k. When every score is sure to be finite (the
+  usual case, see `CandidateTable.bound`), the products are ranked as they
+  are, without `scores`' pass that writes -inf; the ranks and lists are the
+  same either way.
 
   Args:
     queries: float [batch, d], or [batch, heads, d].
-    candidates: float [num_indices, d].
+    table: the candidates, `candidate_table`.
     targets: int64 [batch], each query's target index (< num_indices).
     k: also return the top-k indices when > 0.
 
@@ -171,20 +240,31 @@ def target_ranks(queries: tf.Tensor, candidates: tf.Tensor,
     index 0) is a miss, `metrics.NOT_RETRIEVED`, beyond every k. With k > 0,
     (ranks, int32 [batch, k] top-k indices).
   """
-  scored = scores(queries, candidates)
-  ranks = _ranks_under(scored, targets)
-  if not k:
-    return ranks
-  return ranks, tf.math.top_k(scored, k, sorted=True).indices
+  products = _products(queries, table)
+
+  def ranked(scored, top_k_of):
+    ranks = _ranks_under(scored, targets)
+    return (ranks, top_k_of(scored)) if k else ranks
+
+  return tf.cond(
+      _scores_are_finite(queries, table.bound),
+      lambda: ranked(products, lambda s: _top_k_after_zero(s, k)),
+      lambda: ranked(_never_hits_to_minus_inf(products),
+                     lambda s: tf.math.top_k(s, k, sorted=True).indices))
 
 
 @tf.function(reduce_retracing=True)
-def top_k(queries: tf.Tensor, candidates: tf.Tensor, k: int) -> tf.Tensor:
+def top_k(queries: tf.Tensor, table: CandidateTable, k: int) -> tf.Tensor:
   """Top-k indices of each query, int32 [batch, k], ties by index.
 
   Non-finite scores (-inf in `scores`) come after all finite ones.
   """
-  return tf.math.top_k(scores(queries, candidates), k, sorted=True).indices
+  products = _products(queries, table)
+  return tf.cond(
+      _scores_are_finite(queries, table.bound),
+      lambda: _top_k_after_zero(products, k),
+      lambda: tf.math.top_k(_never_hits_to_minus_inf(products), k,
+                            sorted=True).indices)
 
 
 def query_batch_size(num_indices: int) -> int:
@@ -213,7 +293,15 @@ def miss_non_candidates(ranks: np.ndarray, targets: np.ndarray,
   return np.where(outside, metrics.NOT_RETRIEVED, ranks)
 
 
-def model_ranks(model, test: Dict[str, np.ndarray], candidates: tf.Tensor,
+Candidates = Union[tf.Tensor, CandidateTable]
+
+
+def _as_table(candidates: Candidates) -> CandidateTable:
+  return (candidates if isinstance(candidates, CandidateTable)
+          else candidate_table(candidates))
+
+
+def model_ranks(model, test: Dict[str, np.ndarray], candidates: Candidates,
                 retrieved: Optional[metrics.RetrievedItemStats] = None
                 ) -> np.ndarray:
   """Rank of each test example's target under the model's scores.
@@ -221,15 +309,17 @@ def model_ranks(model, test: Dict[str, np.ndarray], candidates: tf.Tensor,
   Args:
     model: a model with a `query_tower` over `schema.QUERY_FEATURES`.
     test: examples (numpy arrays by feature name), targets included.
-    candidates: the embeddings of indices 0..n (`candidate_embeddings`); a
-      target outside 1..n is a miss (`metrics.NOT_RETRIEVED`).
+    candidates: the embeddings of indices 0..n (`candidate_embeddings`), or
+      their `candidate_table`; a target outside 1..n is a miss
+      (`metrics.NOT_RETRIEVED`).
     retrieved: if given, each batch's top-max(k) lists are added to it, from
       the same scores (one matrix product per batch either way).
 
   Returns:
     int64 [examples], 1-based ranks.
   """
-  num_candidates = int(candidates.shape[0]) - 1
+  table = _as_table(candidates)
+  num_candidates = table.num_indices - 1
   targets = test[schema.TARGET_ITEM]
   features = {k: test[k] for k in schema.QUERY_FEATURES}
   # Index 0 stands in for targets that are not candidates (a miss anyway).
@@ -238,9 +328,9 @@ def model_ranks(model, test: Dict[str, np.ndarray], candidates: tf.Tensor,
   k = retrieved.ks[-1] if retrieved else 0
   ranks = []
   for batch in tf.data.Dataset.from_tensor_slices(features).batch(
-      query_batch_size(candidates.shape[0])):
+      query_batch_size(table.num_indices)):
     queries = model.query_tower(batch)
-    out = target_ranks(queries, candidates, batch[schema.TARGET_ITEM], k)
+    out = target_ranks(queries, table, batch[schema.TARGET_ITEM], k)
     if retrieved:
       out, top = out
       retrieved.add(top.numpy())
@@ -250,22 +340,24 @@ def model_ranks(model, test: Dict[str, np.ndarray], candidates: tf.Tensor,
   return miss_non_candidates(np.concatenate(ranks), targets, num_candidates)
 
 
-def model_top_k(model, queries: Dict[str, np.ndarray], candidates: tf.Tensor,
+def model_top_k(model, queries: Dict[str, np.ndarray], candidates: Candidates,
                 k: int) -> np.ndarray:
   """The model's top-k catalogue indices for each query.
 
   Args:
     model: a model with a `query_tower`.
     queries: query features (numpy arrays by feature name).
-    candidates: the embeddings of indices 0..n (`candidate_embeddings`).
+    candidates: the embeddings of indices 0..n (`candidate_embeddings`), or
+      their `candidate_table`.
     k: the list length.
 
   Returns:
     int64 [queries, k].
   """
+  table = _as_table(candidates)
   top = []
   for batch in tf.data.Dataset.from_tensor_slices(queries).batch(
-      query_batch_size(candidates.shape[0])):
-    top.append(top_k(model.query_tower(batch), candidates, k).numpy())
+      query_batch_size(table.num_indices)):
+    top.append(top_k(model.query_tower(batch), table, k).numpy())
   return (np.concatenate(top).astype(np.int64) if top
           else np.zeros([0, k], np.int64))

@@ -16,7 +16,9 @@ Everything is written under --workdir (or the explicit paths):
   <workdir>/prepared/    catalogue + TFRecords (reused when up to date)
   <workdir>/logs/        TensorBoard: loss, learning rate, eval Recall@k,
                          logs/projector/: item embeddings for the Projector
-  <workdir>/checkpoints/ the trained weights
+  <workdir>/checkpoints/ the trained weights (checkpoints/retrain/: the
+                         retrained model's); results.json's "model" names
+                         the one scored on the test day
   <workdir>/eval/results.json  per window ("validation", "test"): next-track
                          Recall@k / NDCG@k / MRR, coverage and popularity of
                          model and baselines, and the Yambda protocol's
@@ -36,6 +38,8 @@ program, so importing it defines none.
 
 import dataclasses
 import os
+import subprocess
+import sys
 from typing import Optional
 
 from absl import app
@@ -169,6 +173,16 @@ def choose_itemknn(fitted_baselines, catalogue, examples, ks,
   return [chosen if b is knn else b for b in fitted_baselines]
 
 
+def save_model(model, folder: str, step: int, prepared_dir: str) -> dict:
+  """Checkpoints the model; returns results.json's "model" entry: the
+  checkpoint and the prepared data it was trained on (for
+  `export.from_checkpoint`)."""
+  manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
+                                       folder, max_to_keep=3)
+  return {"checkpoint": manager.save(checkpoint_number=step),
+          "prepared_dir": os.path.abspath(prepared_dir)}
+
+
 def train_and_evaluate():
   """Runs the whole job; returns (results, export paths) on the chief."""
   tf.keras.utils.set_random_seed(FLAGS.seed)
@@ -217,10 +231,10 @@ def train_and_evaluate():
   if not chief:
     return None, None
 
-  manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
-                                       folders["checkpoints"], max_to_keep=3)
-  manager.save(checkpoint_number=selection["train_steps"])
-  results = {"selection": selection, "stages": meter.stages}
+  results = {"selection": selection, "stages": meter.stages,
+             "model": save_model(model, folders["checkpoints"],
+                                 selection["train_steps"],
+                                 folders["prepared"])}
   results_path = os.path.join(folders["eval"], "results.json")
   with meter.stage("evaluate", [folders["eval"]]):
     fitted_baselines = evaluate.fit_baselines(
@@ -254,6 +268,9 @@ def train_and_evaluate():
     model, results["retrain"] = train(catalogue, prepared,
                                       epochs=selection["epoch"],
                                       stage="retrain")
+    results["model"] = save_model(
+        model, os.path.join(folders["checkpoints"], "retrain"),
+        results["retrain"]["train_steps"], prepared)
     with meter.stage("evaluate", [folders["eval"]]):
       fitted_baselines = evaluate.fit_baselines(
           catalogue, prepared, rule, FLAGS.recent_half_life_days,
@@ -298,10 +315,35 @@ def train_and_evaluate():
   return results, exported
 
 
+def run_in_two_processes(args) -> int:
+  """--fresh_export_process: the job without its export in one process,
+  then `export.from_checkpoint` in another; returns the exit status.
+
+  TensorFlow's CPU allocator keeps what a process frees for that process's
+  later tensors, so each process's peak is its own stages', not the sum.
+  Both get this command line (`args`); later flags override earlier ones.
+  """
+  if os.environ.get("TF_CONFIG"):
+    raise app.UsageError(
+        "--fresh_export_process runs on one machine; with several workers, "
+        "train with --export=false and run export.from_checkpoint after.")
+  for module, extra in (("tfrs_yambda.train",
+                         ["--nofresh_export_process", "--noexport"]),
+                        ("export.from_checkpoint", [])):
+    status = subprocess.run([sys.executable, "-m", module, *args, *extra],
+                            check=False).returncode
+    if status:
+      logging.error("%s exited with status %d", module, status)
+      return status
+  return 0
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   np.set_printoptions(precision=4)
+  if FLAGS.export and FLAGS.fresh_export_process:
+    sys.exit(run_in_two_processes(sys.argv[1:]))
   train_and_evaluate()
 
 

@@ -175,8 +175,8 @@ class _EpochSelector:
 
   def __call__(self) -> Dict[str, float]:
     ranks = ranking.model_ranks(
-        self.model, self.validation,
-        ranking.candidate_embeddings(self.model, self.num_candidates + 1))
+        self.model, self.validation, ranking.candidate_table(
+            ranking.candidate_embeddings(self.model, self.num_candidates + 1)))
     result = {k: v for k, v in metrics.rank_metrics(ranks, self.ks).items()
               if k != "examples"}
     if self.select_metric not in result:

@@ -280,8 +280,8 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
   # the baselines' lists, in index order on ties, never leave it for k <= n.
   with timings.part("model"):
     rows = {"model": scored(ranking.model_top_k(
-        model, features,
-        ranking.candidate_embeddings(model, num_candidates + 1), k))}
+        model, features, ranking.candidate_table(
+            ranking.candidate_embeddings(model, num_candidates + 1)), k))}
   for baseline in fitted_baselines:
     with timings.part(baseline.name):
       rows[baseline.name] = scored(np.asarray(baseline.top_k(features, k)))
