@@ -35,6 +35,11 @@ from tfrs_yambda import train_flags
 FLAGS = flags.FLAGS
 
 
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """The main job's flags: the towers, paths and export settings it ran."""
+  train_flags.define_flags(flag_values)
+
+
 def restore(checkpoint: str, catalogue: catalogue_lib.Catalogue,
             tower_config: towers.TowerConfig,
             retrieval: model_lib.RetrievalConfig) -> model_lib.TwoTowerModel:
@@ -101,7 +106,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  train_flags.define_flags()
+  define_flags()
   flags.adopt_module_key_flags(train_flags)
   flags.mark_flag_as_required("workdir")
   app.run(main)

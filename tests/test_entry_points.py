@@ -18,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Each program's main module; each defines its flags in `define_flags`.
 PROGRAMS = ("tfrs_yambda.train", "tfrs_yambda.ablation",
             "export.local_server", "export.recommend",
+            "export.from_checkpoint",
             "benchmarks.ann_benchmark", "benchmarks.exported_benchmark",
-            "benchmarks.train_throughput",
+            "benchmarks.train_throughput", "benchmarks.ranking_benchmark",
             "benchmarks.prep_benchmark", "benchmarks.catalogue_merge_benchmark")
 
 

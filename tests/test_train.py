@@ -194,7 +194,9 @@ def test_two_workers_train_with_multi_worker_mirrored_strategy(
         _train_command(workdir, tiny_yambda, prepared, "--epochs=1",
                        "--eval_every_epoch=false",
                        "--sampling_probability=streaming",
-                       "--uniform_negatives=64"),
+                       "--uniform_negatives=64",
+                       # The chief alone exports, in a process of its own.
+                       "--fresh_export_process"),
         cwd=_REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True))
   logs = [w.communicate(timeout=420)[0] for w in workers]

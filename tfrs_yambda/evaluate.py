@@ -247,10 +247,8 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
     rule: the training positive rule (the window's examples are loaded with
       weights on, `test_rule`).
     ks: the cut-offs of Recall@k, NDCG@k, coverage and popularity.
-    window: "validation" (for every choice) or "test" (scored once, at the
-      end).
-    with_baselines: also score the baselines and, on generated data, the
-      oracle.
+    window: "validation" (for every choice) or "test" (scored once, last).
+    with_baselines: also score the baselines and (generated data) the oracle.
     recent_half_life_days: the recent-popularity baseline's half-life, when
       the baselines are fitted here.
     fitted_baselines: `fit_baselines`' result, if the caller has it already.
@@ -320,15 +318,17 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
     return result
 
   with timings.part("model"):
-    all_candidates = ranking.candidate_embeddings(model,
-                                                  catalogue.num_items + 1)
+    # Cold examples over every item, then the window's: one table at a time.
+    cold_ranks = np.zeros([0], np.int64)
+    if cold.any():
+      cold_ranks = ranking.model_ranks(
+          model, cold_examples, ranking.candidate_table(
+              ranking.candidate_embeddings(model, catalogue.num_items + 1),
+              columns=False))
     retrieved = metrics.RetrievedItemStats(list_ks, candidate_popularity)
-    # The few cold examples score every item untransposed (no copy).
     results = {"model": scored("model", ranking.model_ranks(
-        model, test, ranking.candidate_table(
-            all_candidates[:num_candidates + 1]), retrieved),
-        ranking.model_ranks(model, cold_examples, ranking.candidate_table(
-            all_candidates, columns=False)), retrieved)}
+        model, test, ranking.candidate_table(ranking.candidate_embeddings(
+            model, num_candidates + 1)), retrieved), cold_ranks, retrieved)}
   if with_baselines:
     if fitted_baselines is None:
       with timings.part("fit_baselines"):

@@ -322,14 +322,12 @@ def run_in_two_processes(args) -> int:
   TensorFlow's CPU allocator keeps what a process frees for that process's
   later tensors, so each process's peak is its own stages', not the sum.
   Both get this command line (`args`); later flags override earlier ones.
+  With several workers (TF_CONFIG), each runs the job and the chief exports.
   """
-  if os.environ.get("TF_CONFIG"):
-    raise app.UsageError(
-        "--fresh_export_process runs on one machine; with several workers, "
-        "train with --export=false and run export.from_checkpoint after.")
-  for module, extra in (("tfrs_yambda.train",
-                         ["--nofresh_export_process", "--noexport"]),
-                        ("export.from_checkpoint", [])):
+  stages = [("tfrs_yambda.train", ["--nofresh_export_process", "--noexport"])]
+  if trainer.is_chief():
+    stages.append(("export.from_checkpoint", []))
+  for module, extra in stages:
     status = subprocess.run([sys.executable, "-m", module, *args, *extra],
                             check=False).returncode
     if status:

@@ -135,13 +135,14 @@ def distribution_strategy() -> tf.distribute.Strategy:
   return tf.distribute.get_strategy()
 
 
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
+def is_chief(strategy: Optional[tf.distribute.Strategy] = None) -> bool:
   """Whether this process is the one that logs, scores and writes.
 
   The "chief" task if the cluster has one, else worker 0; a single process
-  is its own chief.
+  is its own chief. Without a strategy, the task TF_CONFIG names.
   """
-  resolver = getattr(strategy, "cluster_resolver", None)
+  resolver = (getattr(strategy, "cluster_resolver", None) if strategy
+              else tf.distribute.cluster_resolver.TFConfigClusterResolver())
   if resolver is None or not resolver.task_type:
     return True
   return resolver.task_type == "chief" or (
