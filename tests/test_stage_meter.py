@@ -90,12 +90,17 @@ def test_bounded_training_stops_at_max_steps_and_projects_an_epoch(
   assert not os.path.exists(tmp_path / "backup" / "checkpoint")
 
 
-def test_the_table_rounds_to_whole_seconds_before_minutes():
+def test_the_table_rounds_to_whole_seconds_and_keeps_the_jobs_order():
   meter = stage_meter.StageMeter()
+  # As results.json stores them (sorted by name), with a stage of its own.
   meter.stages.update({
+      "custom": {"wall_seconds": 1.0, "peak_rss_gib": 1.0},
+      "export": {"wall_seconds": 60.0, "peak_rss_gib": 2.0},
       "prep": {"wall_seconds": 539.8, "peak_rss_gib": 12.16,
                "disk_gib": 10.423},
       "projector": {"wall_seconds": 0.8, "peak_rss_gib": 15.75}})
   assert meter.table().splitlines()[2:] == [
       "| prep | 9 min 0 s | 12.16 | 10.42 |",
-      "| projector | 0 min 1 s | 15.75 |  |"]
+      "| projector | 0 min 1 s | 15.75 |  |",
+      "| export | 1 min 0 s | 2.00 |  |",
+      "| custom | 0 min 1 s | 1.00 |  |"]

@@ -76,6 +76,10 @@ def disk_bytes(paths: Sequence[str]) -> int:
   return total
 
 
+# The main job's stages, in the order it runs them.
+STAGES = ("generate", "prep", "train", "evaluate", "projector", "export")
+
+
 class StageMeter:
   """Measures named stages; `stages` holds one row per finished stage.
 
@@ -124,10 +128,13 @@ class StageMeter:
         row["disk_gib"] = round(disk_bytes(outputs) / 2**30, 3)
 
   def table(self) -> str:
-    """The stages as a Markdown table, in the order they ran."""
+    """The stages as a Markdown table, in the main job's order (`STAGES`;
+    others after, as they ran): results.json stores them sorted by name."""
     lines = ["| stage | wall | peak RSS (GiB) | disk (GiB) |",
              "|---|---:|---:|---:|"]
-    for name, row in self.stages.items():
+    order = {name: i for i, name in enumerate(STAGES)}
+    for name, row in sorted(self.stages.items(),
+                            key=lambda item: order.get(item[0], len(order))):
       # Whole seconds first: 539.8 s is 9 min 0 s, not 8 min 60 s.
       minutes, seconds = divmod(round(row["wall_seconds"]), 60)
       disk = row.get("disk_gib")
