@@ -141,8 +141,10 @@ def is_chief(strategy: Optional[tf.distribute.Strategy] = None) -> bool:
   The "chief" task if the cluster has one, else worker 0; a single process
   is its own chief. Without a strategy, the task TF_CONFIG names.
   """
-  resolver = (getattr(strategy, "cluster_resolver", None) if strategy
-              else tf.distribute.cluster_resolver.TFConfigClusterResolver())
+  if strategy is None:
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+  else:
+    resolver = getattr(strategy, "cluster_resolver", None)
   if resolver is None or not resolver.task_type:
     return True
   return resolver.task_type == "chief" or (
