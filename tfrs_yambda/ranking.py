@@ -37,11 +37,12 @@ MAX_SCORES_PER_BATCH = 1 << 25
 # their scores stay under HARD_MAX_SCORES_PER_BATCH floats (1 GiB): each batch
 # reads every candidate's embedding, so over millions of candidates a batch
 # of a few queries is dominated by that read. Top-100 lists over 3M
-# candidates (a `CandidateTable` of columns): 6.5 ms a query in batches of
-# 64, 7.4 in batches of 32. A batch of 64 holds one 768 MB score matrix (two
-# when a score may be non-finite); batches of 128 of two matrices each, with
-# the candidates outside TensorFlow's allocator (see `candidate_embeddings`),
-# had the 500m rehearsal OOM-killed at 24 GB.
+# candidates (a `CandidateTable` of columns): 6.8 ms a query in batches of
+# 64, 7.7 in batches of 32 (`benchmarks/ranking_benchmark.py`). A batch of
+# 64 holds one 768 MB score matrix (two when a score may be non-finite);
+# batches of 128 of two matrices each, with the candidates outside
+# TensorFlow's allocator (see `candidate_embeddings`), had the 500m
+# rehearsal OOM-killed at 24 GB.
 MIN_QUERIES_PER_BATCH = 64
 HARD_MAX_SCORES_PER_BATCH = 1 << 28
 
@@ -114,9 +115,10 @@ class CandidateTable(NamedTuple):
 
   Attributes:
     embeddings: float [num_indices, d] (`candidate_embeddings`), or their
-      transpose [d, num_indices] when `columns`: a query batch's product with
-      [d, n] took 2.8 ms a query over 3M candidates, with [n, d] (transposed
-      inside the product) 4.9 ms; the same scores.
+      transpose [d, num_indices] when `columns`: oneDNN's product with a
+      [d, n] operand is much faster than with [n, d] transposed inside it
+      (top-100 over 3M candidates, with the -inf pass skipped too: 7.7
+      against 10.2 ms a query, `benchmarks/ranking_benchmark.py`).
     columns: whether `embeddings` is [d, num_indices].
     bound: `candidates_bound(embeddings)`, or any larger value: below it,
       every score of a finite query is finite (see `target_ranks`).
