@@ -153,6 +153,25 @@ def test_query_heads_export_the_max_sim_top_k_in_the_same_signature(
       assert json.load(f)["query_heads"] == 3
 
 
+def test_a_float16_content_table_exports_in_the_same_signature(
+    exported, catalogue, requests_and_features, tmp_path):
+  tf.keras.utils.set_random_seed(3)
+  model = model_lib.TwoTowerModel(catalogue, towers.TowerConfig(
+      **SMALL_TOWERS, content_dtype="float16"))
+  path = export.export_all(model, catalogue, str(tmp_path),
+                           k=K)["bruteforce"]
+  _assert_bruteforce_top_k(path, model, catalogue, requests_and_features)
+  assert (_load(path).structured_input_signature ==
+          _load(exported[1]["bruteforce"]).structured_input_signature)
+  # The SavedModel holds the table as float16 too.
+  reader = tf.train.load_checkpoint(os.path.join(path, "variables",
+                                                 "variables"))
+  half = [name for name, dtype in reader.get_variable_to_dtype_map().items()
+          if dtype == tf.float16]
+  assert [reader.get_variable_to_shape_map()[name] for name in half] == [
+      model.item_encoder.content.shape.as_list()]
+
+
 def test_scann_savedmodel_gives_the_in_memory_index_top_k(
     exported, trained_model, catalogue, requests_and_features, tmp_path):
   request, _ = requests_and_features

@@ -218,3 +218,30 @@ def test_candidate_embeddings_do_not_keep_a_dropped_model_alive(catalogue):
   gc.collect()
   # The traced loop went with the tower, and the tower with the model.
   assert tower() is None
+
+
+def test_a_float16_content_table_holds_the_float32_features_rounded(
+    catalogue):
+  config = towers.TowerConfig(**SMALL_TOWERS)
+  full = model_lib.TwoTowerModel(catalogue, config).item_encoder.content
+  half = model_lib.TwoTowerModel(catalogue, dataclasses.replace(
+      config, content_dtype="float16")).item_encoder.content
+  assert full.dtype == tf.float32 and half.dtype == tf.float16
+  np.testing.assert_array_equal(half.numpy(),
+                                full.numpy().astype(np.float16))
+  # Its features are float32 like every other input of the towers.
+  items = tf.constant([0, 1, catalogue.num_items], tf.int64)
+  model = model_lib.TwoTowerModel(catalogue, dataclasses.replace(
+      config, content_dtype="float16"))
+  features = model.item_encoder(items)
+  assert features.dtype == tf.float32
+  np.testing.assert_allclose(features[:, -half.shape[1]:],
+                             full.numpy()[[0, 1, catalogue.num_items]],
+                             rtol=1e-3, atol=1e-3)
+  estimate = model_lib.memory_estimate(catalogue, dataclasses.replace(
+      config, content_dtype="float16"), optimizer_slots=1)
+  assert (model_lib.memory_estimate(catalogue, config, optimizer_slots=1)
+          ["catalogue_tables"] - estimate["catalogue_tables"] ==
+          2 * int(np.prod(full.shape)))
+  with pytest.raises(ValueError, match="content_dtype"):
+    towers.TowerConfig(content_dtype="int8")

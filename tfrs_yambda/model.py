@@ -3,6 +3,7 @@
 import dataclasses
 from typing import Optional
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
@@ -284,7 +285,8 @@ def table_bytes(num_items: int, item_vocab: int, user_vocab: int,
                     user_vocab * config.user_dim)
   if config.use_example_age:
     embeddings += 4 * 2 * (item_vocab + num_albums)  # trend coefficients
-  content = (num_items + 1) * (4 * (audio_dim + 3) + 8 * 2 + 4)
+  content = (num_items + 1) * (
+      np.dtype(config.content_dtype).itemsize * (audio_dim + 3) + 8 * 2 + 4)
   frequency_estimate = 12 * frequency_buckets
   return {"embeddings": embeddings,
           "optimizer_slots": embeddings * optimizer_slots,

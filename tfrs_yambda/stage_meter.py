@@ -11,9 +11,14 @@ Peak memory is the resident memory of this process and all its descendants
 reset at each stage's start where Linux allows it (/proc/self/clear_refs),
 so that a spike between two samples is still counted. Disk is the bytes
 under the stage's output folders once it is done.
+
+A stage starts from what is live: `release_freed_memory` first hands the
+earlier stages' freed heap back to the system.
 """
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import threading
 import time
@@ -60,6 +65,32 @@ def _reset_own_peak() -> None:
     pass
 
 
+def release_freed_memory() -> bool:
+  """Returns freed heap pages to the system (glibc's malloc_trim).
+
+  TensorFlow's CPU tensors and NumPy's small arrays come from malloc, which
+  keeps freed blocks in its heap for later calls; after training on the
+  500m rehearsal that was 2.0 GiB of resident memory that nothing used
+  (training's shuffle buffer, mostly), on top of every later stage's peak.
+
+  Returns:
+    Whether this C library could release (False where it has no
+    malloc_trim: not glibc).
+  """
+  trim = getattr(_libc(), "malloc_trim", None)
+  if trim is None:
+    return False
+  trim(0)
+  return True
+
+
+def _libc():
+  try:
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+  except OSError:
+    return None
+
+
 def disk_bytes(paths: Sequence[str]) -> int:
   """Bytes of the files under these folders (or files); missing ones: 0."""
   total = 0
@@ -101,6 +132,7 @@ class StageMeter:
   @contextlib.contextmanager
   def stage(self, name: str, outputs: Sequence[str] = ()) -> Iterator[None]:
     """Measures the body as stage `name`; `outputs`: its folders."""
+    release_freed_memory()
     _reset_own_peak()
     peak = [tree_rss_bytes()]
     done = threading.Event()

@@ -36,8 +36,8 @@ TOWER_FLAGS = ("item_id_dim", "artist_dim", "album_dim", "user_dim",
                "hidden_dim", "output_dim", "recent_history", "history_encoder",
                "attention_blocks", "attention_heads", "attention_dropout",
                "query_heads", "min_item_count", "min_user_count",
-               "use_user_id", "use_seed", "use_history", "use_audio",
-               "use_artist_album", "use_example_age")
+               "content_dtype", "use_user_id", "use_seed", "use_history",
+               "use_audio", "use_artist_album", "use_example_age")
 RETRIEVAL_FLAGS = ("temperature", "logq_correction", "uniform_negatives",
                    "uniform_pool", "sampling_probability", "frequency_alpha",
                    "frequency_buckets")
@@ -51,7 +51,7 @@ HPARAM_FLAGS = ("batch_size", "epochs", "optimizer", "learning_rate",
                 "use_example_age", "min_item_count", "min_user_count",
                 "history_length", "output_dim", "recent_history",
                 "history_encoder", "attention_blocks", "attention_heads",
-                "attention_dropout", "query_heads")
+                "attention_dropout", "query_heads", "content_dtype")
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -206,6 +206,11 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_integer("min_user_count", tower.min_user_count,
                        "Users with fewer training positives share one id row.",
                        flag_values=fv)
+  flags.DEFINE_enum("content_dtype", tower.content_dtype,
+                    list(towers.CONTENT_DTYPES),
+                    "How the item content table (audio, length) is stored: "
+                    "float16 halves the model's largest table.",
+                    flag_values=fv)
   flags.DEFINE_bool("use_user_id", tower.use_user_id,
                     "Ablation switch: user id embedding.", flag_values=fv)
   flags.DEFINE_bool("use_seed", tower.use_seed,
