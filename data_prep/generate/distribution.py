@@ -26,34 +26,28 @@ from data_prep.generate import world as world_lib
 
 # Beyond this many rounds of rejection sampling, the rest are drawn exactly.
 _MAX_REJECTION_ROUNDS = 64
-# Searches within ranges of at most this many entries compare them all.
-_WINDOW = 32
-
-
-def _search(table: np.ndarray, values: np.ndarray, side: str) -> np.ndarray:
-  """`np.searchsorted`, with the values sorted first: searches of nearby
-  values share cache lines, which is several times faster on large tables.
-  The same result."""
-  order = np.argsort(values)
-  out = np.empty(len(values), np.int64)
-  out[order] = np.searchsorted(table, values[order], side)
-  return out
 
 
 def _search_in(table: np.ndarray, values: np.ndarray, lo: np.ndarray,
                hi: np.ndarray) -> np.ndarray:
   """`np.searchsorted(table, values, "right")` clipped to [lo, hi] per row
-  (`table` is increasing). When every range is short, each row compares
-  all of its entries: a few adjacent cache lines instead of a search
-  through the whole table."""
-  width = hi - lo
-  window = int(width.max()) if len(width) else 0
-  if window > _WINDOW:
-    return np.clip(_search(table, values, "right"), lo, hi)
-  offsets = np.arange(window)
-  entries = table[np.minimum(lo[:, None] + offsets, hi[:, None] - 1)]
-  return lo + np.count_nonzero((entries <= values[:, None]) &
-                               (offsets < width[:, None]), axis=1)
+  (`table` is increasing).
+
+  A binary search of every row at once within its own range, by descending
+  powers of two: as many passes as the longest range has bits, each one
+  gather per row, instead of a search through the whole table (many cache
+  misses) or a comparison with every entry of the ranges. Entries past a
+  range's end read as its last one, which keeps the ranges increasing;
+  counting them is undone by the final clip.
+  """
+  last = hi - 1
+  pos = lo.copy()
+  width = int((hi - lo).max()) if len(lo) else 0
+  for bit in range(width.bit_length() - 1, -1, -1):
+    step = 1 << bit
+    probe = np.minimum(pos + (step - 1), last)
+    pos += step * (table[probe] <= values)
+  return np.minimum(pos, hi)
 
 
 def neighbour_weights(world: world_lib.World, seeds: np.ndarray,
