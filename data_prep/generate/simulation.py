@@ -176,32 +176,24 @@ def _simulate(rng: np.random.Generator, world: world_lib.World, lo: int,
   chunk-local) and its snapshots."""
   size = world.size
   n = hi - lo
-  user = np.arange(lo, hi)
   end = size.days * sizes.DAY
   oracle_start = end - size.oracle_days * sizes.DAY
   period_seconds = size.period_days * sizes.DAY
   window = size.repeat_window
 
   now = world.users.start[lo:hi] + rng.integers(0, 3600, n)
-  seed = np.full(n, -1, np.int64)
-  first = np.ones(n, bool)
-  history = np.zeros((n, window), np.int32)
-  history_pos = np.zeros(n, np.int64)  # the ring buffer's next slot
-  history_len = np.zeros(n, np.int64)
-  n_done = np.zeros(n, np.int64)
   max_events = world.users.max_events[lo:hi]
-
   capacity = int(max_events.sum())
   listens = {k: np.empty(capacity, dtype) for k, dtype in _LISTEN_COLUMNS}
   filled = 0
   snaps = {f.name: [] for f in dataclasses.fields(Snapshots)}
-  active = np.nonzero(now < end)[0]  # chunk-local users still listening
-  while len(active):
-    # The state each active user's next listen is drawn from (copies).
-    u, times, seeds = user[active], now[active], seed[active]
-    hist, hist_len = history[active], history_len[active]
+  state = _initial_state(now, max_events, lo, end, window)
+  while len(state["local"]):
+    # The state each active user's next listen is drawn from.
+    u, times, seeds = state["user"], state["now"], state["seed"]
+    hist, hist_len = state["history"], state["history_len"]
     period = times // period_seconds
-    mix = distribution.mixture(world, u, seeds, period, first[active],
+    mix = distribution.mixture(world, u, seeds, period, state["first"],
                                hist_len)
     item, comp = distribution.sample_next(rng, world, u, seeds, period, mix,
                                           hist, hist_len)
@@ -215,23 +207,14 @@ def _simulate(rng: np.random.Generator, world: world_lib.World, lo: int,
                    ("component", comp), ("ratio", outcome.ratio),
                    ("disliked", outcome.dislike)):
         snaps[k].append(v[in_window])
-    rows = slice(filled, filled + len(active))
-    for k, v in (("user", active), ("ts", times), ("item", item),
+    rows = slice(filled, filled + len(u))
+    for k, v in (("user", state["local"]), ("ts", times), ("item", item),
                  ("organic", outcome.organic), ("ratio", outcome.ratio),
                  ("like", outcome.like), ("dislike", outcome.dislike),
                  ("gap", outcome.gap)):
       listens[k][rows] = v
-    filled += len(active)
-
-    history[active, history_pos[active]] = item
-    history_pos[active] = (history_pos[active] + 1) % window
-    history_len[active] = np.minimum(hist_len + 1, window)
-    seed[active] = item
-    first[active] = outcome.ends_session
-    now[active] += outcome.gap
-    n_done[active] += 1
-    active = active[(now[active] < end) &
-                    (n_done[active] < max_events[active])]
+    filled += len(u)
+    state = _advance(state, item, outcome, end, window)
 
   cols = {k: v[:filled] for k, v in listens.items()}
   if snaps["user"]:
@@ -243,6 +226,42 @@ def _simulate(rng: np.random.Generator, world: world_lib.World, lo: int,
         k: np.zeros(shapes.get(k, 0), bool if k == "disliked" else np.int64)
         for k in snaps})
   return cols, snapshots
+
+
+def _initial_state(now: np.ndarray, max_events: np.ndarray, lo: int,
+                   end: int, window: int) -> Dict[str, np.ndarray]:
+  """The state of the chunk's users who start listening before `end`: one
+  row each, in chunk order. Kept for the active users only (rather than
+  gathered from and scattered back to the whole chunk's every step)."""
+  local = np.nonzero(now < end)[0]  # chunk-local user indices
+  m = len(local)
+  return dict(
+      local=local, user=lo + local, now=now[local],
+      seed=np.full(m, -1, np.int64), first=np.ones(m, bool),
+      history=np.zeros((m, window), np.int32),
+      history_pos=np.zeros(m, np.int64),  # the ring buffer's next slot
+      history_len=np.zeros(m, np.int64), n_done=np.zeros(m, np.int64),
+      max_events=max_events[local])
+
+
+def _advance(state: Dict[str, np.ndarray], item: np.ndarray,
+             outcome: ListenOutcome, end: int,
+             window: int) -> Dict[str, np.ndarray]:
+  """Moves every active user past the listen just drawn; returns the state
+  of those who listen again. Writes the history rows in place (the step's
+  snapshots are copies); the other fields get new arrays."""
+  history_pos = state["history_pos"]
+  state["history"][np.arange(len(item)), history_pos] = item
+  state["history_pos"] = (history_pos + 1) % window
+  state["history_len"] = np.minimum(state["history_len"] + 1, window)
+  state["seed"] = item
+  state["first"] = outcome.ends_session
+  state["now"] = state["now"] + outcome.gap
+  state["n_done"] = state["n_done"] + 1
+  keep = (state["now"] < end) & (state["n_done"] < state["max_events"])
+  if keep.all():
+    return state
+  return {k: v[keep] for k, v in state.items()}
 
 
 def _assemble_events(rng: np.random.Generator, out: Dict[str, np.ndarray],
