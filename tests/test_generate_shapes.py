@@ -14,6 +14,7 @@ from data_prep.generate import catalogue as catalogue_lib
 from data_prep.generate import distribution
 from data_prep.generate import metadata
 from data_prep.generate import run
+from data_prep.generate import sampling
 from data_prep.generate import sizes
 from data_prep.generate import world as world_lib
 
@@ -237,3 +238,35 @@ def test_window_search_equals_searchsorted():
   np.testing.assert_array_equal(
       distribution._search_in(table, values, lo, hi),  # pylint: disable=protected-access
       expected)
+
+
+def _choose_reference(rng, weights):
+  """`sampling.choose` as first written: cumsum along rows, clipped to the
+  last column of weight > 0."""
+  c = np.cumsum(weights, axis=1)
+  u = rng.random(len(weights)) * c[:, -1]
+  idx = (c <= u[:, None]).sum(1)
+  last = weights.shape[1] - 1 - np.argmax(weights[:, ::-1] > 0, axis=1)
+  return np.minimum(idx, last)
+
+
+class _Ones:
+  """A stream of uniforms of 1: u is the total, the edge that rounding could
+  reach, past the last column of weight > 0."""
+
+  def random(self, n):
+    return np.ones(n)
+
+
+def test_choose_equals_the_row_cumsum_draw():
+  rng = np.random.default_rng(5)
+  for trial in range(50):
+    m, k = int(rng.integers(0, 200)), int(rng.integers(1, 18))
+    w = rng.random((m, k)) ** 3 * (rng.random((m, k)) < 0.5)
+    w[np.arange(m), rng.integers(0, k, m)] += 1e-3
+    for seed in (trial, None):
+      streams = [np.random.default_rng(seed) if seed is not None
+                 else _Ones() for _ in range(2)]
+      np.testing.assert_array_equal(sampling.choose(streams[0], w),
+                                    _choose_reference(streams[1], w))
+
