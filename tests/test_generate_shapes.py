@@ -13,6 +13,7 @@ from data_prep import yambda
 from data_prep.generate import catalogue as catalogue_lib
 from data_prep.generate import distribution
 from data_prep.generate import metadata
+from data_prep.generate import played_ratio
 from data_prep.generate import run
 from data_prep.generate import sampling
 from data_prep.generate import sizes
@@ -270,3 +271,10 @@ def test_choose_equals_the_row_cumsum_draw():
       np.testing.assert_array_equal(sampling.choose(streams[0], w),
                                     _choose_reference(streams[1], w))
 
+
+def test_rows_any_equals_any():
+  rng = np.random.default_rng(6)
+  for k in (1, 8, 10, 16):
+    mask = rng.random((300, k)) < 0.05
+    np.testing.assert_array_equal(
+        played_ratio._rows_any(mask), mask.any(1))  # pylint: disable=protected-access

@@ -64,11 +64,24 @@ def affinity(world: world_lib.World, user: np.ndarray, item: np.ndarray,
   users = world.users
   result = (_taste(world, user, item) if taste_cosine is None
             else taste_cosine.copy())
-  result += _FAV_TRACK_BONUS * (users.fav_tracks[user] == item[:, None]).any(1)
-  result += _FAV_ARTIST_BONUS * (
-      users.fav_artists[user] ==
-      world.catalogue.artist[item][:, None]).any(1)
+  result += _FAV_TRACK_BONUS * _rows_any(users.fav_tracks[user] ==
+                                        item[:, None])
+  result += _FAV_ARTIST_BONUS * _rows_any(
+      users.fav_artists[user] == world.catalogue.artist[item][:, None])
   return result
+
+
+def _rows_any(mask: np.ndarray) -> np.ndarray:
+  """`mask.any(1)`, reading each row's bools 8 at a time when it can: a
+  reduction along rows of a few columns loops per row, several times
+  slower."""
+  if mask.shape[1] % 8 or not mask.flags.c_contiguous:
+    return mask.any(1)
+  words = mask.view(np.uint64)
+  found = words[:, 0] != 0
+  for j in range(1, words.shape[1]):
+    found |= words[:, j] != 0
+  return found
 
 
 def _ratio_probs(affinity_values: np.ndarray
