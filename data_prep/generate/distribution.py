@@ -210,7 +210,9 @@ def sample_next(rng: np.random.Generator, world: world_lib.World,
   item = np.full(m, -1, np.int64)
   s = np.maximum(seeds, 0)
   # The rows of each component, in order (what np.nonzero(comp == c) gives).
-  by_comp = np.argsort(comp, kind="stable")
+  # int8: a stable sort of small integers is a radix sort, several times
+  # faster than int64's merge sort (the same order: stable is unique).
+  by_comp = np.argsort(comp.astype(np.int8), kind="stable")
   bounds = np.searchsorted(comp[by_comp], np.arange(len(components.COMPONENTS)
                                                     + 1))
   rows = [by_comp[bounds[c]:bounds[c + 1]]
