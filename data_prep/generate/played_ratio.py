@@ -42,9 +42,8 @@ assert _REPLAY_RATIOS[0] > _FULL_RATIO
 def _taste(world: world_lib.World, user: np.ndarray,
           item: np.ndarray) -> np.ndarray:
   """Cosine of each user's (unit) taste vector and the item's latent."""
-  lat = world.catalogue.latent[item]
-  return np.einsum("md,md->m", world.users.taste[user], lat) / np.linalg.norm(
-      lat, axis=1)
+  return np.einsum("md,md->m", world.users.taste[user],
+                   world.catalogue.latent[item]) / world.latent_norm[item]
 
 
 def affinity(world: world_lib.World, user: np.ndarray, item: np.ndarray,

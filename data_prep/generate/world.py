@@ -35,6 +35,9 @@ class World:
   neighbours_open: np.ndarray
   fav_artists_open: np.ndarray
   fav_tracks_open: np.ndarray
+  # (n_items,) the norm of each item's latent, float32: every listen's
+  # taste cosine divides by it (the same floats as norms of gathered rows).
+  latent_norm: np.ndarray
 
 
 def _first_used(periods: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -73,4 +76,5 @@ def make_world(size: sizes.SizeParams, catalogue_rng: np.random.Generator,
                fav_artists_open=_first_used(fav_artist_first,
                                             users.fav_artist_weights),
                fav_tracks_open=_first_used(fav_track_period,
-                                           users.fav_track_weights))
+                                           users.fav_track_weights),
+               latent_norm=np.linalg.norm(catalogue.latent, axis=1))
