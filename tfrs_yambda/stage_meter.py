@@ -70,8 +70,8 @@ def release_freed_memory() -> bool:
 
   TensorFlow's CPU tensors and NumPy's small arrays come from malloc, which
   keeps freed blocks in its heap for later calls; after training on the
-  500m rehearsal that was 2.0 GiB of resident memory that nothing used
-  (training's shuffle buffer, mostly), on top of every later stage's peak.
+  500m rehearsal (a bounded run, in a throwaway probe) that was 2.0 GiB of
+  resident memory that nothing used, on top of every later stage's peak.
 
   Returns:
     Whether this C library could release (False where it has no
