@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from tfrs_yambda import baselines
+from tfrs_yambda import blockwise_ranks
 from tfrs_yambda import metrics
 from tfrs_yambda import ranking
 from tfrs_yambda import report
@@ -193,3 +194,48 @@ def test_training_counts_added_in_batches_equal_the_array_baselines(
                                   want.ranks(queries, query_targets))
     np.testing.assert_array_equal(got.top_k(_queries(query_seeds[:20]), 10),
                                   want.top_k(_queries(query_seeds[:20]), 10))
+
+
+class _TableModel:
+  """Towers that look their outputs up: query i for the example of user id
+  i, candidate row j for index j."""
+
+  def __init__(self, queries: np.ndarray, candidates: np.ndarray):
+    # Attributes, as a model's towers are: one object each, which
+    # `ranking.candidate_embeddings` traces its loop for once.
+    self.query_tower = lambda features: tf.gather(
+        tf.constant(queries), features[schema.USER_ID])
+    self.candidate_tower = lambda items: tf.gather(tf.constant(candidates),
+                                                   items)
+
+
+def test_blockwise_ranks_equal_the_ranks_over_one_table():
+  # Small integers: every product is exact in float32 whichever way it is
+  # computed, so the ranks must be identical, ties by index included.
+  rng = np.random.default_rng(3)
+  candidates = rng.integers(-3, 4, size=(37, 4)).astype(np.float32)
+  candidates[[9, 20, 30]] = candidates[5]  # ties across blocks
+  candidates[0] = 100  # index 0 would beat everything; it is never a hit
+  candidates[12, 1] = np.nan  # scores NaN for every query: never ahead
+  candidates[33, 2] = np.inf
+  queries = rng.integers(-3, 4, size=(9, 4)).astype(np.float32)
+  queries[[1, 2]] = queries[0]  # one query, three tied targets
+  queries[7, 0] = np.nan  # a NaN query: a miss
+  targets = np.array([5, 9, 30, 36, 0, 12, 1, 2, 20])
+  examples = {schema.USER_ID: np.arange(9), schema.TARGET_ITEM: targets,
+              schema.SEED_ITEM: np.zeros(9, np.int64),
+              schema.HISTORY_ITEMS: np.zeros((9, 2), np.int64)}
+  model = _TableModel(queries, candidates)
+  expected = ranking.model_ranks(model, examples,
+                                 ranking.candidate_embeddings(model, 37))
+  for block_items, batch_size in ((8, 4), (12, 8), (1 << 20, 8192)):
+    np.testing.assert_array_equal(
+        blockwise_ranks.target_ranks(model, examples, 37, block_items,
+                                     batch_size), expected)
+  assert expected[4] == expected[5] == expected[7] == metrics.NOT_RETRIEVED
+  assert expected[0] < expected[1] < expected[2]  # the tie, by index
+  # Over indices 0..9 only: targets beyond them are misses.
+  np.testing.assert_array_equal(
+      blockwise_ranks.target_ranks(model, examples, 10, 8, 4),
+      ranking.model_ranks(model, examples,
+                          ranking.candidate_embeddings(model, 10)))

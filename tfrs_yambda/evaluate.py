@@ -20,8 +20,9 @@ results say which were scored ("sample") and each part's seconds ("timings").
 
 `evaluate` returns one row per retriever plus the sections named in
 `SECTIONS`; `retrievers` picks the rows. The model is ranked by
-`tfrs_yambda.ranking`, the oracle read by `tfrs_yambda.oracle`, and
-`tfrs_yambda.report` formats the results as tables.
+`tfrs_yambda.ranking` (cold examples by `tfrs_yambda.blockwise_ranks`), the
+oracle read by `tfrs_yambda.oracle`, and `tfrs_yambda.report` formats the
+results as tables.
 """
 
 import dataclasses
@@ -35,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrs_yambda import baselines
+from tfrs_yambda import blockwise_ranks
 from tfrs_yambda import catalogue as catalogue_lib
 from tfrs_yambda import eval_sample
 from tfrs_yambda import input_pipeline
@@ -318,13 +320,10 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
     return result
 
   with timings.part("model"):
-    # Cold examples over every item, then the window's: one table at a time.
-    cold_ranks = np.zeros([0], np.int64)
-    if cold.any():
-      cold_ranks = ranking.model_ranks(
-          model, cold_examples, ranking.candidate_table(
-              ranking.candidate_embeddings(model, catalogue.num_items + 1),
-              columns=False))
+    # Cold examples over every item, a block of items at a time; then the
+    # window's candidates, one table.
+    cold_ranks = blockwise_ranks.target_ranks(model, cold_examples,
+                                              catalogue.num_items + 1)
     retrieved = metrics.RetrievedItemStats(list_ks, candidate_popularity)
     results = {"model": scored("model", ranking.model_ranks(
         model, test, ranking.candidate_table(ranking.candidate_embeddings(
