@@ -6,16 +6,18 @@ r"""Exact ranking over millions of candidates: evaluation's kernel, timed.
 Times, on random embeddings of width --dim, the two calls evaluation makes
 for a batch of queries: `ranking.top_k` with k=100 (the Yambda protocol's
 lists) and `ranking.target_ranks` with k=500 (next-track evaluation's ranks
-and top lists), over two layouts of one `ranking.CandidateTable`:
+and top lists), three ways:
 
-  * rows: [n, d], transposed inside the matrix product, and a bound of +inf,
-    so that every score goes through `scores`' -inf pass: what evaluation
-    did before the columns layout;
+  * rows, -inf pass: a [n, d] table, transposed inside the matrix product,
+    and a bound of +inf, so that every score goes through `scores`' -inf
+    pass; one `tf.math.top_k` (what evaluation did first);
   * columns: [d, n], the -inf pass skipped when every score is sure to be
-    finite: what evaluation does now.
+    finite; one `tf.math.top_k`;
+  * columns, two-step top-k: the top-k of `chunked_top_k` (what evaluation
+    does now).
 
-Prints the median milliseconds a query of each, the ratio, and whether both
-layouts gave the same ranks and lists (they must).
+Prints the median milliseconds a query of each, the ratio of the last two,
+and whether all three gave the same ranks and lists (they must).
 """
 
 import os
@@ -30,6 +32,7 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
+from tfrs_yambda import chunked_top_k
 from tfrs_yambda import ranking
 
 FLAGS = flags.FLAGS
@@ -62,16 +65,19 @@ def main(argv):
   rng = np.random.default_rng(0)
   candidates = tf.constant(
       rng.normal(size=(FLAGS.num_items, FLAGS.dim)).astype(np.float32))
-  layouts = {
-      "rows, -inf pass": ranking.CandidateTable(
-          candidates, False, tf.constant(np.inf)),
-      "columns": ranking.candidate_table(candidates),
+  columns = ranking.candidate_table(candidates)
+  ways = {  # (table, chunk of the top-k)
+      "rows, -inf pass": (ranking.CandidateTable(
+          candidates, False, tf.constant(np.inf)), 0),
+      "columns": (columns, 0),
+      "columns, two-step top-k": (columns, chunked_top_k.CHUNK),
   }
   print(f"{FLAGS.num_items:,} candidates of width {FLAGS.dim}, "
         f"{FLAGS.repeats} timed batches each\n")
-  print("| call | queries a batch | rows, -inf pass (ms a query) | "
-        "columns (ms a query) | ratio | same output |")
-  print("|---|---:|---:|---:|---:|---|")
+  print("| call | queries a batch | "
+        + " | ".join(f"{way} (ms a query)" for way in ways)
+        + " | ratio | same output |")
+  print("|---|---:|" + "---:|" * (len(ways) + 1) + "---|")
   for batch_size in (int(b) for b in FLAGS.batch_sizes):
     batches = [(tf.constant(rng.normal(size=(batch_size, FLAGS.dim)),
                             tf.float32),
@@ -79,19 +85,21 @@ def main(argv):
                             tf.int64))
                for _ in range(FLAGS.repeats + 1)]
     calls = {
-        "top_k, k=100": lambda table: (
-            lambda q, _: ranking.top_k(q, table, 100)),
-        "target_ranks, k=500": lambda table: (
-            lambda q, t: ranking.target_ranks(q, table, t, 500)),
+        "top_k, k=100": lambda table, chunk: (
+            lambda q, _: ranking.top_k(q, table, 100, chunk)),
+        "target_ranks, k=500": lambda table, chunk: (
+            lambda q, t: ranking.target_ranks(q, table, t, 500, chunk)),
     }
     for name, call in calls.items():
-      (before, old), (after, new) = (
-          _timed(call(table), batches) for table in layouts.values())
-      same = all(np.array_equal(a, b) for x, y in zip(old, new)
+      timed = [_timed(call(*way), batches) for way in ways.values()]
+      first = timed[0][1]
+      same = all(np.array_equal(a, b) for _, outputs in timed[1:]
+                 for x, y in zip(first, outputs)
                  for a, b in zip(tf.nest.flatten(x), tf.nest.flatten(y)))
-      print(f"| {name} | {batch_size} | {1000 * before / batch_size:.2f} | "
-            f"{1000 * after / batch_size:.2f} | {before / after:.2f} | "
-            f"{same} |", flush=True)
+      cells = " | ".join(f"{1000 * seconds / batch_size:.2f}"
+                         for seconds, _ in timed)
+      print(f"| {name} | {batch_size} | {cells} | "
+            f"{timed[1][0] / timed[2][0]:.2f} | {same} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ export all rank the same way, so they share these functions:
     (`query_heads.max_sim`), as the exported index serves it;
   * ties rank by index, which is popularity order (see
     `tfrs_yambda.catalogue`), so ranks and top-k lists agree: the top k are
-    exactly the candidates of ranks 1..k;
+    exactly the candidates of ranks 1..k (the lists are `tf.math.top_k`'s,
+    taken in two faster steps by `chunked_top_k`);
   * a non-finite score (NaN, +inf, -inf) is a miss: it sorts after every
     finite score and its target's rank is `metrics.NOT_RETRIEVED`. A NaN would
     otherwise compare false both ways and rank as a hit.
@@ -27,6 +28,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
+from tfrs_yambda import chunked_top_k
 from tfrs_yambda import metrics
 from tfrs_yambda import query_heads
 from tfrs_yambda import schema
@@ -201,11 +203,11 @@ def _ranks_under(scored: tf.Tensor, targets: tf.Tensor) -> tf.Tensor:
   return tf.where(miss, tf.constant(metrics.NOT_RETRIEVED, tf.int64), ranks)
 
 
-def _top_k_after_zero(products: tf.Tensor, k: int) -> tf.Tensor:
+def _top_k_after_zero(products: tf.Tensor, k: int, chunk: int) -> tf.Tensor:
   """Top-k indices of finite `products` with index 0 left out (to the end
   when fewer than k + 1 candidates: then the list must hold it)."""
-  top = tf.math.top_k(
-      products, tf.minimum(k + 1, tf.shape(products)[1]), sorted=True).indices
+  top = chunked_top_k.top_k(
+      products, tf.minimum(k + 1, tf.shape(products)[1]), chunk)
   # Index 0 is in the list at most once; a stable sort moves it last.
   order = tf.argsort(tf.cast(top == 0, tf.int32), axis=1, stable=True)
   return tf.gather(top, order, batch_dims=1)[:, :k]
@@ -222,7 +224,8 @@ def _scores_are_finite(queries: tf.Tensor, bound: tf.Tensor) -> tf.Tensor:
 
 @tf.function(reduce_retracing=True)
 def target_ranks(queries: tf.Tensor, table: CandidateTable,
-                 targets: tf.Tensor, k: int = 0):
+                 targets: tf.Tensor, k: int = 0,
+                 chunk: int = chunked_top_k.CHUNK):
   """Ranks of `targets`, and with k > 0 also the top-k indices, [batch, k].
 
   Both come from one score matrix. Ties rank by index in both, so the top k
@@ -236,6 +239,7 @@ def target_ranks(queries: tf.Tensor, table: CandidateTable,
     table: the candidates, `candidate_table`.
     targets: int64 [batch], each query's target index (< num_indices).
     k: also return the top-k indices when > 0.
+    chunk: the top-k's chunk length (`chunked_top_k`); 0: one top-k.
 
   Returns:
     int64 [batch] 1-based ranks; a target whose score is non-finite (or
@@ -250,23 +254,25 @@ def target_ranks(queries: tf.Tensor, table: CandidateTable,
 
   return tf.cond(
       _scores_are_finite(queries, table.bound),
-      lambda: ranked(products, lambda s: _top_k_after_zero(s, k)),
+      lambda: ranked(products, lambda s: _top_k_after_zero(s, k, chunk)),
       lambda: ranked(_never_hits_to_minus_inf(products),
-                     lambda s: tf.math.top_k(s, k, sorted=True).indices))
+                     lambda s: chunked_top_k.top_k(s, k, chunk)))
 
 
 @tf.function(reduce_retracing=True)
-def top_k(queries: tf.Tensor, table: CandidateTable, k: int) -> tf.Tensor:
+def top_k(queries: tf.Tensor, table: CandidateTable, k: int,
+          chunk: int = chunked_top_k.CHUNK) -> tf.Tensor:
   """Top-k indices of each query, int32 [batch, k], ties by index.
 
-  Non-finite scores (-inf in `scores`) come after all finite ones.
+  Non-finite scores (-inf in `scores`) come after all finite ones. `chunk`:
+  as in `target_ranks`.
   """
   products = _products(queries, table)
   return tf.cond(
       _scores_are_finite(queries, table.bound),
-      lambda: _top_k_after_zero(products, k),
-      lambda: tf.math.top_k(_never_hits_to_minus_inf(products), k,
-                            sorted=True).indices)
+      lambda: _top_k_after_zero(products, k, chunk),
+      lambda: chunked_top_k.top_k(_never_hits_to_minus_inf(products), k,
+                                  chunk))
 
 
 def query_batch_size(num_indices: int) -> int:
