@@ -4,8 +4,9 @@ r"""Ablations and seed spreads: train per design element and seed, one table.
       --ablation_dir=/tmp/tfrs_yambda/ablation [--seeds=3] [--variant=NAME]
 
 Every variant is the base configuration with one element off (or, for the
-negatives, the frequency estimate, the attention history encoder and the query
-heads, one option on; the float16 content table is a memory setting), trained
+negatives, the frequency estimate, the attention history encoder, the
+recent-history pool and the query heads, one option on; the float16 content
+table is a memory setting), trained
 by `tfrs_yambda.train` once per seed (--seed=1..N) in its own process on the
 same prepared data (the first run generates and prepares it). Variants are
 compared on the validation day only: the ablation table gives each variant's
@@ -53,6 +54,9 @@ VARIANTS = {
                                                   "--uniform_pool=trained"],
     "streaming frequency estimate": ["--sampling_probability=streaming"],
     "attention history encoder": ["--history_encoder=attention"],
+    # The last 20 history items pooled on their own beside the whole mean:
+    # aimed at repeats of recent listens.
+    "+ recent history pool (R=20)": ["--recent_history=20"],
     "query heads (K=4)": ["--query_heads=4"],
     "attention encoder + query heads (K=4)": ["--history_encoder=attention",
                                               "--query_heads=4"],
