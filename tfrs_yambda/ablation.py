@@ -8,18 +8,17 @@ negatives, the frequency estimate, the attention history encoder, the
 recent-history pool and the query heads, one option on; the float16 content
 table is a memory setting), trained by `tfrs_yambda.train` once per seed
 (--seed=1..N) in its own process on the same prepared data (the first run
-generates and prepares it). Variants are
-compared on the validation day only: the ablation table gives each variant's
-mean and standard deviation over the seeds, and its difference in
---compare_metric from the full model, marked "*" where it exceeds twice the
-larger of the two seed spreads; a second table gives each variant's training
-cost (steady examples/s) and its validation recall@100 by kind of target and by
-generator component, where a design element is aimed. The headline table gives
-every retriever's validation and test metrics for the full model over the seeds
-(the test day is scored once per run, never used to choose). Each run logs its
-flags to TensorBoard's HParams dashboard (`tensorboard --logdir
-<ablation_dir>`); everything goes to <ablation_dir>/ablation.json. Finished
-runs are not rerun.
+generates and prepares it). Variants are compared on the validation day only:
+the ablation table gives each variant's mean and standard deviation over the
+seeds, and its difference in --compare_metric from the full model, marked "*"
+where it exceeds twice the larger of the two seed spreads; a second table gives
+each variant's training cost (steady examples/s) and its validation recall@100
+by kind of target and by generator component, where a design element is aimed.
+The headline table gives every retriever's validation and test metrics for the
+full model over the seeds (the test day is scored once per run, never used to
+choose). Each run logs its flags to TensorBoard's HParams dashboard
+(`tensorboard --logdir <ablation_dir>`); everything goes to
+<ablation_dir>/ablation.json. Finished runs are not rerun.
 """
 
 import os
