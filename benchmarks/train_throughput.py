@@ -77,6 +77,8 @@ VARIANTS = {
                      "use_example_age": False},
     # The history read by causal self-attention instead of its mean.
     "attention history encoder": {"history_encoder": "attention"},
+    # The history's and the seed's candidate embeddings added to the query.
+    "candidate-space history": {"candidate_history": True},
     # The content table stored in float16 (the 500m configuration's memory
     # setting): what the cast after each lookup costs.
     "content table in float16": {"content_dtype": "float16"},

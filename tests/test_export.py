@@ -172,6 +172,21 @@ def test_a_float16_content_table_exports_in_the_same_signature(
       model.item_encoder.content.shape.as_list()]
 
 
+def test_candidate_history_exports_in_the_same_signature(
+    exported, catalogue, requests_and_features, tmp_path):
+  """The query's added candidate embeddings are in the SavedModel."""
+  tf.keras.utils.set_random_seed(5)
+  model = model_lib.TwoTowerModel(catalogue, towers.TowerConfig(
+      **SMALL_TOWERS, candidate_history=True))
+  slot_weights = model.query_tower.candidate_history.slot_weights
+  slot_weights.assign(np.linspace(-1.0, 2.0, slot_weights.shape[0]))
+  path = export.export_all(model, catalogue, str(tmp_path),
+                           k=K)["bruteforce"]
+  _assert_bruteforce_top_k(path, model, catalogue, requests_and_features)
+  assert (_load(path).structured_input_signature ==
+          _load(exported[1]["bruteforce"]).structured_input_signature)
+
+
 def test_scann_savedmodel_gives_the_in_memory_index_top_k(
     exported, trained_model, catalogue, requests_and_features, tmp_path):
   request, _ = requests_and_features

@@ -45,6 +45,12 @@ VARIANTS = {
     "- example age": ["--use_example_age=false"],
     "- logQ correction": ["--logq_correction=false"],
     "- example weights": ["--use_example_weights=false"],
+    # ItemKNN's form of score in the towers (the query adds the history's
+    # and the seed's candidate embeddings, weighted by slot), and the width
+    # that suits it.
+    "- candidate-space history": ["--candidate_history=false"],
+    "- candidate-space history, 64 wide": ["--candidate_history=false",
+                                           "--output_dim=64"],
     "+ mixed negatives (M=1024, all items)": ["--uniform_negatives=1024",
                                               "--uniform_pool=all"],
     "+ mixed negatives (M=4096, all items)": ["--uniform_negatives=4096",

@@ -147,10 +147,11 @@ class TwoTowerModel(tfrs.Model):
     self.age_scale_days = (config.example_age_scale_days
                            if config.use_example_age else None)
     self.temperature = retrieval.temperature
-    self.query_tower = towers.QueryTower(catalogue, item_encoder, config,
-                                         name="query_tower")
     self.candidate_tower = towers.CandidateTower(item_encoder, config,
                                                  name="candidate_tower")
+    self.query_tower = towers.QueryTower(
+        catalogue, item_encoder, config, self.candidate_tower,
+        name="query_tower")
     self.logq_correction = retrieval.logq_correction
     self.num_items = catalogue.num_items
     self.uniform_negatives = retrieval.uniform_negatives

@@ -14,12 +14,13 @@ survive").
 """
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from tfrs_yambda import catalogue as catalogue_lib
+from tfrs_yambda import candidate_history as candidate_history_lib
 from tfrs_yambda import history_encoder as history_encoder_lib
 from tfrs_yambda import schema
 
@@ -48,6 +49,10 @@ class TowerConfig:
   attention_blocks: int = 2
   attention_heads: int = 2
   attention_dropout: float = 0.0
+  # The query adds a learned, position-weighted sum of the seed's and the
+  # history's *candidate* embeddings (`QueryTower`): ItemKNN's score inside
+  # the two towers.
+  candidate_history: bool = False
   hidden_dim: int = 256
   output_dim: int = 64
   # K query vectors per example, scored by the best of them (max-sim, see
@@ -275,12 +280,34 @@ class QueryTower(tf.keras.Model):
   length). It returns [batch, d], or with `query_heads` = K > 1 K vectors
   per example, [batch, K, d], which score a candidate by the best of them
   (`query_heads`).
+
+  With `candidate_history`, the seed's and the history's own candidate
+  embeddings are added to it, weighted by slot (`candidate_history`).
   """
 
   def __init__(self, catalogue: catalogue_lib.Catalogue,
-               item_encoder: ItemEncoder, config: TowerConfig, **kwargs):
+               item_encoder: ItemEncoder, config: TowerConfig,
+               candidate_tower: Optional[tf.keras.Model] = None, **kwargs):
+    """See the class docstring.
+
+    Args:
+      catalogue: items and users.
+      item_encoder: the item features, shared with the candidate tower.
+      config: sizes and switches.
+      candidate_tower: the model's candidate tower; needed (only) with
+        `config.candidate_history`.
+      **kwargs: passed to `tf.keras.Model`.
+    """
     super().__init__(**kwargs)
     self.item_encoder = item_encoder
+    self.candidate_history = None
+    if config.candidate_history:
+      if candidate_tower is None:
+        raise ValueError("candidate_history needs the candidate tower.")
+      # History slots (oldest first), then the seed.
+      self.candidate_history = candidate_history_lib.CandidateHistory(
+          candidate_tower, catalogue.history_length + 1,
+          name="candidate_history")
     users = catalogue.user_ids[1:catalogue_lib.id_vocabulary_size(
         catalogue.user_train_count, config.min_user_count)]
     self.user_lookup = tf.keras.layers.IntegerLookup(
@@ -326,7 +353,18 @@ class QueryTower(tf.keras.Model):
         parts += self.item_encoder.pooled(history, self.history_projection,
                                           config.recent_history)
       parts.append(tf.math.log1p(count))
-    return self.mlp(tf.concat(parts, axis=-1))
+    query = self.mlp(tf.concat(parts, axis=-1))
+    if self.candidate_history is None:
+      return query
+    # A switched-off input's slots hold index 0: they add nothing.
+    batch = tf.shape(features[schema.SEED_ITEM])[0]
+    history = (features[schema.HISTORY_ITEMS] if config.use_history else
+               tf.zeros([batch, self.candidate_history.slots - 1],
+                        tf.int64))
+    seed = (features[schema.SEED_ITEM] if config.use_seed else
+            tf.zeros([batch], tf.int64))
+    return self.candidate_history(
+        query, tf.concat([history, seed[:, tf.newaxis]], axis=1))
 
 
 class CandidateTower(tf.keras.Model):

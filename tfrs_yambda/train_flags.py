@@ -35,9 +35,10 @@ FLAGS = flags.FLAGS
 TOWER_FLAGS = ("item_id_dim", "artist_dim", "album_dim", "user_dim",
                "hidden_dim", "output_dim", "recent_history", "history_encoder",
                "attention_blocks", "attention_heads", "attention_dropout",
-               "query_heads", "min_item_count", "min_user_count",
-               "content_dtype", "use_user_id", "use_seed", "use_history",
-               "use_audio", "use_artist_album", "use_example_age")
+               "candidate_history", "query_heads", "min_item_count",
+               "min_user_count", "content_dtype", "use_user_id", "use_seed",
+               "use_history", "use_audio", "use_artist_album",
+               "use_example_age")
 RETRIEVAL_FLAGS = ("temperature", "logq_correction", "uniform_negatives",
                    "uniform_pool", "sampling_probability", "frequency_alpha",
                    "frequency_buckets")
@@ -51,7 +52,8 @@ HPARAM_FLAGS = ("batch_size", "epochs", "optimizer", "learning_rate",
                 "use_example_age", "min_item_count", "min_user_count",
                 "history_length", "output_dim", "recent_history",
                 "history_encoder", "attention_blocks", "attention_heads",
-                "attention_dropout", "query_heads", "content_dtype")
+                "attention_dropout", "candidate_history", "query_heads",
+                "content_dtype")
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -196,6 +198,11 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_float("attention_dropout", tower.attention_dropout,
                      "Dropout rate inside the attention encoder.",
                      flag_values=fv)
+  flags.DEFINE_bool("candidate_history", tower.candidate_history,
+                    "Add to the query a learned, position-weighted sum of "
+                    "the history's and the seed's candidate embeddings "
+                    "(an item-item score, as ItemKNN's, in the towers).",
+                    flag_values=fv)
   flags.DEFINE_integer("query_heads", tower.query_heads,
                        "Query vectors per example; a candidate scores the "
                        "best of them (max-sim), in training, evaluation and "
