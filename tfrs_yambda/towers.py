@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfrs_yambda import catalogue as catalogue_lib
 from tfrs_yambda import candidate_history as candidate_history_lib
+from tfrs_yambda import catalogue as catalogue_lib
 from tfrs_yambda import history_encoder as history_encoder_lib
 from tfrs_yambda import schema
 
@@ -282,7 +282,8 @@ class QueryTower(tf.keras.Model):
   (`query_heads`).
 
   With `candidate_history`, the seed's and the history's own candidate
-  embeddings are added to it, weighted by slot (`candidate_history`).
+  embeddings are added to it, weighted by slot
+  (`tfrs_yambda.candidate_history`).
   """
 
   def __init__(self, catalogue: catalogue_lib.Catalogue,
