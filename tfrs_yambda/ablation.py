@@ -6,7 +6,8 @@ r"""Ablations and seed spreads: train per design element and seed, one table.
 Every variant is the base configuration with one element off (or, for the
 negatives, the frequency estimate, the attention history encoder, the
 recent-history pool and the query heads, one option on; the float16 content
-table is a memory setting), trained by `tfrs_yambda.train` once per seed
+table is a memory setting; "- candidate-space history, 64 wide" is the demo's
+model before --candidate_history), trained by `tfrs_yambda.train` once per seed
 (--seed=1..N) in its own process on the same prepared data (the first run
 generates and prepares it). Variants are compared on the validation day only:
 the ablation table gives each variant's mean and standard deviation over the
