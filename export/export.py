@@ -12,8 +12,9 @@ Two servables are written from the same trained model:
   * `<name>_scann`: `tfrs.layers.factorized_top_k.ScaNN`, approximate and much
     faster on large catalogues; it needs ScaNN's custom ops in the server.
 A model with K > 1 query heads is served by either index through
-`query_heads.MaxSimTopK`: K lookups, merged into one top k in the SavedModel,
-so the signature below is the same.
+`query_heads.MaxSimTopK`: K lookups, merged into one top k in the SavedModel;
+one with a history bonus through `history_bonus.HistoryBonusTopK`, which adds
+the history's own items to the index's list; the signature below is the same.
 
 Signature `serving_default` (raw Yambda ids in and out):
   inputs   user_id int64 [batch], seed_item_id int64 [batch],
@@ -30,7 +31,7 @@ callers send those, not every recent play (`client.recommend_from_events`).
 import gc
 import os
 import shutil
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 import uuid
 
 import numpy as np
@@ -43,6 +44,7 @@ from export import client
 from export import tf_serving
 from tfrs_yambda import atomic
 from tfrs_yambda import catalogue as catalogue_lib
+from tfrs_yambda import history_bonus
 from tfrs_yambda import query_heads
 from tfrs_yambda import ranking
 from tfrs_yambda import schema
@@ -78,24 +80,43 @@ class ServingQueryModel(tf.keras.Model):
         vocabulary=catalogue.item_ids[1:].astype(np.int64), num_oov_indices=1,
         name="item_lookup")
 
-  def call(self, inputs: Dict[str, tf.Tensor]) -> tf.Tensor:
+  def features(self, inputs: Dict[str, tf.Tensor]
+               ) -> Tuple[Dict[str, tf.Tensor], tf.Tensor]:
+    """The query tower's features of serving inputs, and the raw ids of
+    their history (-1 for index 0)."""
     # Look up first: padding (-1) and unknown ids both become index 0 and are
     # dropped *before* the cut to the most recent N, so an unknown id never
     # takes a slot. Then pad with index 0 at the front as training does
-    # (oldest first, the latest last).
-    history = self.item_lookup(
-        tf.cast(inputs[schema.SERVING_HISTORY_ITEM_IDS], tf.int64))
-    history = tf.ragged.boolean_mask(history, history > 0)
-    history = history[:, -self.history_length:]
-    history = tf.reverse(tf.reverse(history, axis=[1]).to_tensor(
-        default_value=0, shape=[None, self.history_length]), axis=[1])
-    user = tf.cast(inputs[schema.SERVING_USER_ID], tf.int64)
-    return self.query_tower({
-        schema.USER_ID: user,
+    # (oldest first, the latest last); the raw ids alike.
+    raw = tf.cast(inputs[schema.SERVING_HISTORY_ITEM_IDS], tf.int64)
+    history = self.item_lookup(raw)
+    known = history > 0
+
+    def laid_out(values, padding):
+      values = tf.ragged.boolean_mask(values, known)[:, -self.history_length:]
+      return tf.reverse(tf.reverse(values, axis=[1]).to_tensor(
+          default_value=padding, shape=[None, self.history_length]),
+                        axis=[1])
+
+    features = {
+        schema.USER_ID: tf.cast(inputs[schema.SERVING_USER_ID], tf.int64),
         schema.SEED_ITEM: self.item_lookup(
             tf.cast(inputs[schema.SERVING_SEED_ITEM_ID], tf.int64)),
-        schema.HISTORY_ITEMS: history,
-    })
+        schema.HISTORY_ITEMS: laid_out(history, 0),
+    }
+    return features, laid_out(raw, -1)
+
+  def call(self, inputs: Dict[str, tf.Tensor]) -> tf.Tensor:
+    return self.query_tower(self.features(inputs)[0])
+
+  def with_bonus(self, inputs: Dict[str, tf.Tensor]) -> Tuple[tf.Tensor, ...]:
+    """(query embeddings, history slots, their raw ids, their bonuses), what
+    `history_bonus.HistoryBonusTopK` reads; needs the tower's bonus."""
+    features, raw_history = self.features(inputs)
+    slots, bonus = self.query_tower.bonus(features)
+    # A switched-off history's slots hold index 0 (`QueryTower.slots`).
+    raw_history = tf.where(slots > 0, raw_history, tf.constant(-1, tf.int64))
+    return self.query_tower(features), slots, raw_history, bonus
 
 
 class Servable(tf.Module):
@@ -179,17 +200,22 @@ def check_finite_candidates(candidates: np.ndarray,
 
 def build_index(kind: str, query_model: tf.keras.Model,
                 candidates: np.ndarray, identifiers: np.ndarray, k: int,
-                scann_options: Optional[Dict] = None, heads: int = 1):
+                scann_options: Optional[Dict] = None, heads: int = 1,
+                candidate_tower: Optional[tf.keras.Model] = None):
   """Builds a BruteForce or ScaNN top-k layer over the candidate embeddings.
 
   With `heads` > 1 (the query model returns [batch, heads, d]) the index is
-  wrapped in `query_heads.MaxSimTopK`, which holds the query model and merges
-  the heads' lookups; with 1 it is TFRS's layer itself.
+  wrapped in `query_heads.MaxSimTopK`, which merges the heads' lookups; with
+  `candidate_tower` (the query tower has a history bonus), in
+  `history_bonus.HistoryBonusTopK`, which adds the bonus and scores the
+  history's items with that tower. The outermost layer holds the query
+  model; with neither it is TFRS's layer itself.
 
   Raises ValueError if any candidate embedding is not finite.
   """
   check_finite_candidates(candidates, identifiers)
-  head_query_model = query_model if heads == 1 else None
+  bonus = candidate_tower is not None
+  head_query_model = query_model if heads == 1 and not bonus else None
   if kind == "bruteforce":
     index = tfrs.layers.factorized_top_k.BruteForce(head_query_model, k=k)
   elif kind == "scann":
@@ -197,7 +223,11 @@ def build_index(kind: str, query_model: tf.keras.Model,
   else:
     raise ValueError(f"Unknown index kind {kind!r}.")
   if heads > 1:
-    index = query_heads.MaxSimTopK(index, query_model, k=k)
+    index = query_heads.MaxSimTopK(index, None if bonus else query_model, k=k)
+  if bonus:
+    index = history_bonus.HistoryBonusTopK(index, query_model,
+                                           candidate_tower, len(candidates),
+                                           k=k)
   index.index(tf.convert_to_tensor(candidates),
               tf.constant(identifiers, tf.int64))
   return index
@@ -297,6 +327,8 @@ def export_all(model, catalogue: catalogue_lib.Catalogue, export_dir: str,
   identifiers = catalogue.item_ids[1:]
   query_model = ServingQueryModel(model.query_tower, catalogue)
   heads = model.query_tower.config.query_heads
+  bonus_tower = (model.candidate_tower if getattr(
+      model.query_tower, "history_bonus", None) is not None else None)
   k = min(k, catalogue.num_items)
   scann_options = scann_options or default_scann_options(len(candidates), k)
   warmup = tf_serving.warmup_inputs(catalogue)
@@ -307,9 +339,9 @@ def export_all(model, catalogue: catalogue_lib.Catalogue, export_dir: str,
   # (a 22.8 GiB peak at 9.4M candidates; benchmarks/README.md).
   for kind in ("scann", "bruteforce"):
     index = build_index(kind, query_model, candidates, identifiers, k,
-                        scann_options, heads)
+                        scann_options, heads, bonus_tower)
     metadata = {"index": kind, "k": k, "history_length": history_length,
-                "query_heads": heads,
+                "query_heads": heads, "history_bonus": bonus_tower is not None,
                 # The prep's positive rule, for clients that build histories.
                 "min_played_ratio": catalogue.metadata.get("min_played_ratio"),
                 "num_candidates": int(len(candidates)),

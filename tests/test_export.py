@@ -14,6 +14,7 @@ import tensorflow as tf
 from export import export
 from export import from_checkpoint
 from tfrs_yambda import evaluate
+from tfrs_yambda import history_bonus
 from tfrs_yambda import input_pipeline
 from tfrs_yambda import model as model_lib
 from tfrs_yambda import ranking
@@ -82,7 +83,8 @@ def attention_exported(prepared, catalogue, tmp_path_factory):
 
 def _assert_bruteforce_top_k(path, model, catalogue, requests_and_features):
   """The SavedModel's top-k is the in-memory model's exact top-k (by the max
-  over query heads, if the model has several)."""
+  over query heads, if the model has several, plus its history bonus, if
+  it has one)."""
   request, features = requests_and_features
   outputs = _load(path)(**request)
   assert outputs["item_ids"].shape == (16, K)
@@ -93,6 +95,11 @@ def _assert_bruteforce_top_k(path, model, catalogue, requests_and_features):
       model, catalogue.num_items + 1).numpy()[1:]
   scores = (queries @ candidates.T if queries.ndim == 2 else
             np.einsum("bhd,nd->bhn", queries, candidates).max(axis=1))
+  bonus = history_bonus.query_bonus(
+      model, {k: tf.constant(features[k]) for k in schema.QUERY_FEATURES})
+  if bonus is not None:  # candidate column j is index j + 1
+    for row, (slots, values) in enumerate(zip(*(b.numpy() for b in bonus))):
+      np.add.at(scores[row], slots[slots > 0] - 1, values[slots > 0])
   top = np.argsort(-scores, axis=1, kind="stable")[:, :K]
   np.testing.assert_array_equal(outputs["item_ids"].numpy(),
                                 catalogue.item_ids[1:][top])
@@ -185,6 +192,33 @@ def test_candidate_history_exports_in_the_same_signature(
   _assert_bruteforce_top_k(path, model, catalogue, requests_and_features)
   assert (_load(path).structured_input_signature ==
           _load(exported[1]["bruteforce"]).structured_input_signature)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_history_bonus_exports_in_the_same_signature(
+    exported, catalogue, requests_and_features, tmp_path, heads):
+  """The bonus of the history's items is added inside the SavedModel, with
+  one query vector and with the max over two."""
+  tf.keras.utils.set_random_seed(7)
+  model = model_lib.TwoTowerModel(catalogue, towers.TowerConfig(
+      **SMALL_TOWERS, history_bonus=True, query_heads=heads))
+  slot_bonus = model.query_tower.history_bonus.slot_bonus
+  # Large enough to lift history items into the top k, and to drop some.
+  slot_bonus.assign(np.linspace(-0.5, 1.5, slot_bonus.shape[0]))
+  paths = export.export_all(model, catalogue, str(tmp_path), k=K)
+  _assert_bruteforce_top_k(paths["bruteforce"], model, catalogue,
+                           requests_and_features)
+  for path in paths.values():
+    assert (_load(path).structured_input_signature ==
+            _load(exported[1]["bruteforce"]).structured_input_signature)
+  request, features = requests_and_features
+  served = _load(paths["bruteforce"])(**request)["item_ids"].numpy()
+  history = catalogue.item_ids[features[schema.HISTORY_ITEMS]]
+  assert np.mean([np.isin(h[h > 0], top).mean()
+                  for h, top in zip(history, served)]) > 0.5
+  scann = _load(paths["scann"])(**request)["item_ids"].numpy()
+  assert np.mean([len(np.intersect1d(a, b)) / K
+                  for a, b in zip(served, scann)]) > 0.8
 
 
 def test_scann_savedmodel_gives_the_in_memory_index_top_k(

@@ -60,7 +60,9 @@ def test_main_job_chooses_on_validation_retrains_and_scores_test_once(
   # checkpoint (export.from_checkpoint).
   subprocess.run(_train_command(workdir, tiny_yambda, prepared,
                                 "--profile_steps=3,4", "--retrain",
-                                "--fresh_export_process"),
+                                "--fresh_export_process", "--history_bonus",
+                                "--history_bonus_scales=0,0.1,0.3",
+                                "--history_bonus_half_lives=10,inf"),
                  cwd=_REPO, check=True, capture_output=True)
   results = _results(workdir)
   assert set(results) == {"selection", "validation", "retrain", "test",
@@ -97,6 +99,19 @@ def test_main_job_chooses_on_validation_retrains_and_scores_test_once(
   # ItemKNN's neighbourhood size: the best on the validation day.
   knn = selection["itemknn_neighbours"]
   assert knn["by_k"][str(knn["chosen"])] == max(knn["by_k"].values())
+  # So is the history bonus, which the retrained model keeps.
+  bonus = selection["history_bonus"]
+  assert set(bonus["by_setting"]) == {"0/inf", "0.1/10", "0.1/inf",
+                                      "0.3/10", "0.3/inf"}
+  chosen = f"{bonus['scale']:g}/{bonus['half_life']}"
+  assert bonus["by_setting"][chosen] == max(bonus["by_setting"].values())
+  slot_bonus = tf.train.load_checkpoint(results["model"]["checkpoint"]
+                                        ).get_tensor(
+      "model/query_tower/history_bonus/slot_bonus/.ATTRIBUTES/VARIABLE_VALUE")
+  age = np.arange(HISTORY_LENGTH - 1, -1, -1)
+  np.testing.assert_allclose(
+      slot_bonus, bonus["scale"] * 0.5 ** (age / float(bonus["half_life"])),
+      rtol=1e-6)
 
   retrievers = {"model", "most_popular", "recent_popular",
                 "seed_cooccurrence", "item_knn", "oracle"}
@@ -139,6 +154,9 @@ def test_main_job_chooses_on_validation_retrains_and_scores_test_once(
   for kind in ("bruteforce", "scann"):
     assert os.path.exists(os.path.join(workdir, "export", f"yambda_{kind}",
                                        "1", "saved_model.pb"))
+    with open(os.path.join(workdir, "export", f"yambda_{kind}", "1",
+                           "assets.extra", "export_metadata.json")) as f:
+      assert json.load(f)["history_bonus"]
   # The run is over: its backups are gone, so a rerun starts afresh.
   assert not glob.glob(os.path.join(workdir, "backup", "**", "checkpoint"),
                        recursive=True)

@@ -52,6 +52,9 @@ VARIANTS = {
     "- candidate-space history": ["--candidate_history=false"],
     "- candidate-space history, 64 wide": ["--candidate_history=false",
                                            "--output_dim=64"],
+    # The score bonus of the history's own items, sized on the validation
+    # day after training.
+    "- history bonus": ["--history_bonus=false"],
     "+ mixed negatives (M=1024, all items)": ["--uniform_negatives=1024",
                                               "--uniform_pool=all"],
     "+ mixed negatives (M=4096, all items)": ["--uniform_negatives=4096",

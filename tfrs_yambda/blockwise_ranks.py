@@ -18,6 +18,7 @@ from typing import Dict, Iterator, Tuple
 import numpy as np
 import tensorflow as tf
 
+from tfrs_yambda import history_bonus
 from tfrs_yambda import metrics
 from tfrs_yambda import query_heads
 from tfrs_yambda import ranking
@@ -50,20 +51,26 @@ def target_ranks(model, examples: Dict[str, np.ndarray], num_indices: int,
   targets = np.asarray(examples[schema.TARGET_ITEM], np.int64)
   if not len(targets):
     return np.zeros([0], np.int64)
-  queries = tf.concat(
-      [model.query_tower(batch) for batch in tf.data.Dataset
-       .from_tensor_slices({k: examples[k] for k in schema.QUERY_FEATURES})
-       .batch(4096)], axis=0)
+  batches = tf.data.Dataset.from_tensor_slices(
+      {k: examples[k] for k in schema.QUERY_FEATURES}).batch(4096)
+  queries = tf.concat([model.query_tower(batch) for batch in batches], axis=0)
+  bonus = [history_bonus.query_bonus(model, batch) for batch in batches]
+  if bonus[0] is not None:
+    bonus = tuple(tf.concat(part, axis=0) for part in zip(*bonus))
+  else:
+    bonus = None
   block_items = max(batch_size, block_items // batch_size * batch_size)
   target_scores = np.full(len(targets), np.nan, np.float32)
-  for lo, rows, products in _scored_blocks(model, queries, num_indices,
-                                           block_items, batch_size):
+  for lo, rows, products in _scored_blocks(model, queries, bonus,
+                                           num_indices, block_items,
+                                           batch_size):
     inside = (targets[rows] >= lo) & (targets[rows] < lo + products.shape[1])
     target_scores[rows[inside]] = products[inside,
                                            targets[rows[inside]] - lo]
   ahead = np.zeros(len(targets), np.int64)
-  for lo, rows, products in _scored_blocks(model, queries, num_indices,
-                                           block_items, batch_size):
+  for lo, rows, products in _scored_blocks(model, queries, bonus,
+                                           num_indices, block_items,
+                                           batch_size):
     index = np.arange(lo, lo + products.shape[1])
     score = target_scores[rows, np.newaxis]
     counted = np.isfinite(products) & (index > 0) & (
@@ -75,16 +82,22 @@ def target_ranks(model, examples: Dict[str, np.ndarray], num_indices: int,
   return np.where(miss, metrics.NOT_RETRIEVED, 1 + ahead)
 
 
-def _scored_blocks(model, queries: tf.Tensor, num_indices: int,
-                   block_items: int, batch_size: int
+def _scored_blocks(model, queries: tf.Tensor, bonus: history_bonus.Bonus,
+                   num_indices: int, block_items: int, batch_size: int
                    ) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
-  """(first index, query rows, float32 [rows, block] products) for every
-  block of indices and batch of queries; one block's embeddings at a time."""
+  """(first index, query rows, float32 [rows, block] scores) for every block
+  of indices and batch of queries; one block's embeddings at a time. The
+  scores are `ranking`'s: max over heads, plus the history bonus if any."""
   for lo in range(0, num_indices, block_items):
     table = ranking.candidate_table(ranking.candidate_embeddings(
         model, min(num_indices, lo + block_items), batch_size, start=lo))
     step = ranking.query_batch_size(table.num_indices)
     for first in range(0, len(queries), step):
       rows = np.arange(first, min(len(queries), first + step))
-      yield lo, rows, query_heads.max_sim(
-          queries[first:first + step], table.embeddings, True).numpy()
+      products = query_heads.max_sim(queries[first:first + step],
+                                     table.embeddings, True)
+      if bonus is not None:
+        products = history_bonus.add_to_scores(
+            products, bonus[0][first:first + step],
+            bonus[1][first:first + step], first=lo)
+      yield lo, rows, products.numpy()

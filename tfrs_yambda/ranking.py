@@ -8,7 +8,9 @@ export all rank the same way, so they share these functions:
   * a query's score of a candidate is the dot product of their embeddings,
     as `tfrs.layers.factorized_top_k.BruteForce` serves it; with several
     query heads, the largest of its heads' dot products
-    (`query_heads.max_sim`), as the exported index serves it;
+    (`query_heads.max_sim`), as the exported index serves it; with the
+    history bonus, plus the query's bonus of the candidate
+    (`history_bonus`; `bonus` below: (slots, their bonuses) or None);
   * ties rank by index, which is popularity order (see
     `tfrs_yambda.catalogue`), so ranks and top-k lists agree: the top k are
     exactly the candidates of ranks 1..k (the lists are `tf.math.top_k`'s,
@@ -29,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrs_yambda import chunked_top_k
+from tfrs_yambda import history_bonus
 from tfrs_yambda import metrics
 from tfrs_yambda import query_heads
 from tfrs_yambda import schema
@@ -150,24 +153,30 @@ def candidates_bound(candidates: tf.Tensor) -> tf.Tensor:
                   tf.constant(np.inf, candidates.dtype))
 
 
-def _products(queries: tf.Tensor, table: CandidateTable) -> tf.Tensor:
-  return query_heads.max_sim(queries, table.embeddings, table.columns)
+def _products(queries: tf.Tensor, table: CandidateTable,
+              bonus: history_bonus.Bonus = None) -> tf.Tensor:
+  products = query_heads.max_sim(queries, table.embeddings, table.columns)
+  if bonus is None:
+    return products
+  return history_bonus.add_to_scores(products, *bonus)
 
 
-def scores(queries: tf.Tensor, table: CandidateTable) -> tf.Tensor:
+def scores(queries: tf.Tensor, table: CandidateTable,
+           bonus: history_bonus.Bonus = None) -> tf.Tensor:
   """Query-candidate scores, [batch, num_indices]; index 0 is never a hit.
 
   Args:
     queries: float [batch, d], query-tower embeddings, or [batch, heads, d]
       (scored by the max over heads).
     table: the candidates, `candidate_table`.
+    bonus: the queries' history bonus, or None.
 
   Returns:
-    The dot products (max over heads), with index 0 and every non-finite
-    score (NaN, +inf, -inf) set to -inf: such a candidate sorts after every
-    finite one and such a target is a miss (see `target_ranks`).
+    The dot products (max over heads, plus bonus), with index 0 and every
+    non-finite score (NaN, +inf, -inf) set to -inf: such a candidate sorts
+    after every finite one and such a target is a miss (see `target_ranks`).
   """
-  return _never_hits_to_minus_inf(_products(queries, table))
+  return _never_hits_to_minus_inf(_products(queries, table, bonus))
 
 
 # The two passes over a [batch, n] score matrix are compiled by XLA, which
@@ -213,19 +222,26 @@ def _top_k_after_zero(products: tf.Tensor, k: int, chunk: int) -> tf.Tensor:
   return tf.gather(top, order, batch_dims=1)[:, :k]
 
 
-def _scores_are_finite(queries: tf.Tensor, bound: tf.Tensor) -> tf.Tensor:
-  """True when no product of `queries` and candidates within `bound` can be
-  non-finite: |q . c| <= d max|q| max|c|, kept well below the float max."""
+def _scores_are_finite(queries: tf.Tensor, bound: tf.Tensor,
+                       bonus: history_bonus.Bonus = None) -> tf.Tensor:
+  """True when no score of `queries` and candidates within `bound` can be
+  non-finite: |q . c| <= d max|q| max|c|, and a row's bonuses add at most
+  their sum of |b|, each kept well below the float max."""
   width = tf.cast(tf.shape(queries)[-1], queries.dtype)
   limit = queries.dtype.max / 16
-  return (tf.reduce_all(tf.math.is_finite(queries)) &
-          (width * tf.reduce_max(tf.abs(queries)) * bound < limit))
+  finite = (tf.reduce_all(tf.math.is_finite(queries)) &
+            (width * tf.reduce_max(tf.abs(queries)) * bound < limit))
+  if bonus is None:
+    return finite
+  return finite & tf.reduce_all(
+      tf.reduce_sum(tf.abs(bonus[1]), axis=1) < limit)
 
 
 @tf.function(reduce_retracing=True)
 def target_ranks(queries: tf.Tensor, table: CandidateTable,
                  targets: tf.Tensor, k: int = 0,
-                 chunk: int = chunked_top_k.CHUNK):
+                 chunk: int = chunked_top_k.CHUNK,
+                 bonus: history_bonus.Bonus = None):
   """Ranks of `targets`, and with k > 0 also the top-k indices, [batch, k].
 
   Both come from one score matrix. Ties rank by index in both, so the top k
@@ -240,20 +256,21 @@ def target_ranks(queries: tf.Tensor, table: CandidateTable,
     targets: int64 [batch], each query's target index (< num_indices).
     k: also return the top-k indices when > 0.
     chunk: the top-k's chunk length (`chunked_top_k`); 0: one top-k.
+    bonus: the queries' history bonus, or None.
 
   Returns:
     int64 [batch] 1-based ranks; a target whose score is non-finite (or
     index 0) is a miss, `metrics.NOT_RETRIEVED`, beyond every k. With k > 0,
     (ranks, int32 [batch, k] top-k indices).
   """
-  products = _products(queries, table)
+  products = _products(queries, table, bonus)
 
   def ranked(scored, top_k_of):
     ranks = _ranks_under(scored, targets)
     return (ranks, top_k_of(scored)) if k else ranks
 
   return tf.cond(
-      _scores_are_finite(queries, table.bound),
+      _scores_are_finite(queries, table.bound, bonus),
       lambda: ranked(products, lambda s: _top_k_after_zero(s, k, chunk)),
       lambda: ranked(_never_hits_to_minus_inf(products),
                      lambda s: chunked_top_k.top_k(s, k, chunk)))
@@ -261,15 +278,16 @@ def target_ranks(queries: tf.Tensor, table: CandidateTable,
 
 @tf.function(reduce_retracing=True)
 def top_k(queries: tf.Tensor, table: CandidateTable, k: int,
-          chunk: int = chunked_top_k.CHUNK) -> tf.Tensor:
+          chunk: int = chunked_top_k.CHUNK,
+          bonus: history_bonus.Bonus = None) -> tf.Tensor:
   """Top-k indices of each query, int32 [batch, k], ties by index.
 
-  Non-finite scores (-inf in `scores`) come after all finite ones. `chunk`:
-  as in `target_ranks`.
+  Non-finite scores (-inf in `scores`) come after all finite ones. `chunk`
+  and `bonus`: as in `target_ranks`.
   """
-  products = _products(queries, table)
+  products = _products(queries, table, bonus)
   return tf.cond(
-      _scores_are_finite(queries, table.bound),
+      _scores_are_finite(queries, table.bound, bonus),
       lambda: _top_k_after_zero(products, k, chunk),
       lambda: chunked_top_k.top_k(_never_hits_to_minus_inf(products), k,
                                   chunk))
@@ -337,8 +355,9 @@ def model_ranks(model, test: Dict[str, np.ndarray], candidates: Candidates,
   ranks = []
   for batch in tf.data.Dataset.from_tensor_slices(features).batch(
       query_batch_size(table.num_indices)):
-    queries = model.query_tower(batch)
-    out = target_ranks(queries, table, batch[schema.TARGET_ITEM], k)
+    out = target_ranks(model.query_tower(batch), table,
+                       batch[schema.TARGET_ITEM], k,
+                       bonus=history_bonus.query_bonus(model, batch))
     if retrieved:
       out, top = out
       retrieved.add(top.numpy())
@@ -366,6 +385,7 @@ def model_top_k(model, queries: Dict[str, np.ndarray], candidates: Candidates,
   top = []
   for batch in tf.data.Dataset.from_tensor_slices(queries).batch(
       query_batch_size(table.num_indices)):
-    top.append(top_k(model.query_tower(batch), table, k).numpy())
+    top.append(top_k(model.query_tower(batch), table, k,
+                     bonus=history_bonus.query_bonus(model, batch)).numpy())
   return (np.concatenate(top).astype(np.int64) if top
           else np.zeros([0, k], np.int64))

@@ -14,13 +14,14 @@ survive").
 """
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
 from tfrs_yambda import candidate_history as candidate_history_lib
 from tfrs_yambda import catalogue as catalogue_lib
+from tfrs_yambda import history_bonus as history_bonus_lib
 from tfrs_yambda import history_encoder as history_encoder_lib
 from tfrs_yambda import schema
 
@@ -53,6 +54,9 @@ class TowerConfig:
   # history's *candidate* embeddings (`QueryTower`): ItemKNN's score inside
   # the two towers.
   candidate_history: bool = False
+  # A score bonus for the history's own items, decaying with recency, set
+  # after training (`tfrs_yambda.history_bonus`).
+  history_bonus: bool = False
   hidden_dim: int = 256
   output_dim: int = 64
   # K query vectors per example, scored by the best of them (max-sim, see
@@ -283,7 +287,10 @@ class QueryTower(tf.keras.Model):
 
   With `candidate_history`, the seed's and the history's own candidate
   embeddings are added to it, weighted by slot
-  (`tfrs_yambda.candidate_history`).
+  (`tfrs_yambda.candidate_history`). With `history_bonus`, the tower also
+  holds the bonus of each history slot's item (`tfrs_yambda.history_bonus`),
+  which scoring adds to the query's scores; its output is the dense query
+  either way.
   """
 
   def __init__(self, catalogue: catalogue_lib.Catalogue,
@@ -301,14 +308,18 @@ class QueryTower(tf.keras.Model):
     """
     super().__init__(**kwargs)
     self.item_encoder = item_encoder
+    # History slots (oldest first), then the seed.
+    self.num_slots = catalogue.history_length + 1
     self.candidate_history = None
     if config.candidate_history:
       if candidate_tower is None:
         raise ValueError("candidate_history needs the candidate tower.")
-      # History slots (oldest first), then the seed.
       self.candidate_history = candidate_history_lib.CandidateHistory(
-          candidate_tower, catalogue.history_length + 1,
-          name="candidate_history")
+          candidate_tower, self.num_slots, name="candidate_history")
+    self.history_bonus = (
+        history_bonus_lib.HistoryBonus(catalogue.history_length,
+                                       name="history_bonus")
+        if config.history_bonus else None)
     users = catalogue.user_ids[1:catalogue_lib.id_vocabulary_size(
         catalogue.user_train_count, config.min_user_count)]
     self.user_lookup = tf.keras.layers.IntegerLookup(
@@ -357,15 +368,24 @@ class QueryTower(tf.keras.Model):
     query = self.mlp(tf.concat(parts, axis=-1))
     if self.candidate_history is None:
       return query
-    # A switched-off input's slots hold index 0: they add nothing.
+    return self.candidate_history(query, self.slots(features))
+
+  def slots(self, features) -> tf.Tensor:
+    """int64 [batch, num_slots]: the history's items, then the seed; a
+    switched-off input's slots hold index 0 (they add nothing)."""
     batch = tf.shape(features[schema.SEED_ITEM])[0]
-    history = (features[schema.HISTORY_ITEMS] if config.use_history else
-               tf.zeros([batch, self.candidate_history.slots - 1],
-                        tf.int64))
-    seed = (features[schema.SEED_ITEM] if config.use_seed else
+    history = (features[schema.HISTORY_ITEMS] if self.config.use_history
+               else tf.zeros([batch, self.num_slots - 1], tf.int64))
+    seed = (features[schema.SEED_ITEM] if self.config.use_seed else
             tf.zeros([batch], tf.int64))
-    return self.candidate_history(
-        query, tf.concat([history, seed[:, tf.newaxis]], axis=1))
+    return tf.concat([history, seed[:, tf.newaxis]], axis=1)
+
+  def bonus(self, features) -> Optional[Tuple[tf.Tensor, tf.Tensor]]:
+    """(history slots, their bonuses) with `history_bonus`; None without."""
+    if self.history_bonus is None:
+      return None
+    history = self.slots(features)[:, :-1]
+    return history, self.history_bonus(history)
 
 
 class CandidateTower(tf.keras.Model):

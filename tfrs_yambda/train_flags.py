@@ -17,6 +17,8 @@ No flag is defined on import: a program calls `define_flags` before it
 parses its command line, so any modules can be imported together.
 """
 
+import math
+
 from absl import app
 from absl import flags
 
@@ -35,10 +37,10 @@ FLAGS = flags.FLAGS
 TOWER_FLAGS = ("item_id_dim", "artist_dim", "album_dim", "user_dim",
                "hidden_dim", "output_dim", "recent_history", "history_encoder",
                "attention_blocks", "attention_heads", "attention_dropout",
-               "candidate_history", "query_heads", "min_item_count",
-               "min_user_count", "content_dtype", "use_user_id", "use_seed",
-               "use_history", "use_audio", "use_artist_album",
-               "use_example_age")
+               "candidate_history", "history_bonus", "query_heads",
+               "min_item_count", "min_user_count", "content_dtype",
+               "use_user_id", "use_seed", "use_history", "use_audio",
+               "use_artist_album", "use_example_age")
 RETRIEVAL_FLAGS = ("temperature", "logq_correction", "uniform_negatives",
                    "uniform_pool", "sampling_probability", "frequency_alpha",
                    "frequency_buckets")
@@ -52,8 +54,8 @@ HPARAM_FLAGS = ("batch_size", "epochs", "optimizer", "learning_rate",
                 "use_example_age", "min_item_count", "min_user_count",
                 "history_length", "output_dim", "recent_history",
                 "history_encoder", "attention_blocks", "attention_heads",
-                "attention_dropout", "candidate_history", "query_heads",
-                "content_dtype")
+                "attention_dropout", "candidate_history", "history_bonus",
+                "query_heads", "content_dtype")
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -203,6 +205,11 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "the history's and the seed's candidate embeddings "
                     "(an item-item score, as ItemKNN's, in the towers).",
                     flag_values=fv)
+  flags.DEFINE_bool("history_bonus", tower.history_bonus,
+                    "Add a bonus, decaying with recency, to the scores of "
+                    "the history's own items, in evaluation and the export; "
+                    "sized on the validation day after training.",
+                    flag_values=fv)
   flags.DEFINE_integer("query_heads", tower.query_heads,
                        "Query vectors per example; a candidate scores the "
                        "best of them (max-sim), in training, evaluation and "
@@ -250,6 +257,25 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "validation day; the best by --select_metric scores the "
                     "test day (without a validation window, the largest).",
                     flag_values=fv)
+  flags.DEFINE_list("history_bonus_scales", ["0", "0.05", "0.1", "0.15",
+                                             "0.2", "0.3", "0.4", "0.6"],
+                    "With --history_bonus: the scales tried on the "
+                    "validation day; 0 is no bonus.", flag_values=fv)
+  flags.DEFINE_list("history_bonus_half_lives", ["10", "50", "inf"],
+                    "With --history_bonus: the half-lives (in history slots) "
+                    "tried with each scale; the best pair by "
+                    "--history_bonus_metric is kept (without a validation "
+                    "window: no bonus).", flag_values=fv)
+  flags.DEFINE_string("history_bonus_metric", "ndcg@100",
+                      "The validation metric that chooses the history bonus, "
+                      "one that weighs a target's place in the list (by "
+                      "recall@100 the largest bonus won).", flag_values=fv)
+  for name, admits in (("history_bonus_scales", lambda x: x >= 0),
+                       ("history_bonus_half_lives", lambda x: x > 0)):
+    flags.register_validator(  # when parsed, not after training
+        name, lambda values, admits=admits: bool(values) and all(
+            admits(_number(x)) for x in values), flag_values=fv,
+        message=f"--{name}: numbers, scales >= 0 and half-lives > 0.")
   flags.DEFINE_integer("itemknn_window", knn.window,
                        "ItemKNN counts each training positive with this many "
                        "positives before it.", flag_values=fv)
@@ -322,6 +348,14 @@ def profile_steps(value) -> tuple:
     raise app.UsageError(f"--profile_steps takes FIRST,LAST with 0 < FIRST "
                          f"<= LAST, not {value}.")
   return tuple(steps)
+
+
+def _number(text: str) -> float:
+  """`text` as a float, or NaN (which no bound admits)."""
+  try:
+    return float(text)
+  except ValueError:
+    return math.nan
 
 
 def itemknn_config(flag_values: flags.FlagValues = FLAGS,
