@@ -13,8 +13,9 @@ Two servables are written from the same trained model:
     faster on large catalogues; it needs ScaNN's custom ops in the server.
 A model with K > 1 query heads is served by either index through
 `query_heads.MaxSimTopK`: K lookups, merged into one top k in the SavedModel;
-one with a history bonus through `history_bonus.HistoryBonusTopK`, which adds
-the history's own items to the index's list; the signature below is the same.
+one with a history bonus through `history_bonus.HistoryBonusTopK`, which mixes
+the history prior into the index's list and adds the history's own items to
+it; the signature below is the same.
 
 Signature `serving_default` (raw Yambda ids in and out):
   inputs   user_id int64 [batch], seed_item_id int64 [batch],
@@ -110,13 +111,14 @@ class ServingQueryModel(tf.keras.Model):
     return self.query_tower(self.features(inputs)[0])
 
   def with_bonus(self, inputs: Dict[str, tf.Tensor]) -> Tuple[tf.Tensor, ...]:
-    """(query embeddings, history slots, their raw ids, their bonuses), what
-    `history_bonus.HistoryBonusTopK` reads; needs the tower's bonus."""
+    """(query embeddings, history slots, their raw ids, their prior
+    weights), what `history_bonus.HistoryBonusTopK` reads; needs the tower's
+    bonus."""
     features, raw_history = self.features(inputs)
-    slots, bonus = self.query_tower.bonus(features)
+    slots, weights = self.query_tower.bonus(features)
     # A switched-off history's slots hold index 0 (`QueryTower.slots`).
     raw_history = tf.where(slots > 0, raw_history, tf.constant(-1, tf.int64))
-    return self.query_tower(features), slots, raw_history, bonus
+    return self.query_tower(features), slots, raw_history, weights
 
 
 class Servable(tf.Module):
@@ -201,20 +203,24 @@ def check_finite_candidates(candidates: np.ndarray,
 def build_index(kind: str, query_model: tf.keras.Model,
                 candidates: np.ndarray, identifiers: np.ndarray, k: int,
                 scann_options: Optional[Dict] = None, heads: int = 1,
-                candidate_tower: Optional[tf.keras.Model] = None):
+                candidate_tower: Optional[tf.keras.Model] = None,
+                temperature: Optional[float] = None):
   """Builds a BruteForce or ScaNN top-k layer over the candidate embeddings.
 
   With `heads` > 1 (the query model returns [batch, heads, d]) the index is
   wrapped in `query_heads.MaxSimTopK`, which merges the heads' lookups; with
   `candidate_tower` (the query tower has a history bonus), in
-  `history_bonus.HistoryBonusTopK`, which adds the bonus and scores the
-  history's items with that tower. The outermost layer holds the query
-  model; with neither it is TFRS's layer itself.
+  `history_bonus.HistoryBonusTopK`, which mixes the history prior in (at
+  the model's training `temperature`) and scores the history's items with
+  that tower. The outermost layer holds the query model; with neither it is
+  TFRS's layer itself.
 
   Raises ValueError if any candidate embedding is not finite.
   """
   check_finite_candidates(candidates, identifiers)
   bonus = candidate_tower is not None
+  if bonus and temperature is None:
+    raise ValueError("A history bonus index needs the model's temperature.")
   head_query_model = query_model if heads == 1 and not bonus else None
   if kind == "bruteforce":
     index = tfrs.layers.factorized_top_k.BruteForce(head_query_model, k=k)
@@ -227,7 +233,7 @@ def build_index(kind: str, query_model: tf.keras.Model,
   if bonus:
     index = history_bonus.HistoryBonusTopK(index, query_model,
                                            candidate_tower, len(candidates),
-                                           k=k)
+                                           temperature, k=k)
   index.index(tf.convert_to_tensor(candidates),
               tf.constant(identifiers, tf.int64))
   return index
@@ -339,7 +345,7 @@ def export_all(model, catalogue: catalogue_lib.Catalogue, export_dir: str,
   # (a 22.8 GiB peak at 9.4M candidates; benchmarks/README.md).
   for kind in ("scann", "bruteforce"):
     index = build_index(kind, query_model, candidates, identifiers, k,
-                        scann_options, heads, bonus_tower)
+                        scann_options, heads, bonus_tower, model.temperature)
     metadata = {"index": kind, "k": k, "history_length": history_length,
                 "query_heads": heads, "history_bonus": bonus_tower is not None,
                 # The prep's positive rule, for clients that build histories.

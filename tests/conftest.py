@@ -11,6 +11,7 @@ from data_prep import generate  # pylint: disable=g-import-not-at-top
 from data_prep import prep  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import catalogue as catalogue_lib  # pylint: disable=g-import-not-at-top
+from tfrs_yambda import history_bonus  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import input_pipeline  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import model as model_lib  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import schema  # pylint: disable=g-import-not-at-top
@@ -143,3 +144,31 @@ def small_model(catalogue, **kwargs):
   return model_lib.TwoTowerModel(catalogue,
                                  towers.TowerConfig(**SMALL_TOWERS),
                                  model_lib.RetrievalConfig(**kwargs))
+
+
+def with_history_prior(scores, slots, weights, temperature, first=0,
+                       level=None):
+  """A reference in numpy (float64) for `history_bonus`: [rows, n] scores
+  (column c is item first + c) with each row's history prior mixed in,
+  under `level` [rows] or the normaliser of the row's own top scores."""
+  scores = np.array(scores, np.float64)
+  items = first + np.arange(scores.shape[1])
+  for row, dense in enumerate(scores):
+    if level is None:
+      top = np.sort(dense[(items > 0) & np.isfinite(dense)])[::-1][
+          :history_bonus.NORMALISER_TOP]
+      top_level = (temperature * np.logaddexp.reduce(top / temperature)
+                   if len(top) else 0.0)
+    row_level = top_level if level is None else level[row]
+    weight = {}
+    for item, value in zip(slots[row], weights[row]):
+      if item > 0:
+        weight[item] = weight.get(item, 0.0) + value
+    for item, value in weight.items():
+      column = item - first
+      if 0 <= column < len(dense) and value != 0 and np.isfinite(
+          dense[column]):
+        with np.errstate(invalid="ignore"):
+          scores[row, column] = row_level + temperature * np.logaddexp(
+              (dense[column] - row_level) / temperature, np.log(value))
+  return scores

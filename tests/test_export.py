@@ -24,6 +24,7 @@ from tests.conftest import EXPORT_K
 from tests.conftest import HISTORY_LENGTH
 from tests.conftest import SMALL_TOWERS
 from tests.conftest import briefly_trained
+from tests.conftest import with_history_prior
 
 K = EXPORT_K
 
@@ -83,8 +84,8 @@ def attention_exported(prepared, catalogue, tmp_path_factory):
 
 def _assert_bruteforce_top_k(path, model, catalogue, requests_and_features):
   """The SavedModel's top-k is the in-memory model's exact top-k (by the max
-  over query heads, if the model has several, plus its history bonus, if
-  it has one)."""
+  over query heads, if the model has several, with its history prior mixed
+  in, if it has one)."""
   request, features = requests_and_features
   outputs = _load(path)(**request)
   assert outputs["item_ids"].shape == (16, K)
@@ -98,8 +99,9 @@ def _assert_bruteforce_top_k(path, model, catalogue, requests_and_features):
   bonus = history_bonus.query_bonus(
       model, {k: tf.constant(features[k]) for k in schema.QUERY_FEATURES})
   if bonus is not None:  # candidate column j is index j + 1
-    for row, (slots, values) in enumerate(zip(*(b.numpy() for b in bonus))):
-      np.add.at(scores[row], slots[slots > 0] - 1, values[slots > 0])
+    scores = with_history_prior(scores, bonus.slots.numpy(),
+                                bonus.weights.numpy(), bonus.temperature,
+                                first=1)
   top = np.argsort(-scores, axis=1, kind="stable")[:, :K]
   np.testing.assert_array_equal(outputs["item_ids"].numpy(),
                                 catalogue.item_ids[1:][top])
@@ -197,14 +199,14 @@ def test_candidate_history_exports_in_the_same_signature(
 @pytest.mark.parametrize("heads", [1, 2])
 def test_history_bonus_exports_in_the_same_signature(
     exported, catalogue, requests_and_features, tmp_path, heads):
-  """The bonus of the history's items is added inside the SavedModel, with
+  """The history prior is mixed into the scores inside the SavedModel, with
   one query vector and with the max over two."""
   tf.keras.utils.set_random_seed(7)
   model = model_lib.TwoTowerModel(catalogue, towers.TowerConfig(
       **SMALL_TOWERS, history_bonus=True, query_heads=heads))
-  slot_bonus = model.query_tower.history_bonus.slot_bonus
-  # Large enough to lift history items into the top k, and to drop some.
-  slot_bonus.assign(np.linspace(-0.5, 1.5, slot_bonus.shape[0]))
+  weights = model.query_tower.history_bonus.slot_weight
+  # From none (0) to enough to lift history items into the top k.
+  weights.assign(np.linspace(0.0, 1.5, weights.shape[0]))
   paths = export.export_all(model, catalogue, str(tmp_path), k=K)
   _assert_bruteforce_top_k(paths["bruteforce"], model, catalogue,
                            requests_and_features)

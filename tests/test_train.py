@@ -105,13 +105,13 @@ def test_main_job_chooses_on_validation_retrains_and_scores_test_once(
                                       "0.3/10", "0.3/inf"}
   chosen = f"{bonus['scale']:g}/{bonus['half_life']}"
   assert bonus["by_setting"][chosen] == max(bonus["by_setting"].values())
-  slot_bonus = tf.train.load_checkpoint(results["model"]["checkpoint"]
-                                        ).get_tensor(
-      "model/query_tower/history_bonus/slot_bonus/.ATTRIBUTES/VARIABLE_VALUE")
-  age = np.arange(HISTORY_LENGTH - 1, -1, -1)
-  np.testing.assert_allclose(
-      slot_bonus, bonus["scale"] * 0.5 ** (age / float(bonus["half_life"])),
-      rtol=1e-6)
+  weights = tf.train.load_checkpoint(results["model"]["checkpoint"]
+                                     ).get_tensor(
+      "model/query_tower/history_bonus/slot_weight/.ATTRIBUTES/VARIABLE_VALUE")
+  decay = 0.5 ** (np.arange(HISTORY_LENGTH - 1, -1, -1) /
+                  float(bonus["half_life"]))
+  np.testing.assert_allclose(weights, bonus["scale"] * decay / decay.sum(),
+                             rtol=1e-6)
 
   retrievers = {"model", "most_popular", "recent_popular",
                 "seed_cooccurrence", "item_knn", "oracle"}

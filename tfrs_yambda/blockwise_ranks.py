@@ -6,14 +6,15 @@ scoring them in one table held 6.3 GiB at the 500m shape (the 2.4 GB table,
 then more than that again while ranking against it), which the process kept
 after. Here the items are embedded and scored one block at a time, twice:
 first each target's own score, from the block that holds it, then how many
-items score ahead of it, block by block. Both passes compute the same
-products of the same blocks, so a target is never counted ahead of itself,
-and the ranks follow `tfrs_yambda.ranking`'s rules: ties by index, index 0
-never a hit, a non-finite score never ahead of a target, and a target whose
-own score is not finite a miss.
+items score ahead of it, block by block. A target is never counted ahead of
+itself, and the ranks follow `tfrs_yambda.ranking`'s rules: ties by index,
+index 0 never a hit, a non-finite score never ahead of a target, and a
+target whose own score is not finite a miss. With a history prior
+(`tfrs_yambda.history_bonus`), the first pass also keeps each query's dense
+top, whose normaliser the second pass mixes the prior in with.
 """
 
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -54,26 +55,38 @@ def target_ranks(model, examples: Dict[str, np.ndarray], num_indices: int,
   batches = tf.data.Dataset.from_tensor_slices(
       {k: examples[k] for k in schema.QUERY_FEATURES}).batch(4096)
   queries = tf.concat([model.query_tower(batch) for batch in batches], axis=0)
-  bonus = [history_bonus.query_bonus(model, batch) for batch in batches]
-  if bonus[0] is not None:
-    bonus = tuple(tf.concat(part, axis=0) for part in zip(*bonus))
-  else:
-    bonus = None
+  bonus = _all_bonus(model, batches)
   block_items = max(batch_size, block_items // batch_size * batch_size)
   target_scores = np.full(len(targets), np.nan, np.float32)
-  for lo, rows, products in _scored_blocks(model, queries, bonus,
+  # With a prior, each query's dense top so far (-inf: none yet).
+  tops = np.full([len(targets), history_bonus.NORMALISER_TOP], -np.inf,
+                 np.float32)
+  for lo, rows, products in _scored_blocks(model, queries, None, None,
                                            num_indices, block_items,
                                            batch_size):
     inside = (targets[rows] >= lo) & (targets[rows] < lo + products.shape[1])
     target_scores[rows[inside]] = products[inside,
                                            targets[rows[inside]] - lo]
+    if bonus is not None:
+      merged = np.concatenate(
+          [tops[rows], history_bonus.dense_top(products, lo).numpy()], axis=1)
+      tops[rows] = -np.sort(-merged, axis=1)[:, :tops.shape[1]]
+  level = None
+  if bonus is not None:
+    level = history_bonus.normaliser(tf.constant(tops), bonus.temperature)
+    target_scores = history_bonus.mixed(
+        tf.constant(target_scores),
+        history_bonus.item_bonus(bonus.slots, bonus.weights,
+                                 tf.constant(targets)[:, tf.newaxis])[:, 0],
+        level, bonus.temperature).numpy()
   ahead = np.zeros(len(targets), np.int64)
-  for lo, rows, products in _scored_blocks(model, queries, bonus,
+  for lo, rows, products in _scored_blocks(model, queries, bonus, level,
                                            num_indices, block_items,
                                            batch_size):
     index = np.arange(lo, lo + products.shape[1])
     score = target_scores[rows, np.newaxis]
     counted = np.isfinite(products) & (index > 0) & (
+        index != targets[rows, np.newaxis]) & (
         (products > score) |
         ((products == score) & (index < targets[rows, np.newaxis])))
     ahead[rows] += np.count_nonzero(counted, axis=1)
@@ -82,12 +95,27 @@ def target_ranks(model, examples: Dict[str, np.ndarray], num_indices: int,
   return np.where(miss, metrics.NOT_RETRIEVED, 1 + ahead)
 
 
-def _scored_blocks(model, queries: tf.Tensor, bonus: history_bonus.Bonus,
-                   num_indices: int, block_items: int, batch_size: int
+def _all_bonus(model, batches: tf.data.Dataset
+               ) -> Optional[history_bonus.Bonus]:
+  """The model's history prior of every query (batches in order), or None."""
+  parts = [history_bonus.query_bonus(model, batch) for batch in batches]
+  if not parts or parts[0] is None:
+    return None
+  return history_bonus.Bonus(
+      tf.concat([part.slots for part in parts], axis=0),
+      tf.concat([part.weights for part in parts], axis=0),
+      parts[0].temperature)
+
+
+def _scored_blocks(model, queries: tf.Tensor,
+                   bonus: Optional[history_bonus.Bonus],
+                   level: Optional[tf.Tensor], num_indices: int,
+                   block_items: int, batch_size: int
                    ) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
   """(first index, query rows, float32 [rows, block] scores) for every block
   of indices and batch of queries; one block's embeddings at a time. The
-  scores are `ranking`'s: max over heads, plus the history bonus if any."""
+  scores are `ranking`'s: max over heads, with the history prior (under
+  the normalisers `level`) mixed in if `bonus` is given."""
   for lo in range(0, num_indices, block_items):
     table = ranking.candidate_table(ranking.candidate_embeddings(
         model, min(num_indices, lo + block_items), batch_size, start=lo))
@@ -97,7 +125,9 @@ def _scored_blocks(model, queries: tf.Tensor, bonus: history_bonus.Bonus,
       products = query_heads.max_sim(queries[first:first + step],
                                      table.embeddings, True)
       if bonus is not None:
-        products = history_bonus.add_to_scores(
-            products, bonus[0][first:first + step],
-            bonus[1][first:first + step], first=lo)
+        products = history_bonus.mix_into_scores(
+            products, history_bonus.Bonus(
+                bonus.slots[first:first + step],
+                bonus.weights[first:first + step], bonus.temperature),
+            level[first:first + step], first=lo)
       yield lo, rows, products.numpy()

@@ -1,41 +1,55 @@
-"""A score bonus for the listener's own tracks, chosen on the validation day.
+"""A history prior mixed into the model's scores, chosen on the validation day.
 
 Listeners replay: a third of the demo's next tracks are in the query's own
 history. Dense queries rank each of ~50 recent tracks near the top only as
 far as one point (or K) can sit near all of them and their neighbours at
 once; ItemKNN, which sums a similarity over the listener's tracks, keeps
 more of them in its top 100 (`tfrs_yambda.candidate_history` narrowed that
-gap, it did not close it). With `TowerConfig.history_bonus`, the score of
-candidate j for a query with history slots h_1..h_P (oldest first) is
+gap, it did not close it). With `TowerConfig.history_bonus`, the model's
+next-track distribution is a mixture of the dense softmax and a repeat
+prior over the history slots h_1..h_P (oldest first):
 
-  s(j) = q.c(j) + sum_p b_p [h_p = j],
+  p(j) ~ exp((q.c(j) - L) / t) + B(j),  B(j) = sum_p w_p [h_p = j],
 
-with b_p = scale * 2^(-age_p / half_life), age_p = P - p the slot's distance
-from the latest (0): a repeat prior decaying with recency, as DecayPop's
-popularity. An item in several slots gets each one's. The seed has no slot
-of its own: it is the query's own feature, and as the latest positive it is
-usually the last history slot already (a seed slot too put it first for
-most queries). The bonus is not learned by the towers' training: there,
-in-batch negatives hardly ever include a query's own history items, so a
-learned bonus stayed near 0 (|b_p| < 0.02 after 3 epochs on the demo),
-while over the whole catalogue a bonus of 0.1-0.4 ranks far better. The
-trained model's (scale, half-life) is chosen on the validation day, like
-ItemKNN's neighbourhood and the epoch (`tfrs_yambda.train`), and kept in the
-model's variables. It is still a dot product, of [q, sum_p b_p e(h_p)] and
-[c(j), e(j)] with e a one-hot over the catalogue, the sparse half of a
-hybrid query:
+with w_p = scale * 2^(-age_p / half_life) / sum_p' 2^(-age_p' / half_life),
+age_p = P - p the slot's distance from the latest (0): `scale` is the
+prior's mass, spread over the slots with a recency decay as DecayPop's
+popularity; an item in several slots gets each one's weight. t is the
+training temperature, and L = t log sum exp(s / t) over the query's top
+`NORMALISER_TOP` dense scores s stands in for the softmax's normaliser
+(the whole catalogue's would need every score, which an approximate index
+never computes; on the demo both ranked about as well, docs/model.md). In
+score units:
 
-  * Evaluation: `add_to_scores` adds each query's P bonuses to its row of
-    dense scores (`tfrs_yambda.ranking`, `tfrs_yambda.blockwise_ranks`).
-  * Serving: `HistoryBonusTopK` takes the dense index's top k + P, adds the
-    bonus to those of them in the history, scores the P slots' own items
-    exactly and merges both lists into one top k, inside the SavedModel, so
-    the serving signature is unchanged. Exact under an exact index: an item
-    outside both lists has at least k + P dense scores above it, of which at
-    most P belong to (re-scored) slots, so k unchanged ones remain above it.
+  s(j) = L + t log(exp((q.c(j) - L) / t) + B(j))  if B(j) > 0, else q.c(j),
+
+so only the history's items move, each at least to its dense score: a
+track the towers already rank high gains little, one they rank low rises
+to about L + t log B(j). (An additive bonus, q.c(j) + B(j), lifts every
+history item alike, and pushed other tracks out of the top 10 before it
+helped the top 100; docs/model.md compares the two.) The seed has no slot
+of its own: it is the query's own feature, and as the latest positive it
+is usually the last history slot already. The prior is not learned with
+the towers: in-batch negatives hardly ever include a query's own history
+items, so a learned bonus stayed near 0 on the demo. The trained model's
+(scale, half-life) is chosen on the validation day, like ItemKNN's
+neighbourhood and the epoch (`tfrs_yambda.train`), and kept in the model's
+variables.
+
+  * Evaluation: `mix_into_scores` rewrites each query's history columns of
+    its dense scores (`tfrs_yambda.ranking`, `tfrs_yambda.blockwise_ranks`).
+  * Serving: `HistoryBonusTopK` takes the dense index's top
+    max(k, NORMALISER_TOP) + P (L from the first ones), mixes the prior into
+    those of them in the history, scores the P slots' own items exactly and
+    merges both lists into one top k, inside the SavedModel, so the serving
+    signature is unchanged. Exact under an exact index: only history items
+    move, never below their dense score, so an item outside both lists has
+    at least k + P unchanged-or-raised scores above it, of which at most P
+    belong to (re-scored) slots: k remain above it.
 """
 
-from typing import Callable, Dict, Optional, Sequence, Text, Tuple, Union
+from typing import (Callable, Dict, NamedTuple, Optional, Sequence, Text,
+                    Tuple, Union)
 
 import numpy as np
 import tensorflow as tf
@@ -43,40 +57,49 @@ import tensorflow_recommenders as tfrs
 
 from tfrs_yambda import query_heads
 
-
-# A query batch's bonus, (int64 [batch, slots] slots, float [batch, slots]
-# their bonuses), or None for a model without one.
-Bonus = Optional[Tuple[tf.Tensor, tf.Tensor]]
+# The dense scores whose log-sum-exp is the mixture's normaliser L.
+NORMALISER_TOP = 100
 
 
-def query_bonus(model, features: Dict[Text, tf.Tensor]) -> Bonus:
-  """The model's history bonus of these query features, if it has one."""
+class Bonus(NamedTuple):
+  """A query batch's history prior: its slots and their weights w_p."""
+  slots: tf.Tensor      # int64 [batch, slots], catalogue indices (0: none)
+  weights: tf.Tensor    # float [batch, slots]
+  temperature: float    # the model's training temperature t
+
+
+def query_bonus(model, features: Dict[Text, tf.Tensor]) -> Optional[Bonus]:
+  """The model's history prior of these query features, if it has one."""
   bonus = getattr(model.query_tower, "bonus", None)
-  return bonus(features) if bonus is not None else None
+  slots_and_weights = bonus(features) if bonus is not None else None
+  if slots_and_weights is None:
+    return None
+  return Bonus(*slots_and_weights, model.temperature)
 
 
 class HistoryBonus(tf.keras.layers.Layer):
-  """[batch, slots] item indices -> [batch, slots] bonuses, b_p per slot.
+  """[batch, slots] item indices -> [batch, slots] prior weights, w_p.
 
   Index 0 (padding, an unknown item, a switched-off input) gets 0. The
-  bonuses start at 0 (off) and are set by `set_decay`, not by training.
+  weights start at 0 (off) and are set by `set_decay`, not by training.
   """
 
   def __init__(self, slots: int, **kwargs):
     """Args: `slots`, the history slots of each query (oldest first)."""
     super().__init__(**kwargs)
     self.slots = slots
-    self.slot_bonus = self.add_weight(name="slot_bonus", shape=(slots,),
-                                      initializer="zeros", trainable=False)
+    self.slot_weight = self.add_weight(name="slot_weight", shape=(slots,),
+                                       initializer="zeros", trainable=False)
 
   def set_decay(self, scale: float, half_life: float) -> None:
-    """b_p = scale * 2^(-age_p / half_life), age_p = slots - 1 - p (the
-    latest slot, last, 0); half_life inf: the same bonus for every slot."""
-    age = np.arange(self.slots - 1, -1, -1, dtype=np.float64)
-    self.slot_bonus.assign(scale * np.exp2(-age / half_life))
+    """w_p = scale * 2^(-age_p / half_life) / sum of the same over all slots,
+    age_p = slots - 1 - p (the latest slot, last, 0); half_life inf: every
+    slot scale / slots."""
+    decay = np.exp2(-np.arange(self.slots - 1, -1, -1.0) / half_life)
+    self.slot_weight.assign(scale * decay / decay.sum())
 
   def call(self, items: tf.Tensor) -> tf.Tensor:
-    return tf.where(items > 0, self.slot_bonus[tf.newaxis, :], 0.0)
+    return tf.where(items > 0, self.slot_weight[tf.newaxis, :], 0.0)
 
 
 def choose_decay(layer: HistoryBonus, score: Callable[[], float],
@@ -85,14 +108,14 @@ def choose_decay(layer: HistoryBonus, score: Callable[[], float],
   """Sets `layer` to the (scale, half-life) with the best `score()`.
 
   Args:
-    layer: the model's bonus layer.
+    layer: the model's prior layer.
     score: the model's validation metric with the layer as it is set.
-    scales: the scales tried (0, tried once, is no bonus).
+    scales: the scales (prior masses) tried; 0, tried once, is no prior.
     half_lives: the half-lives tried with every scale > 0.
 
   Returns:
     ((scale, half-life) chosen, {"scale/half-life": its score}). Ties, and
-    NaN scores, go to the earlier setting: no bonus before any, smaller
+    NaN scores, go to the earlier setting: no prior before any, smaller
     scales before larger.
   """
   settings = [(0.0, np.inf)] * (0 in scales) + [
@@ -110,48 +133,92 @@ def choose_decay(layer: HistoryBonus, score: Callable[[], float],
   return best, by_setting
 
 
-def add_to_scores(scores: tf.Tensor, items: tf.Tensor, bonus: tf.Tensor,
-                  first=0) -> tf.Tensor:
-  """Adds each row's bonuses to its scores of their items.
+def normaliser(top_scores: tf.Tensor, temperature: float) -> tf.Tensor:
+  """float [batch]: L = t log sum exp(s / t) over each row's finite scores
+  (its dense top, `NORMALISER_TOP` or fewer); 0 for a row with none."""
+  finite = tf.math.is_finite(top_scores)
+  lse = temperature * tf.reduce_logsumexp(
+      tf.where(finite, top_scores / temperature,
+               tf.constant(-np.inf, top_scores.dtype)), axis=1)
+  return tf.where(tf.reduce_any(finite, axis=1), lse, tf.zeros_like(lse))
+
+
+def dense_top(dense: tf.Tensor, first=0) -> tf.Tensor:
+  """float [batch, min(n, NORMALISER_TOP)]: each row's top dense scores
+  ([batch, n], columns items first.., index 0 left out), best first; -inf
+  for index 0 and a non-finite score."""
+  column = tf.range(tf.shape(dense)[1])
+  counted = tf.where((column[tf.newaxis, :] + first > 0) &
+                     tf.math.is_finite(dense), dense,
+                     tf.constant(-np.inf, dense.dtype))
+  return tf.math.top_k(counted, tf.minimum(NORMALISER_TOP,
+                                           tf.shape(dense)[1])).values
+
+
+def mixed(dense: tf.Tensor, weight: tf.Tensor, level: tf.Tensor,
+          temperature: float) -> tf.Tensor:
+  """Scores of items with dense scores `dense` and prior weights `weight`
+  under normaliser(s) `level` (broadcast against them): L + t log(exp((dense
+  - L) / t) + weight); exactly `dense` where the weight is 0 or `dense` is
+  not finite (a non-finite score stays a miss). A weight that is not a
+  mass (negative, NaN) gives NaN, a miss, as an infinite one gives inf."""
+  level = tf.broadcast_to(level, tf.shape(dense))
+  raised = level + temperature * tf.reduce_logsumexp(
+      tf.stack([(dense - level) / temperature, tf.math.log(weight)], axis=-1),
+      axis=-1)
+  return tf.where((weight != 0) & tf.math.is_finite(dense), raised, dense)
+
+
+def mix_into_scores(scores: tf.Tensor, bonus: Bonus, normaliser_: tf.Tensor,
+                    first=0) -> tf.Tensor:
+  """Each row's dense scores with the history prior mixed into its slots'
+  items (`mixed`).
 
   Args:
-    scores: float [batch, n], row b's scores of items first..first + n - 1.
-    items: int [batch, slots]; a slot outside that range, or of index 0,
-      adds nothing.
-    bonus: float [batch, slots].
+    scores: float [batch, n], row b's dense scores of items first..first +
+      n - 1.
+    bonus: the rows' prior; a slot outside that range, or of index 0,
+      changes nothing.
+    normaliser_: float [batch], each row's L.
     first: the item of column 0.
 
   Returns:
     float [batch, n].
   """
+  items = bonus.slots
   column = tf.cast(items, tf.int64) - tf.cast(first, tf.int64)
   inside = (items > 0) & (column >= 0) & (
       column < tf.cast(tf.shape(scores)[1], tf.int64))
   where = tf.where(inside)
-  return tf.tensor_scatter_nd_add(
-      scores, tf.stack([where[:, 0], tf.gather_nd(column, where)], axis=1),
-      tf.gather_nd(bonus, where))
+  at = tf.stack([where[:, 0], tf.gather_nd(column, where)], axis=1)
+  # An item in several slots is written once per slot, the same value.
+  weight = tf.gather_nd(item_bonus(items, bonus.weights, items), where)
+  return tf.tensor_scatter_nd_update(
+      scores, at, mixed(tf.gather_nd(scores, at), weight,
+                        tf.gather(normaliser_, where[:, 0]),
+                        bonus.temperature))
 
 
-def item_bonus(items: tf.Tensor, bonus: tf.Tensor,
+def item_bonus(items: tf.Tensor, weights: tf.Tensor,
                identifiers: tf.Tensor) -> tf.Tensor:
-  """float [batch, m]: each row's summed bonus of each of its identifiers
-  (`items` [batch, slots] and `identifiers` [batch, m] name items alike)."""
+  """float [batch, m]: each row's summed slot weight of each of its
+  identifiers (`items` [batch, slots] and `identifiers` [batch, m] name
+  items alike)."""
   same = tf.cast(items[:, tf.newaxis, :] == identifiers[:, :, tf.newaxis],
-                 bonus.dtype)
-  return tf.reduce_sum(same * bonus[:, tf.newaxis, :], axis=2)
+                 weights.dtype)
+  return tf.reduce_sum(same * weights[:, tf.newaxis, :], axis=2)
 
 
 class HistoryBonusTopK(tfrs.layers.factorized_top_k.TopK):
-  """Top k under dense scores plus the history bonus, from a dense index.
-
-  See the module docstring for why it is exact under an exact index.
+  """Top k under the dense scores with the history prior mixed in, from a
+  dense index. See the module docstring for why it is exact under an exact
+  index.
   """
 
   def __init__(self, dense_index: tfrs.layers.factorized_top_k.TopK,
                query_model: tf.keras.Model,
                candidate_tower: tf.keras.Model, num_candidates: int,
-               k: int = 10, name: Optional[Text] = None):
+               temperature: float, k: int = 10, name: Optional[Text] = None):
     """See the class docstring.
 
     Args:
@@ -160,10 +227,11 @@ class HistoryBonusTopK(tfrs.layers.factorized_top_k.TopK):
       query_model: its `with_bonus(serving inputs)` gives (query
         embeddings, int64 [batch, slots] catalogue indices of the slots,
         [batch, slots] their identifiers in the index, float [batch, slots]
-        their bonuses).
+        their prior weights).
       candidate_tower: embeds the slots' catalogue indices.
       num_candidates: the index's candidates (a lookup asks for at most as
         many).
+      temperature: the model's training temperature.
       k: the default list length.
       name: the layer's name.
     """
@@ -172,6 +240,7 @@ class HistoryBonusTopK(tfrs.layers.factorized_top_k.TopK):
     self.query_model = query_model
     self.candidate_tower = candidate_tower
     self.num_candidates = num_candidates
+    self.temperature = temperature
 
   def index(self, candidates: tf.Tensor,
             identifiers: Optional[tf.Tensor] = None) -> "HistoryBonusTopK":
@@ -182,11 +251,17 @@ class HistoryBonusTopK(tfrs.layers.factorized_top_k.TopK):
   def call(self, queries: Union[tf.Tensor, Dict[Text, tf.Tensor]],
            k: Optional[int] = None) -> Tuple[tf.Tensor, tf.Tensor]:
     k = k if k is not None else self._k
-    embeddings, slots, slot_ids, bonus = self.query_model.with_bonus(queries)
+    embeddings, slots, slot_ids, weights = self.query_model.with_bonus(
+        queries)
     width = slots.shape[1]
     scores, identifiers = self.dense_index(
-        embeddings, k=min(k + width, self.num_candidates))
-    scores += item_bonus(slot_ids, bonus, identifiers)
+        embeddings, k=min(max(k, NORMALISER_TOP) + width,
+                          self.num_candidates))
+    # The index's list is sorted: its head is the dense top.
+    level = normaliser(scores[:, :NORMALISER_TOP],
+                       self.temperature)[:, tf.newaxis]
+    scores = mixed(scores, item_bonus(slot_ids, weights, identifiers), level,
+                   self.temperature)
     slot_embeddings = tf.reshape(
         self.candidate_tower(tf.reshape(slots, [-1])),
         [-1, width, embeddings.shape[-1]])
@@ -195,9 +270,11 @@ class HistoryBonusTopK(tfrs.layers.factorized_top_k.TopK):
              embeddings[:, tf.newaxis, :])
     dense = tf.reduce_max(tf.einsum("bhd,bpd->bhp", heads, slot_embeddings),
                           axis=1)
-    slot_scores = tf.where(slots > 0,
-                           dense + item_bonus(slot_ids, bonus, slot_ids),
-                           tf.constant(-np.inf, scores.dtype))
+    slot_scores = tf.where(
+        slots > 0,
+        mixed(dense, item_bonus(slot_ids, weights, slot_ids), level,
+              self.temperature),
+        tf.constant(-np.inf, scores.dtype))
     scores, identifiers = query_heads.merge_top_k(
         tf.concat([scores, slot_scores], axis=1),
         tf.concat([identifiers, tf.cast(slot_ids, identifiers.dtype)],

@@ -9,8 +9,8 @@ export all rank the same way, so they share these functions:
     as `tfrs.layers.factorized_top_k.BruteForce` serves it; with several
     query heads, the largest of its heads' dot products
     (`query_heads.max_sim`), as the exported index serves it; with the
-    history bonus, plus the query's bonus of the candidate
-    (`history_bonus`; `bonus` below: (slots, their bonuses) or None);
+    history bonus, the history's items' scores with the query's prior mixed
+    in (`history_bonus`; `bonus` below, or None);
   * ties rank by index, which is popularity order (see
     `tfrs_yambda.catalogue`), so ranks and top-k lists agree: the top k are
     exactly the candidates of ranks 1..k (the lists are `tf.math.top_k`'s,
@@ -154,15 +154,18 @@ def candidates_bound(candidates: tf.Tensor) -> tf.Tensor:
 
 
 def _products(queries: tf.Tensor, table: CandidateTable,
-              bonus: history_bonus.Bonus = None) -> tf.Tensor:
+              bonus: Optional[history_bonus.Bonus] = None) -> tf.Tensor:
   products = query_heads.max_sim(queries, table.embeddings, table.columns)
   if bonus is None:
     return products
-  return history_bonus.add_to_scores(products, *bonus)
+  return history_bonus.mix_into_scores(
+      products, bonus,
+      history_bonus.normaliser(history_bonus.dense_top(products),
+                               bonus.temperature))
 
 
 def scores(queries: tf.Tensor, table: CandidateTable,
-           bonus: history_bonus.Bonus = None) -> tf.Tensor:
+           bonus: Optional[history_bonus.Bonus] = None) -> tf.Tensor:
   """Query-candidate scores, [batch, num_indices]; index 0 is never a hit.
 
   Args:
@@ -172,9 +175,10 @@ def scores(queries: tf.Tensor, table: CandidateTable,
     bonus: the queries' history bonus, or None.
 
   Returns:
-    The dot products (max over heads, plus bonus), with index 0 and every
-    non-finite score (NaN, +inf, -inf) set to -inf: such a candidate sorts
-    after every finite one and such a target is a miss (see `target_ranks`).
+    The dot products (max over heads, the prior mixed in), with index 0 and
+    every non-finite score (NaN, +inf, -inf) set to -inf: such a candidate
+    sorts after every finite one and such a target is a miss (see
+    `target_ranks`).
   """
   return _never_hits_to_minus_inf(_products(queries, table, bonus))
 
@@ -223,25 +227,25 @@ def _top_k_after_zero(products: tf.Tensor, k: int, chunk: int) -> tf.Tensor:
 
 
 def _scores_are_finite(queries: tf.Tensor, bound: tf.Tensor,
-                       bonus: history_bonus.Bonus = None) -> tf.Tensor:
+                       bonus: Optional[history_bonus.Bonus] = None
+                       ) -> tf.Tensor:
   """True when no score of `queries` and candidates within `bound` can be
-  non-finite: |q . c| <= d max|q| max|c|, and a row's bonuses add at most
-  their sum of |b|, each kept well below the float max."""
+  non-finite: |q . c| <= d max|q| max|c|, kept well below the float max,
+  and the history prior's weights are finite."""
   width = tf.cast(tf.shape(queries)[-1], queries.dtype)
   limit = queries.dtype.max / 16
   finite = (tf.reduce_all(tf.math.is_finite(queries)) &
             (width * tf.reduce_max(tf.abs(queries)) * bound < limit))
   if bonus is None:
     return finite
-  return finite & tf.reduce_all(
-      tf.reduce_sum(tf.abs(bonus[1]), axis=1) < limit)
+  return finite & tf.reduce_all(tf.math.is_finite(bonus.weights))
 
 
 @tf.function(reduce_retracing=True)
 def target_ranks(queries: tf.Tensor, table: CandidateTable,
                  targets: tf.Tensor, k: int = 0,
                  chunk: int = chunked_top_k.CHUNK,
-                 bonus: history_bonus.Bonus = None):
+                 bonus: Optional[history_bonus.Bonus] = None):
   """Ranks of `targets`, and with k > 0 also the top-k indices, [batch, k].
 
   Both come from one score matrix. Ties rank by index in both, so the top k
@@ -279,7 +283,7 @@ def target_ranks(queries: tf.Tensor, table: CandidateTable,
 @tf.function(reduce_retracing=True)
 def top_k(queries: tf.Tensor, table: CandidateTable, k: int,
           chunk: int = chunked_top_k.CHUNK,
-          bonus: history_bonus.Bonus = None) -> tf.Tensor:
+          bonus: Optional[history_bonus.Bonus] = None) -> tf.Tensor:
   """Top-k indices of each query, int32 [batch, k], ties by index.
 
   Non-finite scores (-inf in `scores`) come after all finite ones. `chunk`

@@ -288,9 +288,9 @@ class QueryTower(tf.keras.Model):
   With `candidate_history`, the seed's and the history's own candidate
   embeddings are added to it, weighted by slot
   (`tfrs_yambda.candidate_history`). With `history_bonus`, the tower also
-  holds the bonus of each history slot's item (`tfrs_yambda.history_bonus`),
-  which scoring adds to the query's scores; its output is the dense query
-  either way.
+  holds each history slot's prior weight (`tfrs_yambda.history_bonus`),
+  which scoring mixes into the query's scores; its output is the dense
+  query either way.
   """
 
   def __init__(self, catalogue: catalogue_lib.Catalogue,
@@ -381,7 +381,7 @@ class QueryTower(tf.keras.Model):
     return tf.concat([history, seed[:, tf.newaxis]], axis=1)
 
   def bonus(self, features) -> Optional[Tuple[tf.Tensor, tf.Tensor]]:
-    """(history slots, their bonuses) with `history_bonus`; None without."""
+    """(history slots, their prior weights), or None without a bonus."""
     if self.history_bonus is None:
       return None
     history = self.slots(features)[:, :-1]

@@ -206,9 +206,10 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "(an item-item score, as ItemKNN's, in the towers).",
                     flag_values=fv)
   flags.DEFINE_bool("history_bonus", tower.history_bonus,
-                    "Add a bonus, decaying with recency, to the scores of "
-                    "the history's own items, in evaluation and the export; "
-                    "sized on the validation day after training.",
+                    "Mix a repeat prior over the history's own items, "
+                    "decaying with recency, into the model's scores, in "
+                    "evaluation and the export; sized on the validation day "
+                    "after training.",
                     flag_values=fv)
   flags.DEFINE_integer("query_heads", tower.query_heads,
                        "Query vectors per example; a candidate scores the "
@@ -257,19 +258,18 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "validation day; the best by --select_metric scores the "
                     "test day (without a validation window, the largest).",
                     flag_values=fv)
-  flags.DEFINE_list("history_bonus_scales", ["0", "0.05", "0.1", "0.15",
-                                             "0.2", "0.3", "0.4", "0.6"],
-                    "With --history_bonus: the scales tried on the "
+  flags.DEFINE_list("history_bonus_scales",
+                    ["0", "0.1", "0.2", "0.3", "0.5", "1", "2"],
+                    "With --history_bonus: the prior's masses tried on the "
                     "validation day; 0 is no bonus.", flag_values=fv)
   flags.DEFINE_list("history_bonus_half_lives", ["10", "50", "inf"],
-                    "With --history_bonus: the half-lives (in history slots) "
-                    "tried with each scale; the best pair by "
-                    "--history_bonus_metric is kept (without a validation "
-                    "window: no bonus).", flag_values=fv)
-  flags.DEFINE_string("history_bonus_metric", "ndcg@100",
-                      "The validation metric that chooses the history bonus, "
-                      "one that weighs a target's place in the list (by "
-                      "recall@100 the largest bonus won).", flag_values=fv)
+                    "With --history_bonus: the half-lives (history slots) "
+                    "tried with each mass; the best pair by "
+                    "--history_bonus_metric is kept.", flag_values=fv)
+  flags.DEFINE_string("history_bonus_metric", "mrr",
+                      "The validation metric that chooses the history bonus "
+                      "(one that weighs the top of the list most).",
+                      flag_values=fv)
   for name, admits in (("history_bonus_scales", lambda x: x >= 0),
                        ("history_bonus_half_lives", lambda x: x > 0)):
     flags.register_validator(  # when parsed, not after training
