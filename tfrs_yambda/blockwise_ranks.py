@@ -55,7 +55,8 @@ def target_ranks(model, examples: Dict[str, np.ndarray], num_indices: int,
   batches = tf.data.Dataset.from_tensor_slices(
       {k: examples[k] for k in schema.QUERY_FEATURES}).batch(4096)
   queries = tf.concat([model.query_tower(batch) for batch in batches], axis=0)
-  bonus = _all_bonus(model, batches)
+  bonus = history_bonus.query_bonus(
+      model, {k: examples[k] for k in schema.QUERY_FEATURES})
   block_items = max(batch_size, block_items // batch_size * batch_size)
   target_scores = np.full(len(targets), np.nan, np.float32)
   # With a prior, each query's dense top so far (-inf: none yet).
@@ -93,18 +94,6 @@ def target_ranks(model, examples: Dict[str, np.ndarray], num_indices: int,
   miss = ((targets < 1) | (targets >= num_indices) |
           ~np.isfinite(target_scores))
   return np.where(miss, metrics.NOT_RETRIEVED, 1 + ahead)
-
-
-def _all_bonus(model, batches: tf.data.Dataset
-               ) -> Optional[history_bonus.Bonus]:
-  """The model's history prior of every query (batches in order), or None."""
-  parts = [history_bonus.query_bonus(model, batch) for batch in batches]
-  if not parts or parts[0] is None:
-    return None
-  return history_bonus.Bonus(
-      tf.concat([part.slots for part in parts], axis=0),
-      tf.concat([part.weights for part in parts], axis=0),
-      parts[0].temperature)
 
 
 def _scored_blocks(model, queries: tf.Tensor,

@@ -69,10 +69,13 @@ class Bonus(NamedTuple):
 
 
 def query_bonus(model, features: Dict[Text, tf.Tensor]) -> Optional[Bonus]:
-  """The model's history prior of these query features, if it has one."""
+  """The model's history prior of these query features, if it has one that
+  is on."""
   bonus = getattr(model.query_tower, "bonus", None)
   slots_and_weights = bonus(features) if bonus is not None else None
-  if slots_and_weights is None:
+  # All weights 0 (the prior off, as while training): the scores are the
+  # dense ones, so skip the normaliser's top-k. Called eagerly.
+  if slots_and_weights is None or not np.any(slots_and_weights[1]):
     return None
   return Bonus(*slots_and_weights, model.temperature)
 
