@@ -13,9 +13,9 @@ Two servables are written from the same trained model:
     faster on large catalogues; it needs ScaNN's custom ops in the server.
 A model with K > 1 query heads is served by either index through
 `query_heads.MaxSimTopK`: K lookups, merged into one top k in the SavedModel;
-one with a history bonus through `history_bonus.HistoryBonusTopK`, which mixes
-the history prior into the index's list and adds the history's own items to
-it; the signature below is the same.
+one with a history bonus or an artist prior through
+`history_bonus.HistoryBonusTopK`, which mixes the priors into the index's list
+and adds the priors' own items to it; the signature below is the same.
 
 Signature `serving_default` (raw Yambda ids in and out):
   inputs   user_id int64 [batch], seed_item_id int64 [batch],
@@ -80,45 +80,47 @@ class ServingQueryModel(tf.keras.Model):
     self.item_lookup = tf.keras.layers.IntegerLookup(
         vocabulary=catalogue.item_ids[1:].astype(np.int64), num_oov_indices=1,
         name="item_lookup")
+    # Index -> raw id, for the priors' items (only a tower with priors).
+    self.raw_item_ids = tf.Variable(
+        catalogue.item_ids.astype(np.int64), trainable=False,
+        name="raw_item_ids") if has_priors(query_tower) else None
 
-  def features(self, inputs: Dict[str, tf.Tensor]
-               ) -> Tuple[Dict[str, tf.Tensor], tf.Tensor]:
-    """The query tower's features of serving inputs, and the raw ids of
-    their history (-1 for index 0)."""
+  def features(self, inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    """The query tower's features of serving inputs."""
     # Look up first: padding (-1) and unknown ids both become index 0 and are
     # dropped *before* the cut to the most recent N, so an unknown id never
     # takes a slot. Then pad with index 0 at the front as training does
-    # (oldest first, the latest last); the raw ids alike.
-    raw = tf.cast(inputs[schema.SERVING_HISTORY_ITEM_IDS], tf.int64)
-    history = self.item_lookup(raw)
-    known = history > 0
-
-    def laid_out(values, padding):
-      values = tf.ragged.boolean_mask(values, known)[:, -self.history_length:]
-      return tf.reverse(tf.reverse(values, axis=[1]).to_tensor(
-          default_value=padding, shape=[None, self.history_length]),
-                        axis=[1])
-
-    features = {
+    # (oldest first, the latest last).
+    history = self.item_lookup(
+        tf.cast(inputs[schema.SERVING_HISTORY_ITEM_IDS], tf.int64))
+    history = tf.reverse(tf.ragged.boolean_mask(history, history > 0)[
+        :, -self.history_length:], axis=[1]).to_tensor(
+            default_value=0, shape=[None, self.history_length])
+    return {
         schema.USER_ID: tf.cast(inputs[schema.SERVING_USER_ID], tf.int64),
         schema.SEED_ITEM: self.item_lookup(
             tf.cast(inputs[schema.SERVING_SEED_ITEM_ID], tf.int64)),
-        schema.HISTORY_ITEMS: laid_out(history, 0),
+        schema.HISTORY_ITEMS: tf.reverse(history, axis=[1]),
     }
-    return features, laid_out(raw, -1)
 
   def call(self, inputs: Dict[str, tf.Tensor]) -> tf.Tensor:
-    return self.query_tower(self.features(inputs)[0])
+    return self.query_tower(self.features(inputs))
 
   def with_bonus(self, inputs: Dict[str, tf.Tensor]) -> Tuple[tf.Tensor, ...]:
-    """(query embeddings, history slots, their raw ids, their prior
-    weights), what `history_bonus.HistoryBonusTopK` reads; needs the tower's
-    bonus."""
-    features, raw_history = self.features(inputs)
+    """(query embeddings, the priors' slots, their raw ids (-1 for index
+    0), their prior weights), what `history_bonus.HistoryBonusTopK` reads;
+    needs the tower's `bonus`."""
+    features = self.features(inputs)
     slots, weights = self.query_tower.bonus(features)
-    # A switched-off history's slots hold index 0 (`QueryTower.slots`).
-    raw_history = tf.where(slots > 0, raw_history, tf.constant(-1, tf.int64))
-    return self.query_tower(features), slots, raw_history, weights
+    raw = tf.where(slots > 0, tf.gather(self.raw_item_ids, slots),
+                   tf.constant(-1, tf.int64))
+    return self.query_tower(features), slots, raw, weights
+
+
+def has_priors(query_tower) -> bool:
+  """Whether the tower mixes a history or artist prior into its scores."""
+  return any(getattr(query_tower, name, None) is not None
+             for name in ("history_bonus", "artist_prior"))
 
 
 class Servable(tf.Module):
@@ -333,8 +335,8 @@ def export_all(model, catalogue: catalogue_lib.Catalogue, export_dir: str,
   identifiers = catalogue.item_ids[1:]
   query_model = ServingQueryModel(model.query_tower, catalogue)
   heads = model.query_tower.config.query_heads
-  bonus_tower = (model.candidate_tower if getattr(
-      model.query_tower, "history_bonus", None) is not None else None)
+  bonus_tower = (model.candidate_tower if has_priors(model.query_tower)
+                 else None)
   k = min(k, catalogue.num_items)
   scann_options = scann_options or default_scann_options(len(candidates), k)
   warmup = tf_serving.warmup_inputs(catalogue)
@@ -347,7 +349,9 @@ def export_all(model, catalogue: catalogue_lib.Catalogue, export_dir: str,
     index = build_index(kind, query_model, candidates, identifiers, k,
                         scann_options, heads, bonus_tower, model.temperature)
     metadata = {"index": kind, "k": k, "history_length": history_length,
-                "query_heads": heads, "history_bonus": bonus_tower is not None,
+                "query_heads": heads,
+                "history_bonus": model.query_tower.history_bonus is not None,
+                "artist_prior": model.query_tower.artist_prior is not None,
                 # The prep's positive rule, for clients that build histories.
                 "min_played_ratio": catalogue.metadata.get("min_played_ratio"),
                 "num_candidates": int(len(candidates)),

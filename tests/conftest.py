@@ -11,9 +11,11 @@ from data_prep import generate  # pylint: disable=g-import-not-at-top
 from data_prep import prep  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import catalogue as catalogue_lib  # pylint: disable=g-import-not-at-top
+from tfrs_yambda import evaluate  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import history_bonus  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import input_pipeline  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import model as model_lib  # pylint: disable=g-import-not-at-top
+from tfrs_yambda import ranking  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import schema  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import towers  # pylint: disable=g-import-not-at-top
 
@@ -172,3 +174,51 @@ def with_history_prior(scores, slots, weights, temperature, first=0,
           scores[row, column] = row_level + temperature * np.logaddexp(
               (dense[column] - row_level) / temperature, np.log(value))
   return scores
+
+
+@pytest.fixture(scope="session")
+def requests_and_features(prepared, catalogue):
+  """Serving requests (raw ids) for test examples, and the model features."""
+  test = evaluate.load_examples(prepared, "test", HISTORY_LENGTH,
+                                input_pipeline.ExampleRule())
+  pick = np.linspace(0, len(test[schema.TARGET_ITEM]) - 1, 16).astype(int)
+  features = {k: v[pick] for k, v in test.items()}
+  ids = catalogue.item_ids  # index 0 -> -1, the serving padding id
+  request = {
+      schema.SERVING_USER_ID: features[schema.USER_ID],
+      schema.SERVING_SEED_ITEM_ID: ids[features[schema.SEED_ITEM]],
+      schema.SERVING_HISTORY_ITEM_IDS: ids[features[schema.HISTORY_ITEMS]],
+  }
+  return {k: tf.constant(v, tf.int64) for k, v in request.items()}, features
+
+
+def load_serving(path):
+  """A SavedModel's serving signature."""
+  return tf.saved_model.load(path).signatures["serving_default"]
+
+
+def assert_bruteforce_top_k(path, model, catalogue, requests_and_features):
+  """The SavedModel's top-k is the in-memory model's exact top-k (by the max
+  over query heads, if the model has several, with its priors mixed in, if
+  it has any)."""
+  request, features = requests_and_features
+  outputs = load_serving(path)(**request)
+  assert outputs["item_ids"].shape == (16, EXPORT_K)
+
+  queries = model.query_tower(
+      {k: tf.constant(features[k]) for k in schema.QUERY_FEATURES}).numpy()
+  candidates = ranking.candidate_embeddings(
+      model, catalogue.num_items + 1).numpy()[1:]
+  scores = (queries @ candidates.T if queries.ndim == 2 else
+            np.einsum("bhd,nd->bhn", queries, candidates).max(axis=1))
+  bonus = history_bonus.query_bonus(
+      model, {k: tf.constant(features[k]) for k in schema.QUERY_FEATURES})
+  if bonus is not None:  # candidate column j is index j + 1
+    scores = with_history_prior(scores, bonus.slots.numpy(),
+                                bonus.weights.numpy(), bonus.temperature,
+                                first=1)
+  top = np.argsort(-scores, axis=1, kind="stable")[:, :EXPORT_K]
+  np.testing.assert_array_equal(outputs["item_ids"].numpy(),
+                                catalogue.item_ids[1:][top])
+  np.testing.assert_allclose(outputs["scores"].numpy(),
+                             np.take_along_axis(scores, top, 1), atol=1e-5)

@@ -13,40 +13,18 @@ import tensorflow as tf
 
 from export import export
 from export import from_checkpoint
-from tfrs_yambda import evaluate
-from tfrs_yambda import history_bonus
-from tfrs_yambda import input_pipeline
 from tfrs_yambda import model as model_lib
 from tfrs_yambda import ranking
 from tfrs_yambda import schema
 from tfrs_yambda import towers
 from tests.conftest import EXPORT_K
 from tests.conftest import HISTORY_LENGTH
+from tests.conftest import assert_bruteforce_top_k
+from tests.conftest import load_serving
 from tests.conftest import SMALL_TOWERS
 from tests.conftest import briefly_trained
-from tests.conftest import with_history_prior
 
 K = EXPORT_K
-
-
-@pytest.fixture(scope="module")
-def requests_and_features(prepared, catalogue):
-  """Serving requests (raw ids) for test examples, and the model features."""
-  test = evaluate.load_examples(prepared, "test", HISTORY_LENGTH,
-                                input_pipeline.ExampleRule())
-  pick = np.linspace(0, len(test[schema.TARGET_ITEM]) - 1, 16).astype(int)
-  features = {k: v[pick] for k, v in test.items()}
-  ids = catalogue.item_ids  # index 0 -> -1, the serving padding id
-  request = {
-      schema.SERVING_USER_ID: features[schema.USER_ID],
-      schema.SERVING_SEED_ITEM_ID: ids[features[schema.SEED_ITEM]],
-      schema.SERVING_HISTORY_ITEM_IDS: ids[features[schema.HISTORY_ITEMS]],
-  }
-  return {k: tf.constant(v, tf.int64) for k, v in request.items()}, features
-
-
-def _load(path):
-  return tf.saved_model.load(path).signatures["serving_default"]
 
 
 def test_layout_is_tf_serving_layout(exported):
@@ -82,36 +60,9 @@ def attention_exported(prepared, catalogue, tmp_path_factory):
       model, catalogue, str(tmp_path_factory.mktemp("attention")), k=K)
 
 
-def _assert_bruteforce_top_k(path, model, catalogue, requests_and_features):
-  """The SavedModel's top-k is the in-memory model's exact top-k (by the max
-  over query heads, if the model has several, with its history prior mixed
-  in, if it has one)."""
-  request, features = requests_and_features
-  outputs = _load(path)(**request)
-  assert outputs["item_ids"].shape == (16, K)
-
-  queries = model.query_tower(
-      {k: tf.constant(features[k]) for k in schema.QUERY_FEATURES}).numpy()
-  candidates = ranking.candidate_embeddings(
-      model, catalogue.num_items + 1).numpy()[1:]
-  scores = (queries @ candidates.T if queries.ndim == 2 else
-            np.einsum("bhd,nd->bhn", queries, candidates).max(axis=1))
-  bonus = history_bonus.query_bonus(
-      model, {k: tf.constant(features[k]) for k in schema.QUERY_FEATURES})
-  if bonus is not None:  # candidate column j is index j + 1
-    scores = with_history_prior(scores, bonus.slots.numpy(),
-                                bonus.weights.numpy(), bonus.temperature,
-                                first=1)
-  top = np.argsort(-scores, axis=1, kind="stable")[:, :K]
-  np.testing.assert_array_equal(outputs["item_ids"].numpy(),
-                                catalogue.item_ids[1:][top])
-  np.testing.assert_allclose(outputs["scores"].numpy(),
-                             np.take_along_axis(scores, top, 1), atol=1e-5)
-
-
 def test_bruteforce_savedmodel_gives_the_in_memory_top_k(
     exported, trained_model, catalogue, requests_and_features):
-  _assert_bruteforce_top_k(exported[1]["bruteforce"], trained_model,
+  assert_bruteforce_top_k(exported[1]["bruteforce"], trained_model,
                            catalogue, requests_and_features)
 
 
@@ -119,10 +70,10 @@ def test_bruteforce_savedmodel_gives_the_in_memory_top_k(
 def test_attention_encoder_exports_in_the_same_savedmodels(
     attention_exported, catalogue, requests_and_features):
   model, paths = attention_exported
-  _assert_bruteforce_top_k(paths["bruteforce"], model, catalogue,
+  assert_bruteforce_top_k(paths["bruteforce"], model, catalogue,
                            requests_and_features)
   _assert_cli_runs(paths["bruteforce"])
-  scann = _load(paths["scann"])(**requests_and_features[0])
+  scann = load_serving(paths["scann"])(**requests_and_features[0])
   assert scann["item_ids"].shape == (16, K)
 
 
@@ -139,15 +90,15 @@ def test_query_heads_export_the_max_sim_top_k_in_the_same_signature(
                 "num_reordering_candidates": catalogue.num_items}
   paths = export.export_all(model, catalogue, str(tmp_path), k=K,
                             scann_options=exhaustive)
-  _assert_bruteforce_top_k(paths["bruteforce"], model, catalogue,
+  assert_bruteforce_top_k(paths["bruteforce"], model, catalogue,
                            requests_and_features)
   request = requests_and_features[0]
-  exact = _load(paths["bruteforce"])(**request)
-  scann = _load(paths["scann"])(**request)
+  exact = load_serving(paths["bruteforce"])(**request)
+  scann = load_serving(paths["scann"])(**request)
   np.testing.assert_array_equal(scann["item_ids"], exact["item_ids"])
   np.testing.assert_allclose(scann["scores"], exact["scores"], atol=1e-5)
   for kind, path in paths.items():
-    heads, one_head = _load(path), _load(exported[1][kind])
+    heads, one_head = load_serving(path), load_serving(exported[1][kind])
     assert (heads.structured_input_signature ==
             one_head.structured_input_signature)
     outputs = heads.structured_outputs
@@ -169,9 +120,9 @@ def test_a_float16_content_table_exports_in_the_same_signature(
       **SMALL_TOWERS, content_dtype="float16"))
   path = export.export_all(model, catalogue, str(tmp_path),
                            k=K)["bruteforce"]
-  _assert_bruteforce_top_k(path, model, catalogue, requests_and_features)
-  assert (_load(path).structured_input_signature ==
-          _load(exported[1]["bruteforce"]).structured_input_signature)
+  assert_bruteforce_top_k(path, model, catalogue, requests_and_features)
+  assert (load_serving(path).structured_input_signature ==
+          load_serving(exported[1]["bruteforce"]).structured_input_signature)
   # The SavedModel holds the table as float16 too.
   reader = tf.train.load_checkpoint(os.path.join(path, "variables",
                                                  "variables"))
@@ -191,9 +142,9 @@ def test_candidate_history_exports_in_the_same_signature(
   slot_weights.assign(np.linspace(-1.0, 2.0, slot_weights.shape[0]))
   path = export.export_all(model, catalogue, str(tmp_path),
                            k=K)["bruteforce"]
-  _assert_bruteforce_top_k(path, model, catalogue, requests_and_features)
-  assert (_load(path).structured_input_signature ==
-          _load(exported[1]["bruteforce"]).structured_input_signature)
+  assert_bruteforce_top_k(path, model, catalogue, requests_and_features)
+  assert (load_serving(path).structured_input_signature ==
+          load_serving(exported[1]["bruteforce"]).structured_input_signature)
 
 
 @pytest.mark.parametrize("heads", [1, 2])
@@ -208,17 +159,17 @@ def test_history_bonus_exports_in_the_same_signature(
   # From none (0) to enough to lift history items into the top k.
   weights.assign(np.linspace(0.0, 1.5, weights.shape[0]))
   paths = export.export_all(model, catalogue, str(tmp_path), k=K)
-  _assert_bruteforce_top_k(paths["bruteforce"], model, catalogue,
+  assert_bruteforce_top_k(paths["bruteforce"], model, catalogue,
                            requests_and_features)
   for path in paths.values():
-    assert (_load(path).structured_input_signature ==
-            _load(exported[1]["bruteforce"]).structured_input_signature)
+    assert (load_serving(path).structured_input_signature ==
+            load_serving(exported[1]["bruteforce"]).structured_input_signature)
   request, features = requests_and_features
-  served = _load(paths["bruteforce"])(**request)["item_ids"].numpy()
+  served = load_serving(paths["bruteforce"])(**request)["item_ids"].numpy()
   history = catalogue.item_ids[features[schema.HISTORY_ITEMS]]
   assert np.mean([np.isin(h[h > 0], top).mean()
                   for h, top in zip(history, served)]) > 0.5
-  scann = _load(paths["scann"])(**request)["item_ids"].numpy()
+  scann = load_serving(paths["scann"])(**request)["item_ids"].numpy()
   assert np.mean([len(np.intersect1d(a, b)) / K
                   for a, b in zip(served, scann)]) > 0.8
 
@@ -237,19 +188,19 @@ def test_scann_savedmodel_gives_the_in_memory_index_top_k(
                              catalogue.item_ids[1:], K, options)
   path = export.save(export.Servable(index, K), str(tmp_path), "scann", {})
   scores, ids = index(request, k=K)
-  outputs = _load(path)(**request)
+  outputs = load_serving(path)(**request)
   np.testing.assert_array_equal(outputs["item_ids"].numpy(), ids.numpy())
   np.testing.assert_allclose(outputs["scores"].numpy(), scores.numpy(),
                              atol=1e-5)
   # And it is a good approximation of exact search.
-  exact = _load(exported[1]["bruteforce"])(**request)["item_ids"].numpy()
+  exact = load_serving(exported[1]["bruteforce"])(**request)["item_ids"].numpy()
   overlap = np.mean([len(np.intersect1d(a, b)) / K
                      for a, b in zip(exact, ids.numpy())])
   assert overlap > 0.8
 
 
 def test_serving_inputs_are_robust(exported, catalogue):
-  serve = _load(exported[1]["bruteforce"])
+  serve = load_serving(exported[1]["bruteforce"])
   known = catalogue.item_ids[1:1 + 3 * HISTORY_LENGTH]
   unknown_id = int(catalogue.item_ids.max()) + 12345
   # Unknown user and seed, empty history: still a full top-k.
@@ -332,7 +283,7 @@ def test_serving_history_is_laid_out_as_in_training(catalogue):
 
 def test_unknown_history_ids_take_no_slot(exported, catalogue):
   """N known ids with M unknown ones among them serve as the N alone."""
-  serve = _load(exported[1]["bruteforce"])
+  serve = load_serving(exported[1]["bruteforce"])
   known = catalogue.item_ids[1:1 + 2 * HISTORY_LENGTH]
   unknown = int(catalogue.item_ids.max()) + 1 + np.arange(HISTORY_LENGTH)
   recent = known[-HISTORY_LENGTH:]

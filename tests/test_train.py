@@ -62,7 +62,8 @@ def test_main_job_chooses_on_validation_retrains_and_scores_test_once(
                                 "--profile_steps=3,4", "--retrain",
                                 "--fresh_export_process", "--history_bonus",
                                 "--history_bonus_scales=0,0.1,0.3",
-                                "--history_bonus_half_lives=10,inf"),
+                                "--history_bonus_half_lives=10,inf",
+                                "--artist_prior", "--artist_prior_masses=0,1"),
                  cwd=_REPO, check=True, capture_output=True)
   results = _results(workdir)
   assert set(results) == {"selection", "validation", "retrain", "test",
@@ -113,6 +114,17 @@ def test_main_job_chooses_on_validation_retrains_and_scores_test_once(
   np.testing.assert_allclose(weights, bonus["scale"] * decay / decay.sum(),
                              rtol=1e-6)
 
+  # The artist prior's mass too, after the history bonus's; the retrained
+  # model keeps it, with tables counted from its own training data.
+  prior = selection["artist_prior"]
+  assert set(prior["by_mass"]) == {"0", "1"}
+  assert prior["by_mass"][f"{prior['mass']:g}"] == max(
+      prior["by_mass"].values())
+  reader = tf.train.load_checkpoint(results["model"]["checkpoint"])
+  key = "model/query_tower/artist_prior/{}/.ATTRIBUTES/VARIABLE_VALUE"
+  assert reader.get_tensor(key.format("mass")) == prior["mass"]
+  assert reader.get_tensor(key.format("next_weights")).sum() > 0
+
   retrievers = {"model", "most_popular", "recent_popular",
                 "seed_cooccurrence", "item_knn", "oracle"}
   for window in ("validation", "test"):
@@ -156,7 +168,8 @@ def test_main_job_chooses_on_validation_retrains_and_scores_test_once(
                                        "1", "saved_model.pb"))
     with open(os.path.join(workdir, "export", f"yambda_{kind}", "1",
                            "assets.extra", "export_metadata.json")) as f:
-      assert json.load(f)["history_bonus"]
+      metadata = json.load(f)
+      assert metadata["history_bonus"] and metadata["artist_prior"]
   # The run is over: its backups are gone, so a rerun starts afresh.
   assert not glob.glob(os.path.join(workdir, "backup", "**", "checkpoint"),
                        recursive=True)

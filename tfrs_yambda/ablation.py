@@ -52,9 +52,10 @@ VARIANTS = {
     "- candidate-space history": ["--candidate_history=false"],
     "- candidate-space history, 64 wide": ["--candidate_history=false",
                                            "--output_dim=64"],
-    # The score bonus of the history's own items, sized on the validation
-    # day after training.
+    # The priors mixed into the softmax, sized on the validation day after
+    # training: the history's own items, the seed artist's next artists'.
     "- history bonus": ["--history_bonus=false"],
+    "- artist prior": ["--artist_prior=false"],
     "+ mixed negatives (M=1024, all items)": ["--uniform_negatives=1024",
                                               "--uniform_pool=all"],
     "+ mixed negatives (M=4096, all items)": ["--uniform_negatives=4096",

@@ -9,7 +9,7 @@ that same ordering. Ties are broken by catalogue index, i.e. by popularity.
 ItemKNN, which reads the histories, is `tfrs_yambda.itemknn`.
 """
 
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -48,6 +48,7 @@ class MostPopular:
     return baseline
 
   def _set_scores(self, scores: np.ndarray) -> None:
+    self.scores = np.asarray(scores)  # per index, as fitted
     self._rank = _rank_of_each_item(scores)
     self._by_rank = np.argsort(self._rank)  # index 0 last
 
@@ -98,6 +99,10 @@ class SeedCooccurrence:
     baseline._n = np.int64(num_indices)  # pylint: disable=protected-access
     baseline._keys, baseline._counts = keys, counts  # pylint: disable=protected-access
     return baseline
+
+  def pair_counts(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(seeds, targets, counts) of every (seed, target) pair seen."""
+    return self._keys // self._n, self._keys % self._n, self._counts
 
   def _row(self, seed: int):
     """The items played after `seed` and their counts (items ascending)."""

@@ -194,8 +194,12 @@ def mix_into_scores(scores: tf.Tensor, bonus: Bonus, normaliser_: tf.Tensor,
       column < tf.cast(tf.shape(scores)[1], tf.int64))
   where = tf.where(inside)
   at = tf.stack([where[:, 0], tf.gather_nd(column, where)], axis=1)
-  # An item in several slots is written once per slot, the same value.
-  weight = tf.gather_nd(item_bonus(items, bonus.weights, items), where)
+  # An item's slots summed by scattering into the rows' columns (linear in
+  # the slots, which the artist prior makes hundreds); an item in several
+  # slots is then written once per slot, the same value.
+  weight = tf.gather_nd(tf.tensor_scatter_nd_add(
+      tf.zeros_like(scores), at,
+      tf.cast(tf.gather_nd(bonus.weights, where), scores.dtype)), at)
   return tf.tensor_scatter_nd_update(
       scores, at, mixed(tf.gather_nd(scores, at), weight,
                         tf.gather(normaliser_, where[:, 0]),

@@ -19,18 +19,18 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from tfrs_yambda import artist_prior as artist_prior_lib
 from tfrs_yambda import candidate_history as candidate_history_lib
 from tfrs_yambda import catalogue as catalogue_lib
 from tfrs_yambda import history_bonus as history_bonus_lib
 from tfrs_yambda import history_encoder as history_encoder_lib
+from tfrs_yambda import item_content
 from tfrs_yambda import schema
 
 # How the query tower reads the history: the mean of its item features, or a
 # causal self-attention encoder of the sequence (`history_encoder`).
 HISTORY_ENCODERS = ("mean", "attention")
-# How the item content table (audio and length features) is stored; the
-# features are float32 once looked up either way.
-CONTENT_DTYPES = ("float32", "float16")
+CONTENT_DTYPES = item_content.CONTENT_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,11 @@ class TowerConfig:
   # A score bonus for the history's own items, decaying with recency, set
   # after training (`tfrs_yambda.history_bonus`).
   history_bonus: bool = False
+  # Next-artist prior, mixed in alike: A next artists x M tracks per seed
+  # (`tfrs_yambda.artist_prior`).
+  artist_prior: bool = False
+  artist_prior_artists: int = 20
+  artist_prior_tracks: int = 20
   hidden_dim: int = 256
   output_dim: int = 64
   # K query vectors per example, scored by the best of them (max-sim, see
@@ -148,9 +153,8 @@ class ItemEncoder(tf.keras.layers.Layer):
     # out of checkpoints and backups (4.9 GB at 9.4M items, rewritten at every
     # backup), rebuilt by each model construction; a SavedModel tracks it
     # through `export.ServingQueryModel`.
-    object.__setattr__(self, "content",
-                       _content_table(catalogue, config.use_audio,
-                                      config.content_dtype))
+    object.__setattr__(self, "content", item_content.content_table(
+        catalogue, config.use_audio, config.content_dtype))
 
   def _id_rows(self, items: tf.Tensor) -> tf.Tensor:
     return tf.where(items < self.id_vocabulary_size, items,
@@ -217,46 +221,6 @@ class ItemEncoder(tf.keras.layers.Layer):
                       tf.concat([tf.shape(items), [-1]], axis=0))
 
 
-def _content_table(catalogue: catalogue_lib.Catalogue, with_audio: bool,
-                   dtype: str = "float32",
-                   rows_per_copy: int = 1 << 20) -> tf.Variable:
-  """The [items, (audio_dim +) 3] table of audio and length features, of
-  `dtype`.
-
-  Filled a block of rows at a time into the variable itself, by scatter
-  (a sliced assign copies the whole variable each time): at 9.4M items the
-  table is 4.6 GB, and building it whole first (a float32 copy of the
-  audio, their concatenation, the tensor a variable is initialised from)
-  held four copies at once, more than a 24 GB machine has.
-  """
-  dense = _dense_item_features(catalogue, with_audio)
-  audio_dim = catalogue.audio_dim if with_audio else 0
-  rows = len(dense)
-  table = tf.Variable(tf.zeros([rows, audio_dim + dense.shape[1]], dtype),
-                      trainable=False, name="item_content")
-  for lo in range(0, rows, rows_per_copy):
-    hi = min(rows, lo + rows_per_copy)
-    block = [catalogue.audio_rows(lo, hi)] if with_audio else []
-    table.scatter_update(tf.IndexedSlices(
-        np.concatenate(block + [dense[lo:hi]], axis=1).astype(dtype),
-        tf.range(lo, hi)))
-  return table
-
-
-def _dense_item_features(catalogue: catalogue_lib.Catalogue,
-                         with_audio: bool = True) -> np.ndarray:
-  """[standardised log length, has length(, has audio)] per item."""
-  length = catalogue.item_length.astype(np.float64)
-  known = length > 0
-  log_length = np.log1p(length)
-  mean = log_length[known].mean() if known.any() else 0.0
-  std = log_length[known].std() + 1e-6 if known.any() else 1.0
-  columns = [np.where(known, (log_length - mean) / std, 0.0), known]
-  if with_audio:
-    columns.append(catalogue.has_audio)
-  return np.stack(columns, axis=-1).astype(np.float32)
-
-
 def _mlp(config: TowerConfig, name: str,
          heads: int = 1) -> tf.keras.Sequential:
   """ReLU layer, then linear to unit vectors: [batch, d], or with heads > 1
@@ -287,10 +251,10 @@ class QueryTower(tf.keras.Model):
 
   With `candidate_history`, the seed's and the history's own candidate
   embeddings are added to it, weighted by slot
-  (`tfrs_yambda.candidate_history`). With `history_bonus`, the tower also
-  holds each history slot's prior weight (`tfrs_yambda.history_bonus`),
-  which scoring mixes into the query's scores; its output is the dense
-  query either way.
+  (`tfrs_yambda.candidate_history`). With `history_bonus` and
+  `artist_prior`, the tower also holds priors over items
+  (`tfrs_yambda.history_bonus`, `tfrs_yambda.artist_prior`), which scoring
+  mixes into the query's scores; its output is the dense query either way.
   """
 
   def __init__(self, catalogue: catalogue_lib.Catalogue,
@@ -320,6 +284,10 @@ class QueryTower(tf.keras.Model):
         history_bonus_lib.HistoryBonus(catalogue.history_length,
                                        name="history_bonus")
         if config.history_bonus else None)
+    self.artist_prior = artist_prior_lib.ArtistPrior(
+        len(catalogue.artist_ids), config.artist_prior_artists,
+        config.artist_prior_tracks,
+        name="artist_prior") if config.artist_prior else None
     users = catalogue.user_ids[1:catalogue_lib.id_vocabulary_size(
         catalogue.user_train_count, config.min_user_count)]
     self.user_lookup = tf.keras.layers.IntegerLookup(
@@ -381,11 +349,17 @@ class QueryTower(tf.keras.Model):
     return tf.concat([history, seed[:, tf.newaxis]], axis=1)
 
   def bonus(self, features) -> Optional[Tuple[tf.Tensor, tf.Tensor]]:
-    """(history slots, their prior weights), or None without a bonus."""
-    if self.history_bonus is None:
-      return None
-    history = self.slots(features)[:, :-1]
-    return history, self.history_bonus(history)
+    """(items, their prior weights), [batch, slots] each: the history's
+    slots, then the artist prior's items; None without either prior."""
+    slots = self.slots(features)
+    parts = []
+    if self.history_bonus is not None:
+      parts.append((slots[:, :-1], self.history_bonus(slots[:, :-1])))
+    if self.artist_prior is not None:
+      parts.append(self.artist_prior(
+          tf.gather(self.item_encoder.artist, slots[:, -1])))
+    return tuple(tf.concat(part, axis=1)
+                 for part in zip(*parts)) if parts else None
 
 
 class CandidateTower(tf.keras.Model):

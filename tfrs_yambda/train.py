@@ -6,7 +6,7 @@ Windows, the Yambda authors' way: the model trains on the training window,
 is evaluated on the validation day after every epoch (TensorBoard's eval/*),
 and the epoch with the best validation --select_metric is kept; so are the
 ItemKNN baseline's best neighbourhood size (--itemknn_neighbours) and, with
---history_bonus, the bonus's scale and half-life. The test day
+--history_bonus and --artist_prior, the priors' sizes. The test day
 is scored once, at the end, by that model; with --retrain, by a model
 retrained with the chosen settings (and epoch count) on everything before
 the test gap (the authors' second stage), prepared without a validation
@@ -24,7 +24,7 @@ Everything is written under --workdir (or the explicit paths):
                          Recall@k / NDCG@k / MRR, coverage and popularity of
                          model and baselines, and the Yambda protocol's
                          metrics ("yambda_protocol"); "selection": the epoch,
-                         ItemKNN's neighbourhood size and the history bonus
+                         ItemKNN's neighbourhood size and the priors' sizes
                          chosen on the validation day; "stages": each
                          stage's wall time, peak memory and disk
   <workdir>/eval/recall_at_k.png  Recall@k against k for every retriever
@@ -58,12 +58,10 @@ from tfrs_yambda import atomic
 from tfrs_yambda import callbacks
 from tfrs_yambda import catalogue as catalogue_lib
 from tfrs_yambda import evaluate
-from tfrs_yambda import history_bonus
 from tfrs_yambda import itemknn
-from tfrs_yambda import metrics
 from tfrs_yambda import plots
+from tfrs_yambda import priors
 from tfrs_yambda import projector
-from tfrs_yambda import ranking
 from tfrs_yambda import report
 from tfrs_yambda import schema
 from tfrs_yambda import stage_meter
@@ -177,36 +175,6 @@ def choose_itemknn(fitted_baselines, catalogue, examples, ks,
   return [chosen if b is knn else b for b in fitted_baselines]
 
 
-def choose_history_bonus(model, catalogue, examples, ks,
-                         selection: dict) -> None:
-  """Sets the model's history bonus (`history_bonus`) to the scale and
-  half-life best by --history_bonus_metric on the validation examples, as
-  ItemKNN's neighbourhood; records them as selection["history_bonus"]."""
-  table = ranking.candidate_table(ranking.candidate_embeddings(
-      model, catalogue.num_candidates(
-          evaluate.window_start(catalogue, "validation")) + 1))
-
-  def score():
-    values = metrics.rank_metrics(
-        ranking.model_ranks(model, examples, table), ks)
-    if FLAGS.history_bonus_metric not in values:
-      raise ValueError(f"--history_bonus_metric={FLAGS.history_bonus_metric} "
-                       f"is not a metric of --eval_ks={list(ks)}.")
-    return values[FLAGS.history_bonus_metric]
-
-  (scale, half_life), by_setting = history_bonus.choose_decay(
-      model.query_tower.history_bonus, score,
-      [float(x) for x in FLAGS.history_bonus_scales],
-      [float(x) for x in FLAGS.history_bonus_half_lives])
-  # JSON has no infinity: "inf" as a string, as the flag spells it.
-  selection["history_bonus"] = {
-      "scale": scale, "half_life": f"{half_life:g}", "by_setting": by_setting}
-  print(f"History bonus: scale {scale:g}, half-life {half_life:g} slots, "
-        f"chosen on the validation day ({FLAGS.history_bonus_metric} by "
-        "scale/half-life: " + ", ".join(
-            f"{k}: {v:.4f}" for k, v in by_setting.items()) + ")")
-
-
 def save_model(model, folder: str, step: int, prepared_dir: str) -> dict:
   """Checkpoints the model; returns results.json's "model" entry: the
   checkpoint and the prepared data it was trained on (for
@@ -270,12 +238,19 @@ def train_and_evaluate():
       examples = evaluate.window_examples(catalogue, folders["prepared"],
                                           "validation", rule,
                                           FLAGS.eval_examples)
-    if model.query_tower.history_bonus is not None:
-      if examples is not None:
-        choose_history_bonus(model, catalogue, examples, ks, selection)
-      else:
-        logging.warning("No validation window to choose the history bonus "
-                        "on: it stays 0 (off).")
+    fitted_baselines = evaluate.fit_baselines(
+        catalogue, folders["prepared"], rule, FLAGS.recent_half_life_days,
+        train_flags.itemknn_config(), FLAGS.baseline_shards)
+    priors.fit_artist_prior(model, catalogue, fitted_baselines)
+    if examples is not None:
+      selection.update(priors.choose(
+          model, catalogue, examples, ks, FLAGS.history_bonus_metric,
+          [float(x) for x in FLAGS.history_bonus_scales],
+          [float(x) for x in FLAGS.history_bonus_half_lives],
+          [float(x) for x in FLAGS.artist_prior_masses]))
+    elif export.has_priors(model.query_tower):
+      logging.warning("No validation window to size the history bonus and "
+                      "artist prior on: they stay 0 (off).")
 
   results = {"selection": selection, "stages": meter.stages,
              "model": save_model(model, folders["checkpoints"],
@@ -283,9 +258,6 @@ def train_and_evaluate():
                                  folders["prepared"])}
   results_path = os.path.join(folders["eval"], "results.json")
   with meter.stage("evaluate", [folders["eval"]]):
-    fitted_baselines = evaluate.fit_baselines(
-        catalogue, folders["prepared"], rule, FLAGS.recent_half_life_days,
-        train_flags.itemknn_config(), FLAGS.baseline_shards)
     # Without a validation window, ItemKNN keeps its largest neighbourhood.
     selection["itemknn_neighbours"] = {
         "chosen": max(train_flags.itemknn_config().neighbours), "by_k": {}}
@@ -311,19 +283,17 @@ def train_and_evaluate():
     model, results["retrain"] = train(catalogue, prepared,
                                       epochs=selection["epoch"],
                                       stage="retrain")
-    if "history_bonus" in selection:
-      model.query_tower.history_bonus.set_decay(
-          selection["history_bonus"]["scale"],
-          float(selection["history_bonus"]["half_life"]))
-    results["model"] = save_model(
-        model, os.path.join(folders["checkpoints"], "retrain"),
-        results["retrain"]["train_steps"], prepared)
     with meter.stage("evaluate", [folders["eval"]]):
       fitted_baselines = evaluate.fit_baselines(
           catalogue, prepared, rule, FLAGS.recent_half_life_days,
           train_flags.itemknn_config(
               neighbours=[selection["itemknn_neighbours"]["chosen"]]),
           FLAGS.baseline_shards)
+      priors.fit_artist_prior(model, catalogue, fitted_baselines)
+      priors.restore(model, selection)
+    results["model"] = save_model(
+        model, os.path.join(folders["checkpoints"], "retrain"),
+        results["retrain"]["train_steps"], prepared)
   else:
     prepared = folders["prepared"]
   with meter.stage("evaluate", [folders["eval"]]):

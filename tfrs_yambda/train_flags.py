@@ -37,7 +37,8 @@ FLAGS = flags.FLAGS
 TOWER_FLAGS = ("item_id_dim", "artist_dim", "album_dim", "user_dim",
                "hidden_dim", "output_dim", "recent_history", "history_encoder",
                "attention_blocks", "attention_heads", "attention_dropout",
-               "candidate_history", "history_bonus", "query_heads",
+               "candidate_history", "history_bonus", "artist_prior",
+               "artist_prior_artists", "artist_prior_tracks", "query_heads",
                "min_item_count", "min_user_count", "content_dtype",
                "use_user_id", "use_seed", "use_history", "use_audio",
                "use_artist_album", "use_example_age")
@@ -47,15 +48,8 @@ RETRIEVAL_FLAGS = ("temperature", "logq_correction", "uniform_negatives",
 # Recorded in TensorBoard's HParams dashboard, to compare runs (with the
 # history length, which the prepared data defines).
 HPARAM_FLAGS = ("batch_size", "epochs", "optimizer", "learning_rate",
-                "temperature", "logq_correction", "uniform_negatives",
-                "uniform_pool", "sampling_probability", "frequency_alpha",
-                "frequency_buckets", "use_example_weights", "use_user_id",
-                "use_seed", "use_history", "use_audio", "use_artist_album",
-                "use_example_age", "min_item_count", "min_user_count",
-                "history_length", "output_dim", "recent_history",
-                "history_encoder", "attention_blocks", "attention_heads",
-                "attention_dropout", "candidate_history", "history_bonus",
-                "query_heads", "content_dtype")
+                "use_example_weights", "history_length"
+                ) + RETRIEVAL_FLAGS + TOWER_FLAGS
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -137,7 +131,6 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                        flag_values=fv)
   flags.DEFINE_integer("seed", train.seed,
                        "Seed of initialisation and shuffling.", flag_values=fv)
-
   flags.DEFINE_bool("retrain", False,
                     "The authors' second stage: after choosing on the "
                     "validation day, retrain with the chosen settings and "
@@ -170,18 +163,13 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                        "(item index mod buckets); 0: one per item.",
                        flag_values=fv)
   # Towers: towers.TowerConfig.
-  flags.DEFINE_integer("item_id_dim", tower.item_id_dim,
-                       "Item id embedding width.", flag_values=fv)
-  flags.DEFINE_integer("artist_dim", tower.artist_dim,
-                       "Artist embedding width.", flag_values=fv)
-  flags.DEFINE_integer("album_dim", tower.album_dim, "Album embedding width.",
-                       flag_values=fv)
-  flags.DEFINE_integer("user_dim", tower.user_dim, "User embedding width.",
-                       flag_values=fv)
-  flags.DEFINE_integer("hidden_dim", tower.hidden_dim,
-                       "Hidden layer width of each tower.", flag_values=fv)
-  flags.DEFINE_integer("output_dim", tower.output_dim,
-                       "Query / candidate embedding width.", flag_values=fv)
+  for name, what in (("item_id_dim", "Item id embedding width."),
+                     ("artist_dim", "Artist embedding width."),
+                     ("album_dim", "Album embedding width."),
+                     ("user_dim", "User embedding width."),
+                     ("hidden_dim", "Hidden layer width of each tower."),
+                     ("output_dim", "Query / candidate embedding width.")):
+    flags.DEFINE_integer(name, getattr(tower, name), what, flag_values=fv)
   flags.DEFINE_integer("recent_history", tower.recent_history,
                        "Also pool the latest this many history items on their "
                        "own (0: only the whole history's mean).",
@@ -211,6 +199,17 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "evaluation and the export; sized on the validation day "
                     "after training.",
                     flag_values=fv)
+  flags.DEFINE_bool("artist_prior", tower.artist_prior,
+                    "Also mix a next-artist prior (the seed artist's next "
+                    "artists in training, their popular tracks) into the "
+                    "model's scores; sized on the validation day.",
+                    flag_values=fv)
+  flags.DEFINE_integer("artist_prior_artists", tower.artist_prior_artists,
+                       "Next artists per seed artist in the artist prior.",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("artist_prior_tracks", tower.artist_prior_tracks,
+                       "Tracks per artist in the artist prior.",
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("query_heads", tower.query_heads,
                        "Query vectors per example; a candidate scores the "
                        "best of them (max-sim), in training, evaluation and "
@@ -226,19 +225,14 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "How the item content table (audio, length) is stored: "
                     "float16 halves the model's largest table.",
                     flag_values=fv)
-  flags.DEFINE_bool("use_user_id", tower.use_user_id,
-                    "Ablation switch: user id embedding.", flag_values=fv)
-  flags.DEFINE_bool("use_seed", tower.use_seed,
-                    "Ablation switch: seed-track features.", flag_values=fv)
-  flags.DEFINE_bool("use_history", tower.use_history,
-                    "Ablation switch: history features.", flag_values=fv)
-  flags.DEFINE_bool("use_audio", tower.use_audio,
-                    "Ablation switch: audio embeddings.", flag_values=fv)
-  flags.DEFINE_bool("use_artist_album", tower.use_artist_album,
-                    "Ablation switch: artist and album embeddings.",
-                    flag_values=fv)
-  flags.DEFINE_bool("use_example_age", tower.use_example_age,
-                    "Ablation switch: example age.", flag_values=fv)
+  for name, what in (("use_user_id", "user id embedding"),
+                     ("use_seed", "seed-track features"),
+                     ("use_history", "history features"),
+                     ("use_audio", "audio embeddings"),
+                     ("use_artist_album", "artist and album embeddings"),
+                     ("use_example_age", "example age")):
+    flags.DEFINE_bool(name, getattr(tower, name), f"Ablation switch: {what}.",
+                      flag_values=fv)
   # Examples: input_pipeline.ExampleRule (its positive threshold: the prep's).
   flags.DEFINE_integer("max_played_ratio", 200,
                        "Played-ratio cap (percent) in the example weight.",
@@ -266,16 +260,20 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "With --history_bonus: the half-lives (history slots) "
                     "tried with each mass; the best pair by "
                     "--history_bonus_metric is kept.", flag_values=fv)
+  flags.DEFINE_list("artist_prior_masses", ["0", "0.1", "0.3", "1", "2"],
+                    "With --artist_prior: its masses tried on the validation "
+                    "day, after the history bonus's choice.", flag_values=fv)
   flags.DEFINE_string("history_bonus_metric", "mrr",
                       "The validation metric that chooses the history bonus "
-                      "(one that weighs the top of the list most).",
-                      flag_values=fv)
+                      "and the artist prior (one that weighs the top of the "
+                      "list most).", flag_values=fv)
   for name, admits in (("history_bonus_scales", lambda x: x >= 0),
+                       ("artist_prior_masses", lambda x: x >= 0),
                        ("history_bonus_half_lives", lambda x: x > 0)):
     flags.register_validator(  # when parsed, not after training
         name, lambda values, admits=admits: bool(values) and all(
             admits(_number(x)) for x in values), flag_values=fv,
-        message=f"--{name}: numbers, scales >= 0 and half-lives > 0.")
+        message=f"--{name}: numbers, masses >= 0 and half-lives > 0.")
   flags.DEFINE_integer("itemknn_window", knn.window,
                        "ItemKNN counts each training positive with this many "
                        "positives before it.", flag_values=fv)
