@@ -168,3 +168,33 @@ def test_artist_prior_exports_in_the_same_signature(
   scann = load_serving(paths["scann"])(**request)["item_ids"].numpy()
   assert np.mean([len(np.intersect1d(a, b)) / EXPORT_K
                   for a, b in zip(served, scann)]) > 0.8
+
+
+def test_the_mass_can_be_chosen_for_the_protocol_too(prepared, catalogue):
+  """With a protocol metric, a mass scores the mean of both metrics: one
+  that the protocol rejects loses though it ranks next tracks better."""
+  tf.keras.utils.set_random_seed(3)
+  model = model_lib.TwoTowerModel(catalogue, towers.TowerConfig(
+      **SMALL_TOWERS, artist_prior=True, artist_prior_tracks=4))
+  batch = train_batch(prepared, catalogue, size=64)
+  examples = {k: batch[k].numpy() for k in schema.example_spec(1)}
+  fitted = baselines.TrainingCounts(catalogue.num_items + 1)
+  fitted.add(examples[schema.SEED_ITEM], examples[schema.TARGET_ITEM],
+             examples[schema.EXAMPLE_AGE])
+  priors.fit_artist_prior(model, catalogue, fitted.baselines())
+  layer = model.query_tower.artist_prior
+
+  def choose(protocol_metric):
+    return priors.choose(
+        model, catalogue, examples, [10], "mrr", [], [], [0, 1],
+        protocol_metric,
+        lambda: {"ndcg@10": 1.0 - float(layer.mass.numpy())})["artist_prior"]
+
+  # Its own training targets: the prior ranks them better.
+  alone = choose("")
+  assert alone["mass"] == 1 and alone["by_mass"]["1"] > alone["by_mass"]["0"]
+  both = choose("ndcg@10")
+  assert both["mass"] == 0 and float(layer.mass.numpy()) == 0
+  assert both["by_mass"]["0"] == pytest.approx((alone["by_mass"]["0"] + 1) / 2)
+  with pytest.raises(ValueError, match="protocol"):
+    choose("ndcg@7")

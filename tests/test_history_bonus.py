@@ -188,7 +188,9 @@ def test_a_non_finite_prior_is_a_miss_not_a_hit():
     ("history_bonus_scales", "big", False),
     ("history_bonus_half_lives", "5,inf", True),
     ("history_bonus_half_lives", "0", False),
-    ("history_bonus_half_lives", "nan", False)])
+    ("history_bonus_half_lives", "nan", False),
+    ("artist_prior_masses", "0,0.3,1", True),
+    ("artist_prior_masses", "-1", False)])
 def test_the_settings_to_choose_from_are_checked_when_parsed(flag, value, ok):
   flag_values = flags.FlagValues()
   train_flags.define_flags(flag_values)

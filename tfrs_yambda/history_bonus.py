@@ -46,6 +46,10 @@ variables.
     move, never below their dense score, so an item outside both lists has
     at least k + P unchanged-or-raised scores above it, of which at most P
     belong to (re-scored) slots: k remain above it.
+
+The same code mixes in any prior given as (slots, weights): with
+`TowerConfig.artist_prior` the query's slots are its history's, then the
+artist prior's items (`tfrs_yambda.artist_prior`), and P counts them all.
 """
 
 from typing import (Callable, Dict, NamedTuple, Optional, Sequence, Text,
@@ -194,12 +198,14 @@ def mix_into_scores(scores: tf.Tensor, bonus: Bonus, normaliser_: tf.Tensor,
       column < tf.cast(tf.shape(scores)[1], tf.int64))
   where = tf.where(inside)
   at = tf.stack([where[:, 0], tf.gather_nd(column, where)], axis=1)
-  # An item's slots summed by scattering into the rows' columns (linear in
-  # the slots, which the artist prior makes hundreds); an item in several
-  # slots is then written once per slot, the same value.
-  weight = tf.gather_nd(tf.tensor_scatter_nd_add(
-      tf.zeros_like(scores), at,
-      tf.cast(tf.gather_nd(bonus.weights, where), scores.dtype)), at)
+  # An item's slots summed per (row, column) key: linear in the slots, which
+  # the artist prior makes hundreds (`item_bonus` compares every pair). An
+  # item in several slots is then written once per slot, the same value.
+  key = at[:, 0] * tf.cast(tf.shape(scores)[1], tf.int64) + at[:, 1]
+  distinct, position = tf.unique(key)
+  weight = tf.gather(tf.math.unsorted_segment_sum(
+      tf.cast(tf.gather_nd(bonus.weights, where), scores.dtype), position,
+      tf.size(distinct)), position)
   return tf.tensor_scatter_nd_update(
       scores, at, mixed(tf.gather_nd(scores, at), weight,
                         tf.gather(normaliser_, where[:, 0]),

@@ -247,7 +247,12 @@ def train_and_evaluate():
           model, catalogue, examples, ks, FLAGS.history_bonus_metric,
           [float(x) for x in FLAGS.history_bonus_scales],
           [float(x) for x in FLAGS.history_bonus_half_lives],
-          [float(x) for x in FLAGS.artist_prior_masses]))
+          [float(x) for x in FLAGS.artist_prior_masses],
+          FLAGS.artist_prior_protocol_metric,
+          lambda: yambda_protocol.evaluate(
+              model, catalogue, folders["prepared"], rule,
+              ks=[int(k) for k in FLAGS.protocol_ks],
+              window="validation")["retrievers"]["model"]))
     elif export.has_priors(model.query_tower):
       logging.warning("No validation window to size the history bonus and "
                       "artist prior on: they stay 0 (off).")

@@ -204,12 +204,10 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "artists in training, their popular tracks) into the "
                     "model's scores; sized on the validation day.",
                     flag_values=fv)
-  flags.DEFINE_integer("artist_prior_artists", tower.artist_prior_artists,
-                       "Next artists per seed artist in the artist prior.",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("artist_prior_tracks", tower.artist_prior_tracks,
-                       "Tracks per artist in the artist prior.",
-                       lower_bound=1, flag_values=fv)
+  for name, what in (("artist_prior_artists", "Next artists per artist"),
+                     ("artist_prior_tracks", "Tracks per artist")):
+    flags.DEFINE_integer(name, getattr(tower, name), f"{what} in the artist "
+                         "prior.", lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("query_heads", tower.query_heads,
                        "Query vectors per example; a candidate scores the "
                        "best of them (max-sim), in training, evaluation and "
@@ -263,6 +261,10 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_list("artist_prior_masses", ["0", "0.1", "0.3", "1", "2"],
                     "With --artist_prior: its masses tried on the validation "
                     "day, after the history bonus's choice.", flag_values=fv)
+  flags.DEFINE_string("artist_prior_protocol_metric", "ndcg@10",
+                      "If set, each artist prior mass scores the mean of "
+                      "--history_bonus_metric and this Yambda protocol "
+                      "metric, both on the validation day.", flag_values=fv)
   flags.DEFINE_string("history_bonus_metric", "mrr",
                       "The validation metric that chooses the history bonus "
                       "and the artist prior (one that weighs the top of the "
