@@ -205,22 +205,22 @@ def check_finite_candidates(candidates: np.ndarray,
 def build_index(kind: str, query_model: tf.keras.Model,
                 candidates: np.ndarray, identifiers: np.ndarray, k: int,
                 scann_options: Optional[Dict] = None, heads: int = 1,
-                candidate_tower: Optional[tf.keras.Model] = None,
+                bonus: bool = False,
                 temperature: Optional[float] = None):
   """Builds a BruteForce or ScaNN top-k layer over the candidate embeddings.
 
   With `heads` > 1 (the query model returns [batch, heads, d]) the index is
   wrapped in `query_heads.MaxSimTopK`, which merges the heads' lookups; with
-  `candidate_tower` (the query tower has a history bonus), in
-  `history_bonus.HistoryBonusTopK`, which mixes the history prior in (at
-  the model's training `temperature`) and scores the history's items with
-  that tower. The outermost layer holds the query model; with neither it is
-  TFRS's layer itself.
+  `bonus` (the query tower has a history or artist prior), in
+  `history_bonus.HistoryBonusTopK`, which mixes the priors in (at the
+  model's training `temperature`) and scores the priors' items by their
+  rows of `candidates`, which must then be catalogue indices 1..n in order.
+  The outermost layer holds the query model; with neither it is TFRS's
+  layer itself.
 
   Raises ValueError if any candidate embedding is not finite.
   """
   check_finite_candidates(candidates, identifiers)
-  bonus = candidate_tower is not None
   if bonus and temperature is None:
     raise ValueError("A history bonus index needs the model's temperature.")
   head_query_model = query_model if heads == 1 and not bonus else None
@@ -233,9 +233,11 @@ def build_index(kind: str, query_model: tf.keras.Model,
   if heads > 1:
     index = query_heads.MaxSimTopK(index, None if bonus else query_model, k=k)
   if bonus:
-    index = history_bonus.HistoryBonusTopK(index, query_model,
-                                           candidate_tower, len(candidates),
-                                           temperature, k=k)
+    # Row i: catalogue index i's embedding (index 0, never a slot's item).
+    by_index = np.concatenate([np.zeros_like(candidates[:1]),
+                               np.asarray(candidates)])
+    index = history_bonus.HistoryBonusTopK(index, query_model, by_index,
+                                           len(candidates), temperature, k=k)
   index.index(tf.convert_to_tensor(candidates),
               tf.constant(identifiers, tf.int64))
   return index
@@ -335,8 +337,6 @@ def export_all(model, catalogue: catalogue_lib.Catalogue, export_dir: str,
   identifiers = catalogue.item_ids[1:]
   query_model = ServingQueryModel(model.query_tower, catalogue)
   heads = model.query_tower.config.query_heads
-  bonus_tower = (model.candidate_tower if has_priors(model.query_tower)
-                 else None)
   k = min(k, catalogue.num_items)
   scann_options = scann_options or default_scann_options(len(candidates), k)
   warmup = tf_serving.warmup_inputs(catalogue)
@@ -347,7 +347,8 @@ def export_all(model, catalogue: catalogue_lib.Catalogue, export_dir: str,
   # (a 22.8 GiB peak at 9.4M candidates; benchmarks/README.md).
   for kind in ("scann", "bruteforce"):
     index = build_index(kind, query_model, candidates, identifiers, k,
-                        scann_options, heads, bonus_tower, model.temperature)
+                        scann_options, heads,
+                        has_priors(model.query_tower), model.temperature)
     metadata = {"index": kind, "k": k, "history_length": history_length,
                 "query_heads": heads,
                 "history_bonus": model.query_tower.history_bonus is not None,

@@ -91,20 +91,28 @@ def test_choose_mass_keeps_the_best_and_prefers_the_smaller_on_ties():
   assert list(scores) == ["0", "0.5", "1", "2"]
 
 
-def test_both_priors_rank_as_the_reference_in_memory_and_blockwise(
-    prepared, catalogue):
-  """The priors' items join the history's slots: ranks, blockwise ranks and
-  the choice all see p ~ exp((s - L) / t) + B_history + B_artist."""
-  tf.keras.utils.set_random_seed(8)
+def _model_fitted_on_a_batch(prepared, catalogue, seed, **config):
+  """A small model whose artist prior is counted from one training batch;
+  returns it with that batch's examples (its own training targets)."""
+  tf.keras.utils.set_random_seed(seed)
   model = model_lib.TwoTowerModel(catalogue, towers.TowerConfig(
-      **SMALL_TOWERS, history_bonus=True, artist_prior=True,
-      artist_prior_artists=3, artist_prior_tracks=4))
+      **SMALL_TOWERS, artist_prior=True, **config))
   batch = train_batch(prepared, catalogue, size=64)
   examples = {k: batch[k].numpy() for k in schema.example_spec(1)}
   fitted = baselines.TrainingCounts(catalogue.num_items + 1)
   fitted.add(examples[schema.SEED_ITEM], examples[schema.TARGET_ITEM],
              examples[schema.EXAMPLE_AGE])
   priors.fit_artist_prior(model, catalogue, fitted.baselines())
+  return model, examples
+
+
+def test_both_priors_rank_as_the_reference_in_memory_and_blockwise(
+    prepared, catalogue):
+  """The priors' items join the history's slots: ranks, blockwise ranks and
+  the choice all see p ~ exp((s - L) / t) + B_history + B_artist."""
+  model, examples = _model_fitted_on_a_batch(
+      prepared, catalogue, 8, history_bonus=True, artist_prior_artists=3,
+      artist_prior_tracks=4)
   model.query_tower.history_bonus.set_decay(0.3, 10.0)
   model.query_tower.artist_prior.set_mass(1.0)
   features = {k: tf.constant(examples[k]) for k in schema.QUERY_FEATURES}
@@ -173,15 +181,8 @@ def test_artist_prior_exports_in_the_same_signature(
 def test_the_mass_can_be_chosen_for_the_protocol_too(prepared, catalogue):
   """With a protocol metric, a mass scores the mean of both metrics: one
   that the protocol rejects loses though it ranks next tracks better."""
-  tf.keras.utils.set_random_seed(3)
-  model = model_lib.TwoTowerModel(catalogue, towers.TowerConfig(
-      **SMALL_TOWERS, artist_prior=True, artist_prior_tracks=4))
-  batch = train_batch(prepared, catalogue, size=64)
-  examples = {k: batch[k].numpy() for k in schema.example_spec(1)}
-  fitted = baselines.TrainingCounts(catalogue.num_items + 1)
-  fitted.add(examples[schema.SEED_ITEM], examples[schema.TARGET_ITEM],
-             examples[schema.EXAMPLE_AGE])
-  priors.fit_artist_prior(model, catalogue, fitted.baselines())
+  model, examples = _model_fitted_on_a_batch(prepared, catalogue, 3,
+                                             artist_prior_tracks=4)
   layer = model.query_tower.artist_prior
 
   def choose(protocol_metric):

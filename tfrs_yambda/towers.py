@@ -54,8 +54,8 @@ class TowerConfig:
   # history's *candidate* embeddings (`QueryTower`): ItemKNN's score inside
   # the two towers.
   candidate_history: bool = False
-  # A score bonus for the history's own items, decaying with recency, set
-  # after training (`tfrs_yambda.history_bonus`).
+  # A repeat prior over the history's own items, mixed into the softmax,
+  # decaying with recency, sized after training (`tfrs_yambda.history_bonus`).
   history_bonus: bool = False
   # Next-artist prior, mixed in alike: A next artists x M tracks per seed
   # (`tfrs_yambda.artist_prior`).
