@@ -119,6 +119,24 @@ def test_item_bonus_sums_over_the_slots_that_hold_each_item():
                                tf.constant(identifiers)).numpy(), want)
 
 
+def test_item_bonus_matches_every_pair_on_many_repeated_slots():
+  """The sorted search equals the pairwise sum: repeats, raw ids of -1
+  (index 0 served), identifiers absent from the slots, no slots at all."""
+  rng = np.random.default_rng(4)
+  items = rng.integers(-1, 40, (6, 450))
+  weights = rng.random((6, 450)).astype(np.float32)
+  identifiers = rng.integers(-1, 60, (6, 550))
+  pairwise = np.where(items[:, np.newaxis, :] == identifiers[:, :, np.newaxis],
+                      weights[:, np.newaxis, :], 0).sum(axis=2)
+  np.testing.assert_allclose(
+      history_bonus.item_bonus(tf.constant(items), tf.constant(weights),
+                               tf.constant(identifiers)).numpy(),
+      pairwise, rtol=1e-5)
+  assert not history_bonus.item_bonus(
+      tf.zeros([6, 0], tf.int64), tf.zeros([6, 0]),
+      tf.constant(identifiers)).numpy().any()
+
+
 def test_evaluation_ranks_by_the_scores_with_the_prior(prepared, catalogue):
   tf.keras.utils.set_random_seed(6)
   model = model_lib.TwoTowerModel(catalogue, towers.TowerConfig(
