@@ -30,7 +30,6 @@ from tfrs_yambda import schema
 # How the query tower reads the history: the mean of its item features, or a
 # causal self-attention encoder of the sequence (`history_encoder`).
 HISTORY_ENCODERS = ("mean", "attention")
-CONTENT_DTYPES = item_content.CONTENT_DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +85,9 @@ class TowerConfig:
   def __post_init__(self):
     if self.query_heads < 1:
       raise ValueError(f"query_heads must be >= 1, got {self.query_heads}")
-    if self.content_dtype not in CONTENT_DTYPES:
-      raise ValueError(f"content_dtype must be one of {CONTENT_DTYPES}, "
+    if self.content_dtype not in item_content.CONTENT_DTYPES:
+      raise ValueError(f"content_dtype must be one of "
+                       f"{item_content.CONTENT_DTYPES}, "
                        f"got {self.content_dtype!r}")
     if self.history_encoder not in HISTORY_ENCODERS:
       raise ValueError(f"history_encoder must be one of {HISTORY_ENCODERS}, "

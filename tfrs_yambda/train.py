@@ -248,7 +248,8 @@ def train_and_evaluate():
           [float(x) for x in FLAGS.history_bonus_scales],
           [float(x) for x in FLAGS.history_bonus_half_lives],
           [float(x) for x in FLAGS.artist_prior_masses],
-          FLAGS.artist_prior_protocol_metric,
+          # --noyambda_protocol: the protocol is not run, nor chosen by.
+          FLAGS.artist_prior_protocol_metric if FLAGS.yambda_protocol else "",
           lambda: yambda_protocol.evaluate(
               model, catalogue, folders["prepared"], rule,
               ks=[int(k) for k in FLAGS.protocol_ks],

@@ -9,8 +9,7 @@ flags means and which stage's config it sets:
   towers       `towers.TowerConfig` (`tower_config`);
   retrieval    `model.RetrievalConfig` (`retrieval_config`);
   examples     `input_pipeline.ExampleRule` (`example_rule`);
-  evaluation   --eval_ks, --recent_half_life_days, --yambda_protocol, ...,
-               and ItemKNN's (`itemknn_config`);
+  evaluation   --eval_ks, --yambda_protocol, ... (ItemKNN: `itemknn_config`);
   export       --export, --fresh_export_process, --export_k, --model_name.
 
 No flag is defined on import: a program calls `define_flags` before it
@@ -25,6 +24,7 @@ from absl import flags
 from data_prep.prep import config as prep_config
 from tfrs_yambda import catalogue as catalogue_lib
 from tfrs_yambda import input_pipeline
+from tfrs_yambda import item_content
 from tfrs_yambda import itemknn
 from tfrs_yambda import model as model_lib
 from tfrs_yambda import towers
@@ -219,7 +219,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                        "Users with fewer training positives share one id row.",
                        flag_values=fv)
   flags.DEFINE_enum("content_dtype", tower.content_dtype,
-                    list(towers.CONTENT_DTYPES),
+                    list(item_content.CONTENT_DTYPES),
                     "How the item content table (audio, length) is stored: "
                     "float16 halves the model's largest table.",
                     flag_values=fv)
@@ -262,9 +262,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "With --artist_prior: its masses tried on the validation "
                     "day, after the history bonus's choice.", flag_values=fv)
   flags.DEFINE_string("artist_prior_protocol_metric", "ndcg@10",
-                      "If set, each artist prior mass scores the mean of "
-                      "--history_bonus_metric and this Yambda protocol "
-                      "metric, both on the validation day.", flag_values=fv)
+                      "If set (and --yambda_protocol), each artist prior mass "
+                      "scores the mean of --history_bonus_metric and this "
+                      "protocol metric on the validation day.", flag_values=fv)
   flags.DEFINE_string("history_bonus_metric", "mrr",
                       "The validation metric that chooses the history bonus "
                       "and the artist prior (one that weighs the top of the "
