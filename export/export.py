@@ -13,7 +13,7 @@ Two servables are written from the same trained model:
     faster on large catalogues; it needs ScaNN's custom ops in the server.
 A model with K > 1 query heads is served by either index through
 `query_heads.MaxSimTopK`: K lookups, merged into one top k in the SavedModel;
-one with a history bonus or an artist prior through
+one with a prior (history, artist or successor) through
 `history_bonus.HistoryBonusTopK`, which mixes the priors into the index's list
 and adds the priors' own items to it; the signature below is the same.
 
@@ -49,6 +49,9 @@ from tfrs_yambda import history_bonus
 from tfrs_yambda import query_heads
 from tfrs_yambda import ranking
 from tfrs_yambda import schema
+
+# The query tower's priors (layers of these names; None when off).
+PRIORS = ("history_bonus", "artist_prior", "successor_prior")
 
 
 class ServingQueryModel(tf.keras.Model):
@@ -118,9 +121,9 @@ class ServingQueryModel(tf.keras.Model):
 
 
 def has_priors(query_tower) -> bool:
-  """Whether the tower mixes a history or artist prior into its scores."""
+  """Whether the tower mixes a prior into its scores."""
   return any(getattr(query_tower, name, None) is not None
-             for name in ("history_bonus", "artist_prior"))
+             for name in PRIORS)
 
 
 class Servable(tf.Module):
@@ -351,8 +354,9 @@ def export_all(model, catalogue: catalogue_lib.Catalogue, export_dir: str,
                         has_priors(model.query_tower), model.temperature)
     metadata = {"index": kind, "k": k, "history_length": history_length,
                 "query_heads": heads,
-                "history_bonus": model.query_tower.history_bonus is not None,
-                "artist_prior": model.query_tower.artist_prior is not None,
+                # Which priors it mixes in (true / false each).
+                **{name: getattr(model.query_tower, name) is not None
+                   for name in PRIORS},
                 # The prep's positive rule, for clients that build histories.
                 "min_played_ratio": catalogue.metadata.get("min_played_ratio"),
                 "num_candidates": int(len(candidates)),

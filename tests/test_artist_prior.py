@@ -85,10 +85,13 @@ def test_the_layer_lists_the_seed_artists_next_artists_tracks():
 def test_choose_mass_keeps_the_best_and_prefers_the_smaller_on_ties():
   layer = artist_prior.ArtistPrior(4, 2, 2)
   by_mass = {0.0: 0.1, 0.5: 0.4, 1.0: 0.4, 2.0: float("nan")}
-  mass, scores = artist_prior.choose_mass(
-      layer, lambda: by_mass[float(layer.mass.numpy())], [2, 1, 0.5, 0])
+  mass, scores = priors.choose_mass(
+      layer.set_mass, lambda: by_mass[float(layer.mass.numpy())],
+      [2, 1, 0.5, 0])
   assert mass == 0.5 and float(layer.mass.numpy()) == 0.5
   assert list(scores) == ["0", "0.5", "1", "2"]
+  with pytest.raises(ValueError, match="No prior mass"):
+    priors.choose_mass(layer.set_mass, lambda: 0.0, [])
 
 
 def _model_fitted_on_a_batch(prepared, catalogue, seed, **config):
@@ -102,7 +105,7 @@ def _model_fitted_on_a_batch(prepared, catalogue, seed, **config):
   fitted = baselines.TrainingCounts(catalogue.num_items + 1)
   fitted.add(examples[schema.SEED_ITEM], examples[schema.TARGET_ITEM],
              examples[schema.EXAMPLE_AGE])
-  priors.fit_artist_prior(model, catalogue, fitted.baselines())
+  priors.fit(model, catalogue, fitted.baselines())
   return model, examples
 
 
@@ -156,7 +159,7 @@ def test_artist_prior_exports_in_the_same_signature(
       artist_prior_artists=4, artist_prior_tracks=5))
   fitted = evaluate.fit_baselines(catalogue, prepared,
                                   input_pipeline.ExampleRule())
-  priors.fit_artist_prior(model, catalogue, fitted)
+  priors.fit(model, catalogue, fitted)
   model.query_tower.history_bonus.set_decay(0.3, 10.0)
   model.query_tower.artist_prior.set_mass(2.0)
   paths = export.export_all(model, catalogue, str(tmp_path), k=EXPORT_K)

@@ -63,7 +63,9 @@ def test_main_job_chooses_on_validation_retrains_and_scores_test_once(
                                 "--fresh_export_process", "--history_bonus",
                                 "--history_bonus_scales=0,0.1,0.3",
                                 "--history_bonus_half_lives=10,inf",
-                                "--artist_prior", "--artist_prior_masses=0,1"),
+                                "--artist_prior", "--artist_prior_masses=0,1",
+                                "--successor_prior",
+                                "--successor_prior_masses=0,2"),
                  cwd=_REPO, check=True, capture_output=True)
   results = _results(workdir)
   assert set(results) == {"selection", "validation", "retrain", "test",
@@ -124,6 +126,20 @@ def test_main_job_chooses_on_validation_retrains_and_scores_test_once(
   key = "model/query_tower/artist_prior/{}/.ATTRIBUTES/VARIABLE_VALUE"
   assert reader.get_tensor(key.format("mass")) == prior["mass"]
   assert reader.get_tensor(key.format("next_weights")).sum() > 0
+  # The successor prior's two masses, next-track and the protocol's, each
+  # the best by its own metric.
+  successor = selection["successor_prior"]
+  assert set(successor["by_mass"]) == set(successor["protocol_by_mass"]) == {
+      "0", "2"}
+  for by, chosen in (("by_mass", "mass"), ("protocol_by_mass",
+                                           "protocol_mass")):
+    assert successor[by][f"{successor[chosen]:g}"] == max(
+        successor[by].values())
+  key = "model/query_tower/successor_prior/{}/.ATTRIBUTES/VARIABLE_VALUE"
+  assert reader.get_tensor(key.format("mass")) == successor["mass"]
+  assert reader.get_tensor(key.format("protocol_mass")) == successor[
+      "protocol_mass"]
+  assert reader.get_tensor(key.format("probabilities")).sum() > 0
 
   retrievers = {"model", "most_popular", "recent_popular",
                 "seed_cooccurrence", "item_knn", "oracle"}
@@ -170,6 +186,7 @@ def test_main_job_chooses_on_validation_retrains_and_scores_test_once(
                            "assets.extra", "export_metadata.json")) as f:
       metadata = json.load(f)
       assert metadata["history_bonus"] and metadata["artist_prior"]
+      assert metadata["successor_prior"]
   # The run is over: its backups are gone, so a rerun starts afresh.
   assert not glob.glob(os.path.join(workdir, "backup", "**", "checkpoint"),
                        recursive=True)

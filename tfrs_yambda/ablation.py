@@ -53,9 +53,11 @@ VARIANTS = {
     "- candidate-space history, 64 wide": ["--candidate_history=false",
                                            "--output_dim=64"],
     # The priors mixed into the softmax, sized on the validation day after
-    # training: the history's own items, the seed artist's next artists'.
+    # training: the history's own items, the seed artist's next artists',
+    # the seed's next tracks.
     "- history bonus": ["--history_bonus=false"],
     "- artist prior": ["--artist_prior=false"],
+    "- successor prior": ["--successor_prior=false"],
     "+ mixed negatives (M=1024, all items)": ["--uniform_negatives=1024",
                                               "--uniform_pool=all"],
     "+ mixed negatives (M=4096, all items)": ["--uniform_negatives=4096",

@@ -21,13 +21,15 @@ examples only (`fit`), so nothing from a scored window reaches them. The
 prior's items and weights join the history prior's slots (`QueryTower.bonus`):
 evaluation and serving mix both in as `tfrs_yambda.history_bonus` describes,
 p(j) ~ exp((q.c(j) - L) / t) + B_history(j) + B(j). Its `mass` starts at 0
-(off) and is chosen after the history prior's setting (`choose_mass`).
+(off) and is chosen after the history prior's setting (`priors.choose`).
 """
 
-from typing import Callable, Dict, NamedTuple, Sequence, Tuple
+from typing import NamedTuple, Tuple
 
 import numpy as np
 import tensorflow as tf
+
+from tfrs_yambda import baselines
 
 # Pair keys mapped to artist pairs at a time while fitting (bounded memory).
 _FIT_CHUNK = 1 << 24
@@ -39,23 +41,6 @@ class Tables(NamedTuple):
   next_weights: np.ndarray   # float32 [artists, A], T(a, b); 0: none
   tracks: np.ndarray         # int64 [artists, M] item indices, 0: none
   shares: np.ndarray         # float32 [artists, M], share(j); 0: none
-
-
-def _top_per_row(rows: np.ndarray, columns: np.ndarray, values: np.ndarray,
-                 num_rows: int, width: int) -> Tuple[np.ndarray, np.ndarray]:
-  """([num_rows, width] columns, their values): each row's `width` largest
-  positive values, largest first, ties by column; 0 where a row has fewer."""
-  keep = values > 0
-  rows, columns, values = rows[keep], columns[keep], values[keep]
-  order = np.lexsort((columns, -values, rows))
-  rows, columns, values = rows[order], columns[order], values[order]
-  position = np.arange(len(rows)) - np.searchsorted(rows, rows, "left")
-  kept = position < width
-  top_columns = np.zeros((num_rows, width), np.int64)
-  top_values = np.zeros((num_rows, width), np.float64)
-  top_columns[rows[kept], position[kept]] = columns[kept]
-  top_values[rows[kept], position[kept]] = values[kept]
-  return top_columns, top_values
 
 
 def fit(item_artist: np.ndarray, num_artists: int,
@@ -97,15 +82,16 @@ def fit(item_artist: np.ndarray, num_artists: int,
   pair_counts = np.bincount(inverse.reshape(-1),
                             weights=np.concatenate(artist_counts or [[]]),
                             minlength=len(keys))
-  next_of, next_count = _top_per_row(keys // num_artists, keys % num_artists,
-                                     pair_counts, num_artists, next_artists)
+  next_of, next_count = baselines.top_per_row(
+      keys // num_artists, keys % num_artists, pair_counts, num_artists,
+      next_artists)
   total = next_count.sum(axis=1, keepdims=True)
   popularity = np.asarray(recent_popularity, np.float64).copy()
   popularity[0] = 0.0
   artist_popularity = np.bincount(item_artist, weights=popularity,
                                   minlength=num_artists)
   artist_popularity[0] = 0.0
-  top_tracks, track_popularity = _top_per_row(
+  top_tracks, track_popularity = baselines.top_per_row(
       item_artist, np.arange(len(item_artist)), np.where(
           item_artist > 0, popularity, 0.0), num_artists, tracks)
   return Tables(
@@ -162,24 +148,3 @@ class ArtistPrior(tf.keras.layers.Layer):
                * tf.gather(self.shares, next_artists))
     return (tf.reshape(items, [batch, self.width]),
             tf.reshape(weights, [batch, self.width]))
-
-
-def choose_mass(layer: ArtistPrior, score: Callable[[], float],
-                masses: Sequence[float]) -> Tuple[float, Dict[str, float]]:
-  """Sets `layer` to the mass with the best `score()`, as
-  `history_bonus.choose_decay` (ties and NaN scores: the smaller mass).
-
-  Returns:
-    (mass chosen, {"mass": its score}).
-  """
-  masses = sorted({float(m) for m in masses})
-  if not masses:
-    raise ValueError("No artist prior mass to choose from.")
-  by_mass = {}
-  for mass in masses:
-    layer.set_mass(mass)
-    by_mass[f"{mass:g}"] = score()
-  values = [np.nan_to_num(v, nan=-np.inf) for v in by_mass.values()]
-  best = masses[int(np.argmax(values))]
-  layer.set_mass(best)
-  return best, by_mass

@@ -32,6 +32,24 @@ def pair_keys(num_indices: int, seeds: np.ndarray,
   return seeds.astype(np.int64) * np.int64(num_indices) + targets
 
 
+def top_per_row(rows: np.ndarray, columns: np.ndarray, values: np.ndarray,
+                 num_rows: int, width: int) -> Tuple[np.ndarray, np.ndarray]:
+  """([num_rows, width] columns, their values): each row's `width` largest
+  positive values of a sparse (rows, columns, values) table, largest first,
+  ties by column; 0 where a row has fewer (the priors' tables)."""
+  keep = values > 0
+  rows, columns, values = rows[keep], columns[keep], values[keep]
+  order = np.lexsort((columns, -values, rows))
+  rows, columns, values = rows[order], columns[order], values[order]
+  position = np.arange(len(rows)) - np.searchsorted(rows, rows, "left")
+  kept = position < width
+  top_columns = np.zeros((num_rows, width), np.int64)
+  top_values = np.zeros((num_rows, width), np.float64)
+  top_columns[rows[kept], position[kept]] = columns[kept]
+  top_values[rows[kept], position[kept]] = values[kept]
+  return top_columns, top_values
+
+
 class MostPopular:
   """Global most-popular: training positives per item."""
 

@@ -48,8 +48,9 @@ variables.
     belong to (re-scored) slots: k remain above it.
 
 The same code mixes in any prior given as (slots, weights): with
-`TowerConfig.artist_prior` the query's slots are its history's, then the
-artist prior's items (`tfrs_yambda.artist_prior`), and P counts them all.
+`TowerConfig.artist_prior` and `successor_prior` the query's slots are its
+history's, then those priors' items (`tfrs_yambda.artist_prior`,
+`tfrs_yambda.successor_prior`), and P counts them all.
 """
 
 from typing import (Callable, Dict, NamedTuple, Optional, Sequence, Text,

@@ -26,6 +26,7 @@ from tfrs_yambda import history_bonus as history_bonus_lib
 from tfrs_yambda import history_encoder as history_encoder_lib
 from tfrs_yambda import item_content
 from tfrs_yambda import schema
+from tfrs_yambda import successor_prior as successor_prior_lib
 
 # How the query tower reads the history: the mean of its item features, or a
 # causal self-attention encoder of the sequence (`history_encoder`).
@@ -61,6 +62,10 @@ class TowerConfig:
   artist_prior: bool = False
   artist_prior_artists: int = 20
   artist_prior_tracks: int = 20
+  # Seed-successor prior, mixed in alike: the seed's N most frequent next
+  # tracks in training (`tfrs_yambda.successor_prior`).
+  successor_prior: bool = False
+  successor_prior_tracks: int = 20
   hidden_dim: int = 256
   output_dim: int = 64
   # K query vectors per example, scored by the best of them (max-sim, see
@@ -251,10 +256,10 @@ class QueryTower(tf.keras.Model):
 
   With `candidate_history`, the seed's and the history's own candidate
   embeddings are added to it, weighted by slot
-  (`tfrs_yambda.candidate_history`). With `history_bonus` and
-  `artist_prior`, the tower also holds priors over items
-  (`tfrs_yambda.history_bonus`, `tfrs_yambda.artist_prior`), which scoring
-  mixes into the query's scores; its output is the dense query either way.
+  (`tfrs_yambda.candidate_history`). With `history_bonus`,
+  `artist_prior` or `successor_prior`, the tower also holds priors over
+  items (the modules of those names), which scoring mixes into the
+  query's scores; its output is the dense query either way.
   """
 
   def __init__(self, catalogue: catalogue_lib.Catalogue,
@@ -288,6 +293,9 @@ class QueryTower(tf.keras.Model):
         len(catalogue.artist_ids), config.artist_prior_artists,
         config.artist_prior_tracks,
         name="artist_prior") if config.artist_prior else None
+    self.successor_prior = successor_prior_lib.SuccessorPrior(
+        catalogue.num_items + 1, config.successor_prior_tracks,
+        name="successor_prior") if config.successor_prior else None
     users = catalogue.user_ids[1:catalogue_lib.id_vocabulary_size(
         catalogue.user_train_count, config.min_user_count)]
     self.user_lookup = tf.keras.layers.IntegerLookup(
@@ -350,7 +358,8 @@ class QueryTower(tf.keras.Model):
 
   def bonus(self, features) -> Optional[Tuple[tf.Tensor, tf.Tensor]]:
     """(items, their prior weights), [batch, slots] each: the history's
-    slots, then the artist prior's items; None without either prior."""
+    slots, then the artist prior's items, then the successor prior's; None
+    without a prior."""
     slots = self.slots(features)
     parts = []
     if self.history_bonus is not None:
@@ -358,6 +367,8 @@ class QueryTower(tf.keras.Model):
     if self.artist_prior is not None:
       parts.append(self.artist_prior(
           tf.gather(self.item_encoder.artist, slots[:, -1])))
+    if self.successor_prior is not None:
+      parts.append(self.successor_prior(slots[:, -1]))
     return tuple(tf.concat(part, axis=1)
                  for part in zip(*parts)) if parts else None
 

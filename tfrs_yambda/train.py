@@ -6,7 +6,8 @@ Windows, the Yambda authors' way: the model trains on the training window,
 is evaluated on the validation day after every epoch (TensorBoard's eval/*),
 and the epoch with the best validation --select_metric is kept; so are the
 ItemKNN baseline's best neighbourhood size (--itemknn_neighbours) and, with
---history_bonus and --artist_prior, the priors' sizes. The test day
+--history_bonus, --artist_prior and --successor_prior, the priors' sizes
+(`tfrs_yambda.priors`). The test day
 is scored once, at the end, by that model; with --retrain, by a model
 retrained with the chosen settings (and epoch count) on everything before
 the test gap (the authors' second stage), prepared without a validation
@@ -241,7 +242,7 @@ def train_and_evaluate():
     fitted_baselines = evaluate.fit_baselines(
         catalogue, folders["prepared"], rule, FLAGS.recent_half_life_days,
         train_flags.itemknn_config(), FLAGS.baseline_shards)
-    priors.fit_artist_prior(model, catalogue, fitted_baselines)
+    priors.fit(model, catalogue, fitted_baselines)
     if examples is not None:
       selection.update(priors.choose(
           model, catalogue, examples, ks, FLAGS.history_bonus_metric,
@@ -253,10 +254,11 @@ def train_and_evaluate():
           lambda: yambda_protocol.evaluate(
               model, catalogue, folders["prepared"], rule,
               ks=[int(k) for k in FLAGS.protocol_ks],
-              window="validation")["retrievers"]["model"]))
+              window="validation")["retrievers"]["model"],
+          [float(x) for x in FLAGS.successor_prior_masses]))
     elif export.has_priors(model.query_tower):
-      logging.warning("No validation window to size the history bonus and "
-                      "artist prior on: they stay 0 (off).")
+      logging.warning("No validation window to size the priors on: they "
+                      "stay 0 (off).")
 
   results = {"selection": selection, "stages": meter.stages,
              "model": save_model(model, folders["checkpoints"],
@@ -295,7 +297,7 @@ def train_and_evaluate():
           train_flags.itemknn_config(
               neighbours=[selection["itemknn_neighbours"]["chosen"]]),
           FLAGS.baseline_shards)
-      priors.fit_artist_prior(model, catalogue, fitted_baselines)
+      priors.fit(model, catalogue, fitted_baselines)
       priors.restore(model, selection)
     results["model"] = save_model(
         model, os.path.join(folders["checkpoints"], "retrain"),

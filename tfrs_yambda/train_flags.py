@@ -16,8 +16,6 @@ No flag is defined on import: a program calls `define_flags` before it
 parses its command line, so any modules can be imported together.
 """
 
-import math
-
 from absl import app
 from absl import flags
 
@@ -27,6 +25,7 @@ from tfrs_yambda import input_pipeline
 from tfrs_yambda import item_content
 from tfrs_yambda import itemknn
 from tfrs_yambda import model as model_lib
+from tfrs_yambda import priors
 from tfrs_yambda import towers
 from tfrs_yambda import trainer
 from tfrs_yambda import yambda_protocol
@@ -38,7 +37,8 @@ TOWER_FLAGS = ("item_id_dim", "artist_dim", "album_dim", "user_dim",
                "hidden_dim", "output_dim", "recent_history", "history_encoder",
                "attention_blocks", "attention_heads", "attention_dropout",
                "candidate_history", "history_bonus", "artist_prior",
-               "artist_prior_artists", "artist_prior_tracks", "query_heads",
+               "artist_prior_artists", "artist_prior_tracks",
+               "successor_prior", "successor_prior_tracks", "query_heads",
                "min_item_count", "min_user_count", "content_dtype",
                "use_user_id", "use_seed", "use_history", "use_audio",
                "use_artist_album", "use_example_age")
@@ -193,21 +193,24 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "the history's and the seed's candidate embeddings "
                     "(an item-item score, as ItemKNN's, in the towers).",
                     flag_values=fv)
-  flags.DEFINE_bool("history_bonus", tower.history_bonus,
-                    "Mix a repeat prior over the history's own items, "
-                    "decaying with recency, into the model's scores, in "
-                    "evaluation and the export; sized on the validation day "
-                    "after training.",
-                    flag_values=fv)
-  flags.DEFINE_bool("artist_prior", tower.artist_prior,
-                    "Also mix a next-artist prior (the seed artist's next "
-                    "artists in training, their popular tracks) into the "
-                    "model's scores; sized on the validation day.",
-                    flag_values=fv)
-  for name, what in (("artist_prior_artists", "Next artists per artist"),
-                     ("artist_prior_tracks", "Tracks per artist")):
-    flags.DEFINE_integer(name, getattr(tower, name), f"{what} in the artist "
-                         "prior.", lower_bound=1, flag_values=fv)
+  for name, what in (
+      ("history_bonus", "a repeat prior over the history's own items, "
+       "decaying with recency"),
+      ("artist_prior", "a next-artist prior (the seed artist's next artists "
+       "in training, their popular tracks)"),
+      ("successor_prior", "a seed-successor prior (the seed's most frequent "
+       "next tracks in training)")):
+    flags.DEFINE_bool(name, getattr(tower, name), f"Mix {what} into the "
+                      "model's scores, in evaluation and the export; sized "
+                      "on the validation day after training.", flag_values=fv)
+  for name, what in (("artist_prior_artists", "Next artists per artist in "
+                      "the artist prior."),
+                     ("artist_prior_tracks", "Tracks per artist in the "
+                      "artist prior."),
+                     ("successor_prior_tracks", "Next tracks per seed in the "
+                      "successor prior.")):
+    flags.DEFINE_integer(name, getattr(tower, name), what, lower_bound=1,
+                         flag_values=fv)
   flags.DEFINE_integer("query_heads", tower.query_heads,
                        "Query vectors per example; a candidate scores the "
                        "best of them (max-sim), in training, evaluation and "
@@ -250,32 +253,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                     "validation day; the best by --select_metric scores the "
                     "test day (without a validation window, the largest).",
                     flag_values=fv)
-  flags.DEFINE_list("history_bonus_scales",
-                    ["0", "0.1", "0.2", "0.3", "0.5", "1", "2"],
-                    "With --history_bonus: the prior's masses tried on the "
-                    "validation day; 0 is no bonus.", flag_values=fv)
-  flags.DEFINE_list("history_bonus_half_lives", ["10", "50", "inf"],
-                    "With --history_bonus: the half-lives (history slots) "
-                    "tried with each mass; the best pair by "
-                    "--history_bonus_metric is kept.", flag_values=fv)
-  flags.DEFINE_list("artist_prior_masses", ["0", "0.1", "0.3", "1", "2"],
-                    "With --artist_prior: its masses tried on the validation "
-                    "day, after the history bonus's choice.", flag_values=fv)
-  flags.DEFINE_string("artist_prior_protocol_metric", "ndcg@10",
-                      "If set (and --yambda_protocol), each artist prior mass "
-                      "scores the mean of --history_bonus_metric and this "
-                      "protocol metric on the validation day.", flag_values=fv)
-  flags.DEFINE_string("history_bonus_metric", "mrr",
-                      "The validation metric that chooses the history bonus "
-                      "and the artist prior (one that weighs the top of the "
-                      "list most).", flag_values=fv)
-  for name, admits in (("history_bonus_scales", lambda x: x >= 0),
-                       ("artist_prior_masses", lambda x: x >= 0),
-                       ("history_bonus_half_lives", lambda x: x > 0)):
-    flags.register_validator(  # when parsed, not after training
-        name, lambda values, admits=admits: bool(values) and all(
-            admits(_number(x)) for x in values), flag_values=fv,
-        message=f"--{name}: numbers, masses >= 0 and half-lives > 0.")
+  priors.define_flags(flag_values)
   flags.DEFINE_integer("itemknn_window", knn.window,
                        "ItemKNN counts each training positive with this many "
                        "positives before it.", flag_values=fv)
@@ -348,14 +326,6 @@ def profile_steps(value) -> tuple:
     raise app.UsageError(f"--profile_steps takes FIRST,LAST with 0 < FIRST "
                          f"<= LAST, not {value}.")
   return tuple(steps)
-
-
-def _number(text: str) -> float:
-  """`text` as a float, or NaN (which no bound admits)."""
-  try:
-    return float(text)
-  except ValueError:
-    return math.nan
 
 
 def itemknn_config(flag_values: flags.FlagValues = FLAGS,

@@ -29,7 +29,9 @@ last training target plus N positives of context, so its history is exact;
 the seed is also taken from the context of the user's test records (which
 reaches back over the gap) when that holds a later training-window listen,
 because trailing listens after a user's last positive are not written to the
-training records when no target follows them in their chunk.
+training records when no target follows them in their chunk. The model's
+successor prior, which says what plays right after the seed, weighs at the
+mass chosen for these queries (`successor_prior.protocol_query`).
 
 Baselines under the same protocol: most popular and recent popular (no
 query), seed co-occurrence from the same end-of-training seed, and ItemKNN
@@ -52,6 +54,7 @@ from tfrs_yambda import input_pipeline
 from tfrs_yambda import metrics
 from tfrs_yambda import ranking
 from tfrs_yambda import schema
+from tfrs_yambda import successor_prior
 
 DEFAULT_KS = (10, 50, 100)
 # Records parsed per step, and state rows kept before reducing them per user.
@@ -278,7 +281,7 @@ def evaluate(model, catalogue: catalogue_lib.Catalogue, prepared_dir: str,
 
   # Items 1..num_candidates are the candidates: a prefix of the embeddings;
   # the baselines' lists, in index order on ties, never leave it for k <= n.
-  with timings.part("model"):
+  with timings.part("model"), successor_prior.protocol_query(model):
     rows = {"model": scored(ranking.model_top_k(
         model, features, ranking.candidate_table(
             ranking.candidate_embeddings(model, num_candidates + 1)), k))}
