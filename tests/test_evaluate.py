@@ -96,7 +96,11 @@ def test_retrieved_item_stats_coverage_and_popularity():
 def test_recall_curve_from_ranks():
   ks = metrics.recall_curve_ks(1000)
   assert ks[0] == 1 and ks[-1] == 1000 and np.all(np.diff(ks) > 0)
-  assert metrics.recall_curve_ks(7)[-1] == 7
+  # Every k to 500, then sampled.
+  np.testing.assert_array_equal(ks[:500], np.arange(1, 501))
+  assert 500 < len(ks) < 560
+  np.testing.assert_array_equal(metrics.recall_curve_ks(7), np.arange(1, 8))
+  assert len(metrics.recall_curve_ks(10_000, every_to=0)) < 60
   np.testing.assert_allclose(
       metrics.recall_curve(np.array([10, 1, 3]), [1, 2, 3, 10]),
       [1 / 3, 1 / 3, 2 / 3, 1])

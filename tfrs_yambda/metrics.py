@@ -70,11 +70,15 @@ def ranks_from_scores(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
                   1 + ahead.sum(axis=1))
 
 
-def recall_curve_ks(max_k: int, points: int = 60) -> np.ndarray:
-  """About `points` integer cut-offs from 1 to `max_k`, even in log k."""
+def recall_curve_ks(max_k: int, points: int = 60,
+                    every_to: int = 500) -> np.ndarray:
+  """Integer cut-offs from 1 to `max_k`: every k up to `every_to` (so a
+  claim "at every k" is read, not interpolated), then about `points` even
+  in log k."""
   max_k = max(int(max_k), 1)
   ks = np.round(np.logspace(0.0, np.log10(max_k), points)).astype(np.int64)
-  return np.unique(np.clip(ks, 1, max_k))
+  every = np.arange(1, min(int(every_to), max_k) + 1)
+  return np.unique(np.clip(np.concatenate([every, ks]), 1, max_k))
 
 
 def recall_curve(ranks: np.ndarray, ks: Sequence[int]) -> np.ndarray:

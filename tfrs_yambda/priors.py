@@ -83,9 +83,9 @@ def fit(model, catalogue: catalogue_lib.Catalogue,
   the baselines' training counts: (seed, target) pairs and recent
   popularity."""
   tower = model.query_tower
-  fitted = {b.name: b for b in fitted_baselines}
   if tower.artist_prior is None and tower.successor_prior is None:
     return
+  fitted = {b.name: b for b in fitted_baselines}
   transitions = fitted[baselines.SeedCooccurrence.name].pair_counts()
   config = tower.config
   if tower.artist_prior is not None:

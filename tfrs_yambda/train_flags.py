@@ -9,7 +9,8 @@ flags means and which stage's config it sets:
   towers       `towers.TowerConfig` (`tower_config`);
   retrieval    `model.RetrievalConfig` (`retrieval_config`);
   examples     `input_pipeline.ExampleRule` (`example_rule`);
-  evaluation   --eval_ks, --yambda_protocol, ... (ItemKNN: `itemknn_config`);
+  evaluation   --eval_ks, --yambda_protocol, ... (ItemKNN: `itemknn_config`;
+               the priors' choice: `priors.define_flags`);
   export       --export, --fresh_export_process, --export_k, --model_name.
 
 No flag is defined on import: a program calls `define_flags` before it
