@@ -10,11 +10,14 @@ import pytest  # pylint: disable=g-import-not-at-top
 from data_prep import generate  # pylint: disable=g-import-not-at-top
 from data_prep import prep  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
+from tfrs_yambda import baselines  # pylint: disable=g-import-not-at-top
+from tfrs_yambda import blockwise_ranks  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import catalogue as catalogue_lib  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import evaluate  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import history_bonus  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import input_pipeline  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import model as model_lib  # pylint: disable=g-import-not-at-top
+from tfrs_yambda import priors  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import ranking  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import schema  # pylint: disable=g-import-not-at-top
 from tfrs_yambda import towers  # pylint: disable=g-import-not-at-top
@@ -138,6 +141,44 @@ def assert_steps_lower_the_loss(model, batch, steps=10):
     model.train_step(batch)
   after = float(model.compute_loss(batch))
   assert np.isfinite(before) and after < 0.8 * before
+
+
+def model_with_batch_priors(prepared, catalogue, seed, **config):
+  """A small model with the priors `config` switches on (`TowerConfig`
+  fields), their tables counted from one training batch; returns it with
+  that batch's examples (its own training targets)."""
+  tf.keras.utils.set_random_seed(seed)
+  model = model_lib.TwoTowerModel(catalogue, towers.TowerConfig(
+      **SMALL_TOWERS, **config))
+  batch = train_batch(prepared, catalogue, size=64)
+  examples = {k: batch[k].numpy() for k in schema.example_spec(1)}
+  counts = baselines.TrainingCounts(catalogue.num_items + 1)
+  counts.add(examples[schema.SEED_ITEM], examples[schema.TARGET_ITEM],
+             examples[schema.EXAMPLE_AGE])
+  priors.fit(model, catalogue, counts.baselines())
+  return model, examples
+
+
+def assert_ranks_with_priors(model, examples, bonus, catalogue):
+  """The model's ranks of `examples` (in memory and blockwise) are those of
+  the numpy reference with its priors (`bonus`) mixed in; returns them."""
+  n = catalogue.num_items + 1
+  candidates = ranking.candidate_embeddings(model, n)
+  features = {k: tf.constant(examples[k]) for k in schema.QUERY_FEATURES}
+  scores = with_history_prior(
+      model.query_tower(features).numpy() @ candidates.numpy().T,
+      bonus.slots.numpy(), bonus.weights.numpy(), model.temperature)
+  targets = examples[schema.TARGET_ITEM]
+  target_scores = scores[np.arange(len(targets)), targets]
+  ahead = (scores[:, 1:] > target_scores[:, None]) | (
+      (scores[:, 1:] == target_scores[:, None]) &
+      (np.arange(1, n) < targets[:, None]))
+  got = ranking.model_ranks(model, examples, candidates)
+  assert np.mean(got == 1 + ahead.sum(axis=1)) > 0.95
+  np.testing.assert_array_equal(
+      blockwise_ranks.target_ranks(model, examples, n, block_items=64,
+                                   batch_size=32), got)
+  return got
 
 
 def small_model(catalogue, **kwargs):

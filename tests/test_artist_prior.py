@@ -9,8 +9,6 @@ import tensorflow as tf
 
 from export import export
 from tfrs_yambda import artist_prior
-from tfrs_yambda import baselines
-from tfrs_yambda import blockwise_ranks
 from tfrs_yambda import evaluate
 from tfrs_yambda import history_bonus
 from tfrs_yambda import input_pipeline
@@ -23,9 +21,9 @@ from tests.conftest import EXPORT_K
 from tests.conftest import HISTORY_LENGTH
 from tests.conftest import SMALL_TOWERS
 from tests.conftest import assert_bruteforce_top_k
+from tests.conftest import assert_ranks_with_priors
 from tests.conftest import load_serving
-from tests.conftest import train_batch
-from tests.conftest import with_history_prior
+from tests.conftest import model_with_batch_priors
 
 # Items 1-2 by artist 1, 3-4 by artist 2, 5 by artist 3, 6 by none.
 ITEM_ARTIST = np.array([0, 1, 1, 2, 2, 3, 0])
@@ -95,18 +93,10 @@ def test_choose_mass_keeps_the_best_and_prefers_the_smaller_on_ties():
 
 
 def _model_fitted_on_a_batch(prepared, catalogue, seed, **config):
-  """A small model whose artist prior is counted from one training batch;
-  returns it with that batch's examples (its own training targets)."""
-  tf.keras.utils.set_random_seed(seed)
-  model = model_lib.TwoTowerModel(catalogue, towers.TowerConfig(
-      **SMALL_TOWERS, artist_prior=True, **config))
-  batch = train_batch(prepared, catalogue, size=64)
-  examples = {k: batch[k].numpy() for k in schema.example_spec(1)}
-  fitted = baselines.TrainingCounts(catalogue.num_items + 1)
-  fitted.add(examples[schema.SEED_ITEM], examples[schema.TARGET_ITEM],
-             examples[schema.EXAMPLE_AGE])
-  priors.fit(model, catalogue, fitted.baselines())
-  return model, examples
+  """A small model with an artist prior counted from one training batch,
+  and that batch's examples."""
+  return model_with_batch_priors(prepared, catalogue, seed,
+                                 artist_prior=True, **config)
 
 
 def test_both_priors_rank_as_the_reference_in_memory_and_blockwise(
@@ -124,27 +114,15 @@ def test_both_priors_rank_as_the_reference_in_memory_and_blockwise(
   assert bonus.slots.shape == (64, width) == bonus.weights.shape
   # Every seed with an artist that has next artists lists their tracks.
   assert np.any(bonus.weights.numpy()[:, catalogue.history_length:] > 0)
-  n = catalogue.num_items + 1
-  candidates = ranking.candidate_embeddings(model, n)
-  scores = with_history_prior(
-      model.query_tower(features).numpy() @ candidates.numpy().T,
-      bonus.slots.numpy(), bonus.weights.numpy(), model.temperature)
+  got = assert_ranks_with_priors(model, examples, bonus, catalogue)
   targets = examples[schema.TARGET_ITEM]
-  target_scores = scores[np.arange(len(targets)), targets]
-  ahead = (scores[:, 1:] > target_scores[:, None]) | (
-      (scores[:, 1:] == target_scores[:, None]) &
-      (np.arange(1, n) < targets[:, None]))
-  got = ranking.model_ranks(model, examples, candidates)
-  assert np.mean(got == 1 + ahead.sum(axis=1)) > 0.95
-  np.testing.assert_array_equal(
-      blockwise_ranks.target_ranks(model, examples, n, block_items=64,
-                                   batch_size=32), got)
   # The artist prior lifts the targets it lists (these are training
   # targets): most rise, though the items lifted with them may pass some.
   listed = (bonus.slots.numpy()[:, catalogue.history_length:] ==
             targets[:, None]).any(axis=1)
   model.query_tower.artist_prior.set_mass(0.0)
-  plain = ranking.model_ranks(model, examples, candidates)
+  plain = ranking.model_ranks(model, examples, ranking.candidate_embeddings(
+      model, catalogue.num_items + 1))
   assert listed.sum() > 10 and np.mean(got[listed] < plain[listed]) > 0.8
 
 

@@ -8,8 +8,6 @@ import pytest
 import tensorflow as tf
 
 from export import export
-from tfrs_yambda import baselines
-from tfrs_yambda import blockwise_ranks
 from tfrs_yambda import evaluate
 from tfrs_yambda import history_bonus
 from tfrs_yambda import input_pipeline
@@ -23,8 +21,8 @@ from tfrs_yambda import yambda_protocol
 from tests.conftest import EXPORT_K
 from tests.conftest import SMALL_TOWERS
 from tests.conftest import assert_bruteforce_top_k
-from tests.conftest import train_batch
-from tests.conftest import with_history_prior
+from tests.conftest import assert_ranks_with_priors
+from tests.conftest import model_with_batch_priors
 
 # (seed, target, count): seed 1 -> 3 (4), 2 (2), 4 (2), 1 (1); seed 2 -> 5
 # (3); pairs with index 0 (unknown) count for nothing.
@@ -61,18 +59,10 @@ def test_the_layer_lists_the_seeds_successors_at_its_mass():
 
 
 def _model(prepared, catalogue, seed, **config):
-  """A small model with a successor prior counted from one training batch;
-  returns it with that batch's examples (its own training targets)."""
-  tf.keras.utils.set_random_seed(seed)
-  model = model_lib.TwoTowerModel(catalogue, towers.TowerConfig(
-      **SMALL_TOWERS, successor_prior=True, **config))
-  batch = train_batch(prepared, catalogue, size=64)
-  examples = {k: batch[k].numpy() for k in schema.example_spec(1)}
-  fitted = baselines.TrainingCounts(catalogue.num_items + 1)
-  fitted.add(examples[schema.SEED_ITEM], examples[schema.TARGET_ITEM],
-             examples[schema.EXAMPLE_AGE])
-  priors.fit(model, catalogue, fitted.baselines())
-  return model, examples
+  """A small model with a successor prior counted from one training batch,
+  and that batch's examples."""
+  return model_with_batch_priors(prepared, catalogue, seed,
+                                 successor_prior=True, **config)
 
 
 def test_protocol_query_weighs_at_the_protocol_mass(prepared, catalogue):
@@ -113,23 +103,11 @@ def test_all_three_priors_rank_as_the_reference_in_memory_and_blockwise(
   # successors unless the seed has more than five.
   listed = (successors == targets[:, None]).any(axis=1)
   assert listed.mean() > 0.9
-  n = catalogue.num_items + 1
-  candidates = ranking.candidate_embeddings(model, n)
-  scores = with_history_prior(
-      tower(features).numpy() @ candidates.numpy().T, bonus.slots.numpy(),
-      bonus.weights.numpy(), model.temperature)
-  target_scores = scores[np.arange(len(targets)), targets]
-  ahead = (scores[:, 1:] > target_scores[:, None]) | (
-      (scores[:, 1:] == target_scores[:, None]) &
-      (np.arange(1, n) < targets[:, None]))
-  got = ranking.model_ranks(model, examples, candidates)
-  assert np.mean(got == 1 + ahead.sum(axis=1)) > 0.95
-  np.testing.assert_array_equal(
-      blockwise_ranks.target_ranks(model, examples, n, block_items=64,
-                                   batch_size=32), got)
+  got = assert_ranks_with_priors(model, examples, bonus, catalogue)
   # The listed targets not first already rise.
   tower.successor_prior.set_mass(0.0)
-  plain = ranking.model_ranks(model, examples, candidates)
+  plain = ranking.model_ranks(model, examples, ranking.candidate_embeddings(
+      model, catalogue.num_items + 1))
   lifted = listed & (plain > 1)
   assert lifted.sum() > 10 and np.mean(got[lifted] < plain[lifted]) > 0.8
 
